@@ -1,0 +1,381 @@
+"""Typed run configuration: the one place where defaults live.
+
+A run's config is built in three layers, later ones winning:
+dataclass defaults  <-  YAML file (which may name a `base:` YAML it extends)
+<-  `section.key=value` overrides from the command line.
+
+Every problem (unknown key, wrong type, value out of range) is reported as one
+line that names the key and where it came from; `ConfigError` carries all of
+them so a user sees every mistake at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(Exception):
+    """One or more configuration problems; `problems` holds one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass
+class ModelConfig:
+    path: str = field(default="", metadata={"help": "local directory or hub id of a causal LM; empty = build from `arch` with random weights"})
+    arch: Literal["", "qwen3", "qwen2", "llama"] = field(default="", metadata={"help": "architecture for a randomly initialised model (tests, benchmarks)"})
+    hidden_size: int = field(default=64, metadata={"help": "random init: hidden size", "min": 1})
+    num_layers: int = field(default=2, metadata={"help": "random init: decoder layers", "min": 1})
+    num_heads: int = field(default=4, metadata={"help": "random init: attention heads", "min": 1})
+    num_kv_heads: int = field(default=2, metadata={"help": "random init: key/value heads", "min": 1})
+    intermediate_size: int = field(default=128, metadata={"help": "random init: MLP width", "min": 1})
+    vocab_size: int = field(default=0, metadata={"help": "random init: embedding rows; 0 = len(tokenizer)", "min": 0})
+    tie_word_embeddings: bool = field(default=False, metadata={"help": "random init: tie input and output embeddings"})
+    init_seed: int = field(default=0, metadata={"help": "random init: seed of the weights"})
+    tokenizer: str = field(default="", metadata={"help": "tokenizer path or hub id; empty = `path`; 'chars' = the built-in character tokenizer"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype; auto = bfloat16 on a GPU that supports it, else float32"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "transformers attention implementation (sdpa, eager, flash_attention_2, ...)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing of the decoder layers (student only)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow a checkpoint's own Python code to run; off unless you trust it"})
+
+
+@dataclass
+class DataConfig:
+    train_path: str = field(default="", metadata={"help": "JSONL/Parquet file, directory, `hub:<id>` or a registered task such as `demo:addition`"})
+    train_split: str = field(default="train", metadata={"help": "split name for hub data sets"})
+    val_path: str = field(default="", metadata={"help": "optional separate validation prompts; empty = split off `val_ratio` of train"})
+    val_ratio: float = field(default=0.0, metadata={"help": "fraction of train prompts held out for validation", "min": 0.0, "max": 0.9})
+    prompt_key: str = field(default="prompt", metadata={"help": "field holding the prompt text (or a list of chat messages)"})
+    answer_key: str = field(default="answer", metadata={"help": "field holding the verifiable answer (used by rewards); empty = none"})
+    instruction: str = field(default="", metadata={"help": "text appended to every prompt (e.g. the boxed-answer instruction)"})
+    system_prompt: str = field(default="", metadata={"help": "optional system message"})
+    chat_template: bool = field(default=True, metadata={"help": "wrap prompts with the tokenizer's chat template"})
+    enable_thinking: bool = field(default=False, metadata={"help": "passed to chat templates that understand it (Qwen3)"})
+    max_prompt_length: int = field(default=2048, metadata={"help": "prompt tokens at most", "min": 1})
+    long_prompts: Literal["skip", "truncate_left", "error"] = field(default="skip", metadata={"help": "what to do with prompts over max_prompt_length"})
+    bad_records: Literal["skip", "error"] = field(default="skip", metadata={"help": "malformed/empty records: skip with a count, or refuse naming file and line"})
+    max_samples: int = field(default=0, metadata={"help": "use at most this many prompts; 0 = all", "min": 0})
+
+
+@dataclass
+class RolloutConfig:
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "min": 0.0})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling", "min": 0.0, "max": 1.0})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off", "min": 0})
+    max_new_tokens: int = field(default=8192, metadata={"help": "response tokens at most", "min": 1})
+    n: int = field(default=1, metadata={"help": "rollouts per prompt", "min": 1})
+    batch_size: int = field(default=0, metadata={"help": "prompts per generate call; 0 = all prompts of the step at once", "min": 0})
+
+
+@dataclass
+class OPDConfig:
+    loss_type: Literal["reverse_kl", "forward_kl", "jsd"] = field(default="reverse_kl", metadata={"help": "per-token divergence"})
+    beta: float = field(default=0.5, metadata={"help": "jsd interpolation (0 = forward KL, 1 = reverse KL)", "min": 0.0, "max": 1.0})
+    chunk_size: int = field(default=256, metadata={"help": "tokens per chunk of the full-vocabulary computation", "min": 1})
+    loss_impl: Literal["reference", "fused"] = field(default="fused", metadata={"help": "fused: LM head only on kept rows, recomputed in backward; reference: full logits"})
+    teacher_cache_device: Literal["auto", "cpu"] = field(default="auto", metadata={"help": "where phase 1 keeps the teacher side; cpu = offload"})
+    offload_teacher: bool = field(default=False, metadata={"help": "move the teacher backbone to CPU between phases (GPU only)"})
+    reward_beta: float = field(default=0.0, metadata={"help": "reward-weighted distillation temperature; 0 = off", "min": 0.0})
+    reward: str = field(default="math", metadata={"help": "reward function by name (registered in opd.rewards)"})
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=1e-6, metadata={"help": "peak learning rate", "min": 0.0})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay", "min": 0.0})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas"})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon", "min": 0.0})
+    schedule: Literal["cosine", "constant"] = field(default="cosine", metadata={"help": "learning-rate schedule after warm-up"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up optimiser steps", "min": 0})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "cosine floor as a fraction of lr", "min": 0.0, "max": 1.0})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm; 0 = off", "min": 0.0})
+
+
+@dataclass
+class TrainConfig:
+    seed: int = field(default=0, metadata={"help": "fixes data order, rollouts and selection"})
+    steps: int = field(default=0, metadata={"help": "rollout steps; 0 = derive from epochs", "min": 0})
+    epochs: int = field(default=1, metadata={"help": "passes over the train prompts (when steps = 0)", "min": 1})
+    prompts_per_step: int = field(default=256, metadata={"help": "prompts rolled out per step (global, all processes)", "min": 1})
+    mini_batch_size: int = field(default=0, metadata={"help": "prompts per optimiser update (global); 0 = prompts_per_step (one update per step)", "min": 0})
+    micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward/backward per process", "min": 1})
+    output_dir: str = field(default="runs", metadata={"help": "parent of run directories"})
+    run_name: str = field(default="", metadata={"help": "run directory name; empty = derived from config file and time"})
+    on_existing: Literal["resume", "refuse"] = field(default="resume", metadata={"help": "starting into a non-empty run directory: resume from its checkpoint, or refuse"})
+    resume: Literal["auto", "never"] = field(default="auto", metadata={"help": "auto = continue from the latest complete checkpoint"})
+    save_every: int = field(default=20, metadata={"help": "checkpoint every N steps; 0 = only at the end", "min": 0})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept", "min": 1})
+    save_final: bool = field(default=True, metadata={"help": "write a checkpoint when training ends"})
+    max_consecutive_skips: int = field(default=5, metadata={"help": "stop after this many skipped (non-finite) steps in a row", "min": 1})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto = cuda when available"})
+    num_threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0 = torch default", "min": 0})
+
+
+@dataclass
+class EvalConfig:
+    every: int = field(default=5, metadata={"help": "evaluate every N steps; 0 = only before/after", "min": 0})
+    at_start: bool = field(default=False, metadata={"help": "evaluate before the first step"})
+    at_end: bool = field(default=True, metadata={"help": "evaluate after the last step"})
+    benchmarks: list[str] = field(default_factory=list, metadata={"help": "benchmark names or paths (see eval.benchmarks)"})
+    k: int = field(default=16, metadata={"help": "samples per problem", "min": 1})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "min": 0.0})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling", "min": 0.0, "max": 1.0})
+    max_new_tokens: int = field(default=8192, metadata={"help": "response tokens at most", "min": 1})
+    max_problems: int = field(default=0, metadata={"help": "evaluate at most this many problems per benchmark; 0 = all", "min": 0})
+    batch_size: int = field(default=64, metadata={"help": "sequences per generate call", "min": 1})
+    grade_timeout_s: float = field(default=5.0, metadata={"help": "per-answer grading time limit", "min": 0.1})
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = field(default=1, metadata={"help": "write metrics every N steps", "min": 1})
+    progress_bar: bool = field(default=True, metadata={"help": "tqdm progress bar"})
+    tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard events"})
+    wandb: bool = field(default=False, metadata={"help": "also log to Weights & Biases"})
+    wandb_project: str = field(default="tip-opd", metadata={"help": "W&B project"})
+
+
+@dataclass
+class TipConfig:
+    selector: str = field(default="all", metadata={"help": "token selector (tip registry): all, entropy_sample, entropy_topk, soft_or, q3_only, soft_or_bottom, random, teacher_entropy"})
+    ratio: float = field(default=1.0, metadata={"help": "retention ratio rho in (0, 1]", "min_exclusive": 0.0, "max": 1.0})
+    scope: Literal["microbatch", "sequence"] = field(default="microbatch", metadata={"help": "tokens ranked together"})
+    normalize: Literal["minmax", "running"] = field(default="minmax", metadata={"help": "min-max over the scope, or running (EMA) min/max across steps"})
+    momentum: float = field(default=0.9, metadata={"help": "EMA momentum of running normalisation", "min": 0.0, "max": 1.0})
+    importance_weighting: bool = field(default=False, metadata={"help": "entropy_sample: Poisson sampling with 1/p weights (unbiased)"})
+    threshold_mode: Literal["quantile", "absolute"] = field(default="quantile", metadata={"help": "taxonomy thresholds as quantiles of the scope or absolute values"})
+    entropy_threshold: float = field(default=0.5, metadata={"help": "taxonomy: high-entropy threshold (quantile or normalised entropy)", "min": 0.0})
+    divergence_threshold: float = field(default=0.5, metadata={"help": "taxonomy: high-divergence threshold (quantile or nats)", "min": 0.0})
+    dump_tokens: int = field(default=0, metadata={"help": "tokens per step written to tokens.jsonl for inspection", "min": 0})
+    plots: bool = field(default=True, metadata={"help": "render the tip pictures at the end of training"})
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tip: TipConfig = field(default_factory=TipConfig)
+    demo: dict = field(default_factory=dict, metadata={"help": "settings of the demo task's pair preparation (see opd/demo)"})
+
+
+# ----------------------------------------------------------------------------
+# loading
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
+    """Read a YAML file, resolving `base:` chains. Returns (merged dict, key -> file)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError([f"{path}: `base:` chain loops back to this file"])
+    if not path.is_file():
+        raise ConfigError([f"{path}: config file not found"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError([f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: top level must be a mapping of sections"])
+    merged: dict = {}
+    origin: dict[str, str] = {}
+    bases = data.pop("base", None)
+    for base in [bases] if isinstance(bases, str) else (bases or []):
+        base_data, base_origin = _read_yaml(path.parent / base, seen + (path,))
+        _deep_merge(merged, base_data)
+        origin.update(base_origin)
+    _deep_merge(merged, data)
+    for key in _flat_keys(data):
+        origin[key] = str(path)
+    return merged, origin
+
+
+def _deep_merge(dst: dict, src: dict) -> None:
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict) and key != "demo":
+            _deep_merge(dst[key], value)
+        elif isinstance(value, dict) and isinstance(dst.get(key), dict):
+            dst[key] = {**dst[key], **value}
+        else:
+            dst[key] = value
+
+
+def _flat_keys(data: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        keys.append(name)
+        if isinstance(value, dict):
+            keys.extend(_flat_keys(value, name + "."))
+    return keys
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML scalar/list)."""
+    if "=" not in text:
+        raise ConfigError([f"command line: `{text}` is not of the form section.key=value"])
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Build a validated `Config` from an optional YAML file and overrides."""
+    data: dict = {}
+    origin: dict[str, str] = {}
+    if path is not None:
+        data, origin = _read_yaml(Path(path))
+    problems: list[str] = []
+    for text in overrides:
+        try:
+            keys, value = parse_override(text)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        node = data
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+        origin[".".join(keys)] = "command line"
+    cfg = Config()
+    _apply(cfg, data, "", origin, problems)
+    if not problems:
+        problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _where(key: str, origin: dict[str, str]) -> str:
+    return origin.get(key, "defaults")
+
+
+def _apply(obj: Any, data: dict, prefix: str, origin: dict[str, str], problems: list[str]) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            problems.append(f"{_where(name, origin)}: unknown config key `{name}` (known here: {known})")
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                problems.append(f"{_where(name, origin)}: `{name}` must be a mapping of keys")
+                continue
+            _apply(getattr(obj, key), value, name + ".", origin, problems)
+            continue
+        try:
+            setattr(obj, key, _coerce(value, hint))
+        except ValueError as exc:
+            problems.append(f"{_where(name, origin)}: `{name}` {exc}")
+            continue
+        meta = fields[key].metadata
+        current = getattr(obj, key)
+        if isinstance(current, (int, float)) and not isinstance(current, bool):
+            if "min" in meta and current < meta["min"]:
+                problems.append(f"{_where(name, origin)}: `{name}` = {current} is below the minimum {meta['min']}")
+            if "max" in meta and current > meta["max"]:
+                problems.append(f"{_where(name, origin)}: `{name}` = {current} is above the maximum {meta['max']}")
+            if "min_exclusive" in meta and current <= meta["min_exclusive"]:
+                problems.append(f"{_where(name, origin)}: `{name}` = {current} must be greater than {meta['min_exclusive']}")
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            shown = ", ".join(repr(a) if a == "" else str(a) for a in allowed)
+            raise ValueError(f"= {value!r} is not one of: {shown}")
+        return value
+    if origin in (list, typing.List):
+        (inner,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"must be a list, got {value!r}")
+        return [_coerce(v, inner) for v in value]
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ValueError(f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # PyYAML reads `1e-6` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"must be a string, got {value!r}")
+        return "" if value is None else str(value)
+    if isinstance(hint, types.UnionType):
+        raise ValueError("has an unsupported type")
+    return value
+
+
+def validate(cfg: Config) -> list[str]:
+    """Cross-field checks that need more than one key."""
+    problems = []
+    if cfg.train.mini_batch_size and cfg.train.prompts_per_step % cfg.train.mini_batch_size:
+        problems.append(
+            f"train.mini_batch_size = {cfg.train.mini_batch_size} must divide train.prompts_per_step = {cfg.train.prompts_per_step}"
+        )
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        problems.append(f"optim.betas = {cfg.optim.betas} must be two numbers in [0, 1)")
+    for side in ("model", "teacher"):
+        mc: ModelConfig = getattr(cfg, side)
+        if not mc.path and not mc.arch:
+            problems.append(f"{side}.path is empty and {side}.arch is not set: name a checkpoint or an architecture to build")
+        if mc.arch and mc.hidden_size % mc.num_heads:
+            problems.append(f"{side}.hidden_size = {mc.hidden_size} must be divisible by {side}.num_heads = {mc.num_heads}")
+        if mc.arch and mc.num_heads % mc.num_kv_heads:
+            problems.append(f"{side}.num_heads = {mc.num_heads} must be divisible by {side}.num_kv_heads = {mc.num_kv_heads}")
+    if not cfg.data.train_path:
+        problems.append("data.train_path is empty: name a prompt file, hub data set or task")
+    return problems
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
