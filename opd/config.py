@@ -239,12 +239,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
-    """Build a validated `Config` from an optional YAML file and overrides."""
+def load_config(paths: str | os.PathLike | list | None, overrides: list[str] = ()) -> Config:
+    """Build a validated `Config` from YAML files (later ones win) and overrides."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     data: dict = {}
     origin: dict[str, str] = {}
-    if path is not None:
-        data, origin = _read_yaml(Path(path))
+    for path in paths:
+        file_data, file_origin = _read_yaml(Path(path))
+        _deep_merge(data, file_data)
+        origin.update(file_origin)
     problems: list[str] = []
     for text in overrides:
         try:
