@@ -1,0 +1,170 @@
+"""Per-token statistics: the two TIP axes and their companions (SPEC §2).
+
+One chunked pass over a student's and a teacher's logits yields, for every
+response position t:
+
+    h_t        student entropy / log V              (normalised, in [0, 1])
+    delta_t    KL(P_S || P_T)                        (reverse KL, nats)
+    delta_fwd  KL(P_T || P_S)                        (forward KL, nats)
+    h_T        teacher entropy / log V              (normalised, in [0, 1])
+
+Selectors, the taxonomy and the token dump only read a `TokenStats`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+_OPTIONAL = ("student_top_ids", "student_top_probs", "teacher_top_ids", "teacher_top_probs")
+
+
+@dataclass
+class TokenStats:
+    """Statistics of N response tokens, one row per token.
+
+    entropy            (N,) float32  normalised student entropy h = H(P_S) / log V, in [0, 1]
+    divergence         (N,) float32  reverse KL(P_S || P_T), nats
+    forward_divergence (N,) float32  forward KL(P_T || P_S), nats
+    teacher_entropy    (N,) float32  normalised teacher entropy H(P_T) / log V, in [0, 1]
+    sequence_ids       (N,) long     which rollout each token belongs to
+    student_top_ids    (N, k) long   optional: the student's k most likely token ids, most likely first
+    student_top_probs  (N, k) float32 optional: their probabilities
+    teacher_top_ids    (N, k) long   optional: the same for the teacher
+    teacher_top_probs  (N, k) float32 optional
+    """
+
+    entropy: torch.Tensor
+    divergence: torch.Tensor
+    forward_divergence: torch.Tensor
+    teacher_entropy: torch.Tensor
+    sequence_ids: torch.Tensor
+    student_top_ids: torch.Tensor | None = None
+    student_top_probs: torch.Tensor | None = None
+    teacher_top_ids: torch.Tensor | None = None
+    teacher_top_probs: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.entropy.shape[0]
+
+    @property
+    def has_top(self) -> bool:
+        return self.student_top_ids is not None
+
+    @classmethod
+    def cat(cls, parts: list["TokenStats"]) -> "TokenStats":
+        """Concatenate along the token axis (e.g. the per-chunk stats of one micro-batch).
+
+        Top-k fields survive only if every part has them; an empty list gives 0 rows.
+        """
+        parts = list(parts)
+        if not parts:
+            return empty_stats()
+        with_top = [p.has_top for p in parts]
+        if any(with_top) and not all(with_top):
+            raise ValueError("TokenStats.cat: some parts have top-k ids and some do not; compute them all with the same topk")
+        if all(with_top) and len({p.student_top_ids.shape[1] for p in parts}) > 1:
+            raise ValueError("TokenStats.cat: parts have different top-k widths; compute them all with the same topk")
+        values = {}
+        for f in fields(cls):
+            column = [getattr(p, f.name) for p in parts]
+            values[f.name] = None if column[0] is None else torch.cat(column)
+        return cls(**values)
+
+    def subset(self, index: torch.Tensor) -> "TokenStats":
+        """Rows `index` ((n,) long or (N,) bool) as a new TokenStats."""
+        return TokenStats(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index] for f in fields(self)})
+
+    def to(self, device) -> "TokenStats":
+        return TokenStats(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def empty_stats(device=None, topk: int = 0) -> TokenStats:
+    """A TokenStats with 0 rows (topk > 0 gives (0, topk) top-k fields)."""
+    f32 = torch.zeros(0, dtype=torch.float32, device=device)
+    top = {}
+    if topk > 0:
+        ids = torch.zeros(0, topk, dtype=torch.long, device=device)
+        probs = torch.zeros(0, topk, dtype=torch.float32, device=device)
+        top = dict(student_top_ids=ids, student_top_probs=probs, teacher_top_ids=ids.clone(), teacher_top_probs=probs.clone())
+    return TokenStats(f32, f32.clone(), f32.clone(), f32.clone(), torch.zeros(0, dtype=torch.long, device=device), **top)
+
+
+@torch.no_grad()
+def token_stats(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    chunk_size: int,
+    topk: int = 0,
+) -> TokenStats:
+    """Entropies and both KL directions of N token positions in one chunked no-grad pass.
+
+    student_logits (N, V_S), teacher_logits (N, V_T): any float dtype, any device.
+    Only the first V = min(V_S, V_T) columns are compared (embedding matrices are
+    often padded to different sizes, SPEC §1); both softmaxes are over those V
+    columns and entropies are divided by log V.
+    sequence_ids (N,): rollout index of each row.
+    chunk_size: rows per chunk; each chunk is upcast to float32 on its own, so the
+    largest float32 temporaries are (chunk_size, V), never (N, V).
+    topk > 0 also records both sides' top-min(topk, V) token ids and probabilities.
+
+    Returns float32 stats on the logits' device.
+    """
+    if student_logits.dim() != 2 or teacher_logits.dim() != 2:
+        raise ValueError(f"token_stats: logits must be 2-D (N, V); got student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}")
+    n = student_logits.shape[0]
+    if teacher_logits.shape[0] != n:
+        raise ValueError(f"token_stats: student has {n} rows but teacher has {teacher_logits.shape[0]}")
+    sequence_ids = torch.as_tensor(sequence_ids, device=student_logits.device)
+    if sequence_ids.shape != (n,):
+        raise ValueError(f"token_stats: sequence_ids must have shape ({n},), got {tuple(sequence_ids.shape)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"token_stats: chunk_size must be a positive int, got {chunk_size!r}")
+    if topk < 0:
+        raise ValueError(f"token_stats: topk must be >= 0, got {topk}")
+    if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
+        raise ValueError("token_stats: logits must be floating point")
+    vocab = min(student_logits.shape[1], teacher_logits.shape[1])
+    if vocab < 1:
+        raise ValueError("token_stats: logits have no vocabulary columns")
+    k = min(topk, vocab)
+    # log 1 = 0: with a one-word vocabulary every entropy is 0 anyway.
+    log_vocab = math.log(vocab) if vocab > 1 else 1.0
+    device = student_logits.device
+
+    parts = []
+    for start in range(0, n, chunk_size):
+        s = student_logits[start:start + chunk_size, :vocab].to(device=device, dtype=torch.float32)
+        t = teacher_logits[start:start + chunk_size, :vocab].to(device=device, dtype=torch.float32)
+        log_ps = torch.log_softmax(s, dim=-1)
+        log_pt = torch.log_softmax(t, dim=-1)
+        del s, t
+        ps = log_ps.exp()
+        pt = log_pt.exp()
+        # where p == 0 its log may be -inf; 0 * -inf must count as 0, not NaN
+        entropy = -torch.where(ps > 0, ps * log_ps, 0.0).sum(-1)
+        teacher_entropy = -torch.where(pt > 0, pt * log_pt, 0.0).sum(-1)
+        diff = log_ps - log_pt
+        reverse = torch.where(ps > 0, ps * diff, 0.0).sum(-1)
+        forward = torch.where(pt > 0, -pt * diff, 0.0).sum(-1)
+        del diff
+        top = {}
+        if k > 0:
+            top_ps, top_s = ps.topk(k, dim=-1)
+            top_pt, top_t = pt.topk(k, dim=-1)
+            top = dict(student_top_ids=top_s, student_top_probs=top_ps, teacher_top_ids=top_t, teacher_top_probs=top_pt)
+        parts.append(TokenStats(
+            # rounding can push h a hair past 1 and KL a hair below 0; both are exact bounds
+            entropy=(entropy / log_vocab).clamp_(0.0, 1.0),
+            divergence=reverse.clamp_(min=0.0),
+            forward_divergence=forward.clamp_(min=0.0),
+            teacher_entropy=(teacher_entropy / log_vocab).clamp_(0.0, 1.0),
+            sequence_ids=sequence_ids[start:start + chunk_size].long(),
+            **top,
+        ))
+    if not parts:
+        return empty_stats(device=device, topk=k)
+    return TokenStats.cat(parts)
