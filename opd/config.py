@@ -126,6 +126,7 @@ class EvalConfig:
     every: int = field(default=5, metadata={"help": "evaluate every N steps; 0 = only before/after", "min": 0})
     at_start: bool = field(default=False, metadata={"help": "evaluate before the first step"})
     at_end: bool = field(default=True, metadata={"help": "evaluate after the last step"})
+    teacher: bool = field(default=False, metadata={"help": "also evaluate the teacher once at the start (the upper bound)"})
     benchmarks: list[str] = field(default_factory=list, metadata={"help": "benchmark names or paths (see eval.benchmarks)"})
     k: int = field(default=16, metadata={"help": "samples per problem", "min": 1})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "min": 0.0})

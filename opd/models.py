@@ -142,3 +142,22 @@ def backbone(model):
 def save_pretrained(model, tokenizer, path: str | Path) -> None:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+
+
+class PolicyModel(torch.nn.Module):
+    """The student as DDP / DeepSpeed see it: one forward that returns final hidden
+    states (B, L, d) for the fused loss, or logits (B, L, V) for the reference loss.
+
+    Going through this module (not the inner backbone) keeps gradient
+    synchronisation and ZeRO parameter gathering working.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, hidden: bool):
+        if hidden:
+            out = backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return out.last_hidden_state
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

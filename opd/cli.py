@@ -1,0 +1,65 @@
+"""Command line of train.py: parse, check everything that can be checked, then train.
+
+Every user mistake ends with one line per problem on stderr and exit code 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from opd.config import ConfigError, load_config, to_dict
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="On-policy distillation with token importance (TIP).",
+        epilog="Overrides: section.key=value after the options, e.g. tip.selector=soft_or tip.ratio=0.5",
+    )
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML config; repeat to compose (later files win). Default: configs/demo.yaml")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--check", action="store_true", help="check config, paths, data and models, then exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser.parse_args(argv)
+
+
+def fail(lines) -> int:
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    return 2
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    paths = args.config or [str(DEFAULT_CONFIG)]
+    try:
+        cfg = load_config(paths, args.overrides)
+    except ConfigError as exc:
+        return fail(exc.problems)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from opd.preflight import preflight
+
+    problems = preflight(cfg, paths, deep=args.check)
+    if problems:
+        return fail(problems)
+    if args.check:
+        print("check passed: config, paths, data, models and output directory look fine")
+        return 0
+    from opd.data import DataError
+    from opd.trainer import RunError, train
+
+    try:
+        run_dir = train(cfg, paths)
+    except (RunError, DataError) as exc:
+        return fail([str(exc)])
+    print(f"run directory: {run_dir}")
+    return 0

@@ -1,0 +1,200 @@
+"""Prompts: load records, apply the chat template, filter, split, and iterate deterministically."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opd.config import DataConfig
+
+
+class DataError(Exception):
+    """A data problem worth one line to the user (file, line, what is wrong)."""
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    answer: str
+    source: str  # "file:line" or "hub:id[index]", for messages
+
+
+@dataclass
+class LoadReport:
+    records: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"{self.records} prompts"
+        parts = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
+        return f"{self.records} prompts (skipped: {parts})"
+
+
+def _field(record: dict, key: str):
+    """`a.b` looks up nested fields (DAPO keeps its answer in reward_model.ground_truth)."""
+    node = record
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def read_records(path: str, split: str, bad_records: str, report: LoadReport, *, seed: int = 0, n: int = 0):
+    """Yield (record dict, source string) from a file, directory, hub id or task."""
+    if path.startswith("demo:"):
+        from demo import task  # the demo task generates its prompts
+
+        for i, rec in enumerate(task.train_records(n or 20000, seed)):
+            yield rec, f"{path}[{i}]"
+        return
+    local = Path(path)
+    if not path.startswith("hub:") and local.exists():
+        files = sorted(p for p in local.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet")) if local.is_dir() else [local]
+        for file in files:
+            yield from _read_file(file, bad_records, report)
+        return
+    if path.endswith((".jsonl", ".json", ".parquet")) or path.startswith(("/", "./", "../")):
+        raise DataError(f"data file not found: {path}")
+    import datasets
+
+    hub_id = path.removeprefix("hub:")
+    ds = datasets.load_dataset(hub_id, split=split)
+    for i, rec in enumerate(ds):
+        yield dict(rec), f"{hub_id}[{i}]"
+
+
+def _read_file(file: Path, bad_records: str, report: LoadReport):
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, rec in enumerate(pq.read_table(file).to_pylist()):
+            yield rec, f"{file}[{i}]"
+        return
+    with open(file, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                if bad_records == "error":
+                    raise DataError(f"{file}:{lineno}: malformed JSON line ({exc})") from None
+                report.skip("malformed lines")
+                continue
+            yield rec, f"{file}:{lineno}"
+
+
+def encode_prompt(tokenizer, prompt, dc: DataConfig) -> list[int]:
+    """Token ids of one prompt (text, or a list of chat messages), chat template applied."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt + (("\n" + dc.instruction) if dc.instruction else "")}]
+    else:
+        messages = [dict(m) for m in prompt]
+        if dc.instruction and messages:
+            messages[-1]["content"] = messages[-1]["content"] + "\n" + dc.instruction
+    if dc.system_prompt and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": dc.system_prompt}] + messages
+    if dc.chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=dc.enable_thinking
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = "\n".join(m["content"] for m in messages)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def load_prompts(dc: DataConfig, tokenizer, *, seed: int, need_answers: bool = False):
+    """Load, encode and split prompts. Returns (train, val, report)."""
+    report = LoadReport()
+    prompts = _encode_all(dc.train_path, dc.train_split, dc, tokenizer, report, seed, need_answers)
+    rng = random.Random(seed)
+    rng.shuffle(prompts)
+    if dc.val_path:
+        val = _encode_all(dc.val_path, "test", dc, tokenizer, LoadReport(), seed, need_answers)
+    else:
+        n_val = int(len(prompts) * dc.val_ratio)
+        val, prompts = prompts[:n_val], prompts[n_val:]
+    if not prompts:
+        raise DataError(f"{dc.train_path}: no usable prompts ({report.summary()})")
+    return prompts, val, report
+
+
+def _encode_all(path, split, dc: DataConfig, tokenizer, report, seed, need_answers) -> list[Prompt]:
+    out: list[Prompt] = []
+    for rec, source in read_records(path, split, dc.bad_records, report, seed=seed, n=dc.max_samples):
+        prompt = _field(rec, dc.prompt_key)
+        answer = _field(rec, dc.answer_key) if dc.answer_key else ""
+        problem = None
+        if prompt is None:
+            problem = f"missing field `{dc.prompt_key}`"
+        elif (isinstance(prompt, str) and not prompt.strip()) or (isinstance(prompt, list) and not prompt):
+            problem = "empty prompt"
+        elif need_answers and (answer is None or str(answer).strip() == ""):
+            problem = f"missing answer field `{dc.answer_key}`"
+        ids = None
+        if problem is None:
+            ids = encode_prompt(tokenizer, prompt, dc)
+            if len(ids) > dc.max_prompt_length:
+                if dc.long_prompts == "truncate_left":
+                    ids = ids[-dc.max_prompt_length:]
+                elif dc.long_prompts == "error":
+                    problem = f"prompt of {len(ids)} tokens exceeds data.max_prompt_length={dc.max_prompt_length}"
+                else:
+                    report.skip("prompts over max_prompt_length")
+                    continue
+        if problem is not None:
+            if dc.bad_records == "error":
+                raise DataError(f"{source}: {problem}")
+            report.skip(problem)
+            continue
+        out.append(Prompt(ids=ids, answer="" if answer is None else str(answer), source=source))
+        if dc.max_samples and len(out) >= dc.max_samples:
+            break
+    report.records += len(out)
+    return out
+
+
+class PromptSampler:
+    """Endless deterministic stream of prompt batches: a fresh shuffle per epoch.
+
+    The whole state is (epoch, position), so a resumed run continues exactly.
+    """
+
+    def __init__(self, prompts: list[Prompt], seed: int):
+        self.prompts = prompts
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._shuffle(0)
+
+    def _shuffle(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_batch(self, n: int) -> list[Prompt]:
+        batch = []
+        while len(batch) < n:
+            if self.position >= len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._shuffle(self.epoch)
+            batch.append(self.prompts[self._order[self.position]])
+            self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffle(self.epoch)

@@ -1,0 +1,195 @@
+"""One OPD optimiser update: teacher side -> student forward -> token stats -> tip selection -> loss.
+
+This is the only module of `opd` that imports `tip` (the seam). The two loss
+implementations compute the same thing:
+
+  reference  the student's full logits at response positions (N, V), stats,
+             selection, chunked divergence over all tokens, mask applied after.
+  fused      the student backbone's final hidden states (N, d); stats through
+             the LM head chunk by chunk under no_grad; select; the LM head and
+             divergence only for kept rows, gradients formed chunk by chunk
+             (opd.losses.fused_head_divergence). The teacher side is its final
+             hidden states (N, d_T), its LM head applied chunk by chunk.
+
+Loss normalisation: every micro-batch contributes sum_{kept} w_t * D_t / Z,
+where Z is the global loss denominator of the update (all micro-batches, all
+processes), known before any forward pass from the response-token counts
+(tip.denominator). Summed gradients are therefore exactly those of the global
+mean, however tokens are split across micro-batches and processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import tip
+from tip.stats import TokenStats, token_stats
+from opd.losses import fused_head_divergence, token_divergence
+from opd.models import backbone
+
+
+@dataclass
+class MicroBatch:
+    """Rows of rollouts for one forward/backward.
+
+    input_ids, attention_mask, response_mask  (B, L)
+    sample_weight  (B,)  per-rollout weight (reward weighting; 1.0 otherwise)
+    sequence_ids   (B,)  a step-unique id per rollout (tip scope="sequence")
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    sample_weight: torch.Tensor
+    sequence_ids: torch.Tensor
+
+    def positions(self) -> torch.Tensor:
+        """(B, L-1) bool: logits at column j predict token j+1; keep those predicting response tokens."""
+        return self.response_mask[:, 1:].bool()
+
+    def num_tokens(self) -> int:
+        return int(self.response_mask[:, 1:].sum())
+
+    def scope_sizes(self, scope: str) -> list[int]:
+        counts = self.response_mask[:, 1:].sum(1)
+        return counts.tolist() if scope == "sequence" else [int(counts.sum())]
+
+
+def head_weight(model) -> torch.Tensor:
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("opd.loss_impl=fused needs an LM head without bias; use opd.loss_impl=reference")
+    return head.weight
+
+
+@torch.no_grad()
+def teacher_side(teacher, mb: MicroBatch, loss_impl: str, cache_device) -> torch.Tensor:
+    """Phase 1 for one micro-batch: teacher logits (N, V_T) [reference] or final hidden states (N, d_T) [fused]."""
+    pos = mb.positions()
+    if loss_impl == "reference":
+        logits = teacher(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+        out = logits[:, :-1][pos]
+    else:
+        hidden = backbone(teacher)(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+        out = hidden.last_hidden_state[:, :-1][pos]
+    return out.to(cache_device)
+
+
+@torch.no_grad()
+def chunked_stats(hidden, weight, teacher_hidden, teacher_weight, sequence_ids, chunk_size, topk=0) -> TokenStats:
+    """Token statistics with the LM heads applied chunk by chunk (never (N, V) at once)."""
+    parts = []
+    for i in range(0, hidden.shape[0], chunk_size):
+        s = hidden[i:i + chunk_size] @ weight.T
+        t = teacher_hidden[i:i + chunk_size] @ teacher_weight.T
+        parts.append(token_stats(s, t, sequence_ids[i:i + chunk_size], chunk_size, topk=topk))
+    if not parts:
+        empty = torch.zeros(0, device=hidden.device)
+        return token_stats(empty.view(0, 1), empty.view(0, 1), sequence_ids[:0], chunk_size)
+    return TokenStats.cat(parts)
+
+
+@dataclass
+class StepSettings:
+    loss_impl: str
+    loss_type: str
+    beta: float
+    chunk_size: int
+    selector: str
+    ratio: float
+    scope: str
+    select_options: dict
+    topk: int = 0  # top-k distributions kept in the stats for the token dump
+
+
+def denominator(microbatches: list[MicroBatch], st: StepSettings) -> int:
+    """This process's share of the loss denominator Z (summed over processes by the caller)."""
+    return sum(
+        tip.denominator(st.selector, mb.scope_sizes(st.scope), st.ratio, **st.select_options) for mb in microbatches
+    )
+
+
+def student_microbatch(student, student_weight, teacher_weight, mb: MicroBatch, cached: torch.Tensor, st: StepSettings,
+                       loss_scale: float, generator: torch.Generator, state, backward):
+    """Forward, select and backward one micro-batch. Returns (stats, selection, sum_kept w*D as float).
+
+    `student` is an opd.models.PolicyModel (possibly wrapped by DDP/DeepSpeed);
+    `student_weight` / `teacher_weight` are the LM head matrices (V, d) (fused only).
+
+    `backward(loss)` runs the backward pass (accelerator.backward in training).
+    `loss_scale` is 1/Z times whatever the gradient reduction divides by.
+    """
+    pos = mb.positions()
+    seq_ids = mb.sequence_ids[:, None].expand_as(pos)[pos]
+    sample_w = mb.sample_weight[:, None].expand_as(pos)[pos].float()
+    if st.loss_impl == "reference":
+        logits = student(mb.input_ids, mb.attention_mask, hidden=False)[:, :-1][pos]
+        teacher_logits = cached.to(logits.device)
+        stats = token_stats(logits.detach(), teacher_logits, seq_ids, st.chunk_size, topk=st.topk)
+        selection = tip.select(st.selector, stats, st.ratio, scope=st.scope, generator=generator, state=state,
+                               **st.select_options)
+        d = token_divergence(logits, teacher_logits, st.loss_type, st.beta, st.chunk_size)
+        weights = selection.weights.to(d.device) * sample_w * selection.mask.to(d.device)
+        loss_sum = (weights * d).sum()
+    else:
+        hidden = student(mb.input_ids, mb.attention_mask, hidden=True)[:, :-1][pos]
+        weight = student_weight
+        teacher_hidden = cached.to(hidden.device)
+        stats = chunked_stats(hidden.detach(), weight.detach(), teacher_hidden, teacher_weight, seq_ids,
+                              st.chunk_size, topk=st.topk)
+        selection = tip.select(st.selector, stats, st.ratio, scope=st.scope, generator=generator, state=state,
+                               **st.select_options)
+        keep = selection.mask.nonzero().squeeze(1).to(hidden.device)
+        weights = selection.weights.to(hidden.device)[keep] * sample_w[keep]
+        loss_sum = fused_head_divergence(hidden[keep], weight, teacher_hidden[keep], teacher_weight, weights,
+                                         st.loss_type, st.beta, st.chunk_size)
+    # Backward always runs, also for an empty or non-finite micro-batch: every process
+    # must take part in the gradient reduction; a non-finite gradient norm then skips
+    # the update on all processes at once.
+    backward(loss_sum * loss_scale)
+    return stats, selection, float(loss_sum.detach())
+
+
+# ----------------------------------------------------------------------------
+# the rest of the seam: what the loop needs from tip besides selection
+
+
+def known_selectors() -> list[str]:
+    return sorted(tip.SELECTORS)
+
+
+def new_selector_state():
+    """Caller-owned state of running (EMA) normalisation, saved in checkpoints."""
+    return tip.RunningMinMax()
+
+
+def combine(stats_list: list[TokenStats], selections: list) -> tuple[TokenStats, "tip.Selection"]:
+    mask = torch.cat([s.mask.cpu() for s in selections]) if selections else torch.zeros(0, dtype=torch.bool)
+    weights = torch.cat([s.weights.cpu() for s in selections]) if selections else torch.zeros(0)
+    return TokenStats.cat([s.to("cpu") for s in stats_list]), tip.Selection(mask=mask, weights=weights)
+
+
+def diagnostics(stats: TokenStats, selection, tc) -> dict:
+    """tip/... metrics of one update (tc: the tip config section)."""
+    from tip.taxonomy import diagnostics as tip_diagnostics
+
+    return tip_diagnostics(stats, selection, mode=tc.threshold_mode, entropy_threshold=tc.entropy_threshold,
+                           divergence_threshold=tc.divergence_threshold)
+
+
+def dump_records(stats: TokenStats, selection, token_ids: torch.Tensor, decode, tc, generator, step: int) -> list[dict]:
+    """Token records for tokens.jsonl (paper appendix B.4 style)."""
+    from tip.dump import token_records
+    from tip.taxonomy import quadrants
+
+    quad = quadrants(stats, mode=tc.threshold_mode, entropy_threshold=tc.entropy_threshold,
+                     divergence_threshold=tc.divergence_threshold)
+    return token_records(stats, selection, quad, token_ids, decode, tc.dump_tokens, generator, step=step)
+
+
+def render_pictures(run_dir) -> list:
+    from tip.plots import render
+
+    return render(run_dir)

@@ -1,0 +1,69 @@
+"""Metric sinks: metrics.jsonl always; TensorBoard and W&B when asked for."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from opd.config import LoggingConfig
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Inf; keep them visible as strings
+    return value
+
+
+class MetricsLog:
+    """One JSON object per line in <run>/metrics.jsonl (only on the main process)."""
+
+    def __init__(self, run_dir: Path, lc: LoggingConfig, config_dict: dict, enabled: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        if lc.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if lc.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=lc.wandb_project, name=Path(run_dir).name, config=config_dict,
+                                    dir=str(run_dir), resume="allow")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after `step` (a resumed run rewrites them)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

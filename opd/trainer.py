@@ -1,0 +1,612 @@
+"""The OPD training loop: rollout -> teacher side -> token stats -> tip selection -> loss -> update -> log.
+
+`train(cfg)` reads top to bottom as the algorithm does; `setup` and the small
+helpers below it carry the details (run directory, models, data, optimiser,
+checkpoints, evaluation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from opd import checkpoint as ckpt
+from opd.config import Config, save_config, to_dict
+from opd.data import PromptSampler, load_prompts
+from opd.models import PolicyModel, check_tokenizers, load_model, load_tokenizer, save_pretrained
+from opd.rewards import reward_fn, reward_weights
+from opd.rollout import Rollouts, sample
+from opd.step import (MicroBatch, StepSettings, combine, denominator, diagnostics, dump_records, head_weight,
+                      new_selector_state, render_pictures, student_microbatch, teacher_side)
+from opd.tracking import MetricsLog
+
+
+class RunError(Exception):
+    """A problem that ends the run with one clear line (no traceback)."""
+
+
+def train(cfg: Config, config_paths: list[str] = ()) -> Path:
+    """Run OPD as configured; returns the run directory."""
+    run = setup(cfg, config_paths)
+    acc, st, tc = run.accelerator, run.settings, cfg.train
+    if run.step == 0 and (cfg.eval.at_start or cfg.eval.teacher):
+        run_initial_evals(run)
+    stop = install_stop_handler()
+    consecutive_skips = 0
+    for step in range(run.step + 1, run.total_steps + 1):
+        t_step = time.perf_counter()
+        reset_peak_memory(acc.device)
+        # 1. rollout: this process's share of the step's prompts, sampled by the student
+        prompts = run.sampler.next_batch(tc.prompts_per_step)[acc.process_index::acc.num_processes]
+        t0 = time.perf_counter()
+        rollouts = sample(
+            run.policy.lm, [p.ids for p in prompts], pad_token_id=run.tokenizer.pad_token_id,
+            eos_token_id=run.eos_ids, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.n,
+            batch_size=cfg.rollout.batch_size, seed=derive_seed(tc.seed, "rollout", step, acc.process_index),
+        )
+        t_generate = time.perf_counter() - t0
+        # 2. rewards (optional): verifiable reward per rollout, softmax sample weights
+        rewards = run.reward(run.tokenizer, rollouts, [prompts[i].answer for i in rollouts.prompt_index.tolist()])
+        weights = reward_weights(rewards, cfg.opd.reward_beta, acc)
+        if weights is None:
+            weights = torch.ones(len(rollouts))
+        # 3. teacher side for every micro-batch of the step (phase 1), then the student updates (phase 2)
+        t0 = time.perf_counter()
+        updates = split_updates(rollouts, weights, step, cfg, acc)
+        cached = teacher_phase(run, updates)
+        step_metrics: list[dict] = []
+        for u, micro in enumerate(updates):
+            z = global_sum(acc, denominator(micro, st))
+            loss_scale = loss_scale_for(acc, z, len(micro))
+            gen = torch.Generator().manual_seed(derive_seed(tc.seed, "select", step, u, acc.process_index))
+            loss_sum, stats_list, selections = 0.0, [], []
+            for j, mb in enumerate(micro):
+                sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(run.student)
+                with sync, acc.autocast():
+                    stats, sel, value = student_microbatch(
+                        run.student, run.student_head(), run.teacher_head, mb, cached[u][j], st,
+                        loss_scale, gen, run.selector_state, acc.backward,
+                    )
+                loss_sum += value
+                stats_list.append(stats)
+                selections.append(sel)
+            grad_norm = clip_gradients(run, cfg.optim.grad_clip)
+            skipped = not math.isfinite(grad_norm) or not math.isfinite(loss_sum)
+            if not skipped:
+                run.optimizer.step()
+                run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            step_metrics.append(update_metrics(run, stats_list, selections, micro, loss_sum, z, grad_norm, skipped))
+        t_train = time.perf_counter() - t0
+        # 4. log, evaluate, checkpoint
+        metrics = merge_updates(step_metrics)
+        consecutive_skips = consecutive_skips + 1 if metrics["opd/skipped_updates"] == len(updates) else 0
+        metrics.update({
+            "opd/lr": run.scheduler.get_last_lr()[0],
+            "opd/accuracy": global_mean(acc, rewards) if rewards is not None else None,
+            "opd/response_length": float(rollouts.response_mask.sum(1).float().mean()),
+            "timing/generate_s": t_generate, "timing/train_s": t_train,
+            "timing/step_s": time.perf_counter() - t_step,
+            **memory_metrics(acc.device),
+        })
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        run.step = step
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != run.total_steps:
+            metrics.update(run_eval(run, f"step_{step:06d}"))
+        if step % cfg.logging.log_every == 0 or step == run.total_steps:
+            run.log.log(step, metrics)
+        run.progress(metrics)
+        if consecutive_skips >= tc.max_consecutive_skips:
+            raise RunError(
+                f"stopped: {consecutive_skips} consecutive steps skipped for non-finite loss or gradients "
+                f"(last good checkpoint: {ckpt.latest_checkpoint(run.run_dir) or 'none'})"
+            )
+        if stop.requested:
+            save(run)
+            acc.print(f"stopped by signal at step {step}; checkpoint saved; rerun the same command to resume")
+            return run.run_dir
+        if tc.save_every and step % tc.save_every == 0:
+            save(run)
+    if cfg.eval.at_end:
+        run.log.log(run.step, run_eval(run, "final"))
+    if tc.save_final and (not tc.save_every or run.step % tc.save_every):
+        save(run)
+    finish(run)
+    return run.run_dir
+
+
+# ----------------------------------------------------------------------------
+# set-up
+
+
+@dataclass
+class Run:
+    cfg: Config
+    accelerator: object
+    run_dir: Path
+    tokenizer: object
+    policy: PolicyModel  # unwrapped student
+    student: object  # the prepared (possibly wrapped) PolicyModel
+    teacher: object
+    teacher_head: torch.Tensor | None
+    optimizer: object
+    scheduler: object
+    sampler: PromptSampler
+    val_prompts: list
+    log: MetricsLog
+    settings: StepSettings
+    selector_state: object
+    reward: object
+    eos_ids: list[int]
+    total_steps: int
+    step: int = 0
+    bar: object = None
+    started: float = field(default_factory=time.time)
+    evals: dict = field(default_factory=dict)
+
+    def student_head(self) -> torch.Tensor:
+        return head_weight(self.policy.lm)
+
+    def progress(self, metrics: dict) -> None:
+        if self.bar is not None:
+            tokens = metrics.get("opd/num_tokens", 0)
+            self.bar.set_postfix(loss=f"{metrics.get('opd/loss', float('nan')):.4f}",
+                                 tok_s=f"{tokens / max(metrics['timing/step_s'], 1e-9):.0f}")
+            self.bar.update(1)
+
+
+def setup(cfg: Config, config_paths=()) -> Run:
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise RunError("train.device=cuda but no CUDA device is visible")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    bf16 = use_cuda and torch.cuda.is_bf16_supported() and cfg.model.dtype == "auto"
+    # Without a GPU, a multi-process launch needs the gloo backend named explicitly (NOTES.md).
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not use_cuda else []
+    acc = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=handlers)
+    run_dir = prepare_run_dir(cfg, config_paths, acc)
+    resolve_demo_paths(cfg, acc)
+
+    tokenizer = load_tokenizer(cfg.model)
+    teacher_tok = load_tokenizer(cfg.teacher)
+    device = acc.device
+    # The student trains in float32 under bf16 autocast on GPU ('auto'); the teacher is stored in bf16.
+    student_lm = load_model(cfg.model if cfg.model.dtype != "auto" else _with(cfg.model, dtype="float32"),
+                            tokenizer, device, trainable=True)
+    teacher = load_model(cfg.teacher, teacher_tok, device, trainable=False)
+    try:
+        check_tokenizers(tokenizer, teacher_tok, student_lm.get_output_embeddings().weight.shape[0],
+                         teacher.get_output_embeddings().weight.shape[0])
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+
+    train_prompts, val_prompts, report = load_prompts(cfg.data, tokenizer, seed=cfg.train.seed,
+                                                      need_answers=cfg.opd.reward_beta > 0)
+    acc.print(f"data: {report.summary()}; {len(val_prompts)} held out")
+    steps_per_epoch = math.ceil(len(train_prompts) / cfg.train.prompts_per_step)
+    total_steps = cfg.train.steps or cfg.train.epochs * steps_per_epoch
+    mini = cfg.train.mini_batch_size or cfg.train.prompts_per_step
+    updates_per_step = cfg.train.prompts_per_step // mini
+
+    policy = PolicyModel(student_lm)
+    optimizer = build_optimizer(policy, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps * updates_per_step)
+    student, optimizer, scheduler = acc.prepare(policy, optimizer, scheduler)
+
+    st = StepSettings(
+        loss_impl=cfg.opd.loss_impl, loss_type=cfg.opd.loss_type, beta=cfg.opd.beta, chunk_size=cfg.opd.chunk_size,
+        selector=cfg.tip.selector, ratio=cfg.tip.ratio, scope=cfg.tip.scope,
+        select_options={"normalize": cfg.tip.normalize, "momentum": cfg.tip.momentum,
+                        "importance_weighting": cfg.tip.importance_weighting},
+        topk=5 if cfg.tip.dump_tokens else 0,
+    )
+    eos = tokenizer.eos_token_id
+    gen_eos = getattr(getattr(student_lm, "generation_config", None), "eos_token_id", None)
+    eos_ids = sorted({eos, *([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))} - {None})
+    teacher_head = head_weight(teacher) if cfg.opd.loss_impl == "fused" else None
+    if teacher_head is not None and cfg.opd.offload_teacher and use_cuda:
+        teacher_head = teacher_head.detach().clone()  # stays on the GPU while the backbone is offloaded
+    run = Run(
+        cfg=cfg, accelerator=acc, run_dir=run_dir, tokenizer=tokenizer, policy=policy, student=student,
+        teacher=teacher, teacher_head=teacher_head, optimizer=optimizer, scheduler=scheduler,
+        sampler=PromptSampler(train_prompts, cfg.train.seed), val_prompts=val_prompts,
+        log=MetricsLog(run_dir, cfg.logging, to_dict(cfg), enabled=acc.is_main_process),
+        settings=st, selector_state=new_selector_state(), reward=reward_fn(cfg.opd.reward, cfg.eval.grade_timeout_s),
+        eos_ids=eos_ids, total_steps=total_steps,
+    )
+    resume(run)
+    if cfg.logging.progress_bar and acc.is_main_process:
+        from tqdm.auto import tqdm
+
+        run.bar = tqdm(total=total_steps, initial=run.step, desc="opd", dynamic_ncols=True)
+    return run
+
+
+def _with(mc, **changes):
+    import dataclasses
+
+    return dataclasses.replace(mc, **changes)
+
+
+# Keys that may change when a run is resumed; anything else must match the saved config.
+RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.save_every", "train.keep_last", "train.on_existing",
+                     "train.resume", "train.save_final", "train.max_consecutive_skips", "train.num_threads",
+                     "train.device", "logging.", "eval.", "tip.dump_tokens", "tip.plots")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "demo":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def prepare_run_dir(cfg: Config, config_paths, acc) -> Path:
+    name = cfg.train.run_name or (Path(config_paths[-1]).stem if config_paths else "run")
+    run_dir = Path(cfg.train.output_dir) / name
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        if cfg.train.on_existing == "refuse":
+            raise RunError(f"run directory {run_dir} already holds a run (train.on_existing=refuse); choose another train.run_name")
+        if cfg.train.resume == "never":
+            raise RunError(f"run directory {run_dir} already holds a run and train.resume=never; choose another train.run_name")
+        old = _flatten(yaml.safe_load(saved.read_text()) or {})
+        new = _flatten(to_dict(cfg))
+        changed = [k for k in sorted(set(old) | set(new))
+                   if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+        if changed:
+            raise RunError(
+                f"run directory {run_dir} holds a run with a different config ({', '.join(changed[:5])}"
+                f"{' ...' if len(changed) > 5 else ''}); choose another train.run_name to start a new run"
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise RunError(f"run directory {run_dir} is not empty but holds no run config; refusing to write into it")
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved)
+    acc.wait_for_everyone()
+    return run_dir
+
+
+def resolve_demo_paths(cfg: Config, acc) -> None:
+    """`demo:teacher` / `demo:student` name the demo pair, prepared (or reused) on first use."""
+    if not (cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")):
+        return
+    from demo.prepare import prepare_pair
+
+    settings = dict(cfg.demo)
+    cache = Path(settings.pop("cache_dir", ".cache/demo"))
+    if acc.is_main_process:
+        paths = prepare_pair(settings, cache, log=acc.print)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        paths = prepare_pair(settings, cache, log=lambda *a: None)
+    pair = {"demo:teacher": str(paths[0]), "demo:student": str(paths[1])}
+    for mc in (cfg.model, cfg.teacher):
+        if mc.path.startswith("demo:"):
+            if mc.path not in pair:
+                raise RunError(f"unknown demo model {mc.path!r} (known: demo:teacher, demo:student)")
+            mc.path = pair[mc.path]
+
+
+def build_optimizer(policy, cfg: Config):
+    decay, no_decay = [], []
+    for name, p in policy.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)  # no decay on norms and biases
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+
+def lr_factor(update: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimiser update `update` (0-based): linear warm-up then cosine/constant."""
+    if warmup and update < warmup:
+        return (update + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (update - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, cfg: Config, total_updates: int):
+    o = cfg.optim
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda u: lr_factor(u, total_updates, o.warmup_steps, o.schedule, o.min_lr_ratio)
+    )
+
+
+# ----------------------------------------------------------------------------
+# the pieces of a step
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts, stable across runs and Python versions."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def split_updates(rollouts: Rollouts, weights: torch.Tensor, step: int, cfg: Config, acc) -> list[list[MicroBatch]]:
+    """This process's rollouts -> optimiser updates -> micro-batches (padding trimmed per micro-batch)."""
+    n_rows = len(rollouts)
+    n_updates = cfg.train.prompts_per_step // (cfg.train.mini_batch_size or cfg.train.prompts_per_step)
+    per_update = math.ceil(n_rows / n_updates)
+    base = acc.process_index * 1_000_000  # step-unique sequence ids across processes
+    updates = []
+    for u in range(n_updates):
+        rows = list(range(u * per_update, min(n_rows, (u + 1) * per_update)))
+        micro = []
+        for k in range(0, len(rows), cfg.train.micro_batch_size):
+            idx = torch.tensor(rows[k:k + cfg.train.micro_batch_size])
+            att = rollouts.attention_mask[idx]
+            cols = att.any(0).nonzero().squeeze(1)
+            lo, hi = int(cols.min()), int(cols.max()) + 1
+            micro.append(MicroBatch(
+                input_ids=rollouts.input_ids[idx, lo:hi].to(acc.device),
+                attention_mask=att[:, lo:hi].to(acc.device),
+                response_mask=rollouts.response_mask[idx, lo:hi].to(acc.device),
+                sample_weight=weights[idx].to(acc.device),
+                sequence_ids=(idx + base).to(acc.device),
+            ))
+        updates.append(micro)
+    return updates
+
+
+def teacher_phase(run: Run, updates: list[list[MicroBatch]]) -> list[list[torch.Tensor]]:
+    """Phase 1: the teacher side of every micro-batch; the teacher backbone may be offloaded after."""
+    cfg = run.cfg
+    device = run.accelerator.device
+    cache_device = torch.device("cpu") if cfg.opd.teacher_cache_device == "cpu" else device
+    offload = cfg.opd.offload_teacher and device.type == "cuda"
+    if offload:
+        run.teacher.to(device)
+    cached = [[teacher_side(run.teacher, mb, cfg.opd.loss_impl, cache_device) for mb in micro] for micro in updates]
+    if offload:
+        run.teacher.to("cpu")
+        torch.cuda.empty_cache()
+    return cached
+
+
+def loss_scale_for(acc, z: float, n_micro: int) -> float:
+    """1/Z, times what the gradient reduction divides by (DDP averages over processes)."""
+    if z <= 0:
+        return 0.0
+    return acc.num_processes / z
+
+
+def global_sum(acc, value: float) -> float:
+    if acc.num_processes == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=acc.device)
+    return float(acc.reduce(t, reduction="sum"))
+
+
+def global_mean(acc, values: list[float] | torch.Tensor) -> float:
+    values = torch.as_tensor(values, dtype=torch.float64)
+    total = global_sum(acc, float(values.sum()))
+    count = global_sum(acc, float(values.numel()))
+    return total / max(count, 1.0)
+
+
+def clip_gradients(run: Run, max_norm: float) -> float:
+    params = [p for p in run.student.parameters() if p.requires_grad]
+    if max_norm > 0:
+        norm = run.accelerator.clip_grad_norm_(params, max_norm)
+    else:
+        norm = run.accelerator.clip_grad_norm_(params, float("inf"))
+    return float(norm)
+
+
+def update_metrics(run: Run, stats_list, selections, micro, loss_sum, z, grad_norm, skipped) -> dict:
+    cfg, acc = run.cfg, run.accelerator
+    stats, sel = combine(stats_list, selections)
+    vocab = min(run.student_head().shape[0], run.teacher.get_output_embeddings().weight.shape[0])
+    n_tokens = global_sum(acc, len(stats))
+    metrics = {
+        "opd/loss": global_sum(acc, loss_sum) / z if z > 0 else 0.0,
+        "opd/entropy": global_sum(acc, float(stats.entropy.sum()) * math.log(vocab)) / max(n_tokens, 1.0),
+        "opd/grad_norm": grad_norm,
+        "opd/num_tokens": n_tokens,
+        "opd/num_kept": global_sum(acc, float(sel.mask.sum())),
+        "opd/skipped_updates": int(skipped),
+        **diagnostics(stats, sel, cfg.tip),
+    }
+    if cfg.tip.dump_tokens and acc.is_main_process:
+        token_ids = torch.cat([mb.input_ids[:, 1:][mb.positions()] for mb in micro]).cpu()
+        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "dump", run.step))
+        decode = lambda i: run.tokenizer.decode([int(i)])
+        records = dump_records(stats, sel, token_ids, decode, cfg.tip, gen, step=run.step + 1)
+        with open(run.run_dir / "tokens.jsonl", "a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+    return metrics
+
+
+def merge_updates(per_update: list[dict]) -> dict:
+    """Token-weighted means over the updates of one step (counts summed)."""
+    if len(per_update) == 1:
+        return dict(per_update[0])
+    sums = ("opd/num_tokens", "opd/num_kept", "opd/skipped_updates", "tip/num_tokens", "tip/num_kept")
+    weights = [max(m.get("opd/num_tokens", 0.0), 1e-9) for m in per_update]
+    out = {}
+    for key in per_update[0]:
+        values = [m[key] for m in per_update]
+        out[key] = sum(values) if key in sums else sum(w * v for w, v in zip(weights, values)) / sum(weights)
+    return out
+
+
+def reset_peak_memory(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_metrics(device) -> dict:
+    if device.type == "cuda":
+        return {"perf/max_memory_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    # CPU: the process's peak resident set size so far (ru_maxrss is in KiB on Linux)
+    return {"perf/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+# ----------------------------------------------------------------------------
+# evaluation, checkpoints, stopping
+
+
+def run_eval(run: Run, name: str, model=None) -> dict:
+    from eval.runner import evaluate, flat_metrics
+
+    cfg, acc = run.cfg, run.accelerator
+    if not cfg.eval.benchmarks:
+        return {}
+    summary = evaluate(
+        model if model is not None else run.policy.lm, run.tokenizer, cfg.eval.benchmarks, cfg.eval,
+        run.run_dir / "eval" / name, seed=cfg.train.seed, step=run.step, chat_template=cfg.data.chat_template,
+        enable_thinking=cfg.data.enable_thinking, system_prompt=cfg.data.system_prompt,
+        shard=(acc.process_index, acc.num_processes), gather=gather_fn(acc),
+    )
+    run.evals[name] = summary
+    return flat_metrics(summary)
+
+
+def gather_fn(acc):
+    if acc.num_processes == 1:
+        return None
+    from accelerate.utils import gather_object
+
+    return lambda items: gather_object([items])
+
+
+def run_initial_evals(run: Run) -> None:
+    if run.cfg.eval.teacher:
+        teacher_metrics = run_eval(run, "teacher", model=run.teacher)
+        run.log.log(0, {k.replace("val/", "val_teacher/"): v for k, v in teacher_metrics.items()})
+    if run.cfg.eval.at_start:
+        run.log.log(0, run_eval(run, "step_000000"))
+
+
+def save(run: Run) -> None:
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        state = {
+            "step": run.step, "sampler": run.sampler.state_dict(),
+            "selector_state": run.selector_state.state_dict(), "torch_rng": None,
+            "wall_time_s": time.time() - run.started,
+        }
+        ckpt.save_checkpoint(
+            run.run_dir, run.step, lambda d: save_pretrained(acc.unwrap_model(run.student).lm, run.tokenizer, d),
+            run.optimizer.state_dict(), run.scheduler.state_dict(), state, run.cfg.train.keep_last,
+        )
+    acc.wait_for_everyone()
+
+
+def resume(run: Run) -> None:
+    if run.cfg.train.resume != "auto":
+        return
+    latest = ckpt.latest_checkpoint(run.run_dir)
+    if latest is None:
+        run.log.truncate_after(0)
+        return
+    from safetensors.torch import load_file
+
+    state = ckpt.load_trainer_state(latest)
+    weights = {}
+    for file in sorted(latest.glob("*.safetensors")):
+        weights.update(load_file(str(file)))
+    missing, unexpected = run.policy.lm.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if not (run.policy.lm.config.tie_word_embeddings and "lm_head" in m)]
+    if missing or unexpected:
+        raise RunError(f"checkpoint {latest} does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    run.optimizer.load_state_dict(ckpt.load_torch_state(latest, "optimizer.pt"))
+    run.scheduler.load_state_dict(ckpt.load_torch_state(latest, "scheduler.pt"))
+    run.sampler.load_state_dict(state["sampler"])
+    run.selector_state.load_state_dict(state["selector_state"])
+    run.step = state["step"]
+    run.started = time.time() - state.get("wall_time_s", 0.0)
+    run.log.truncate_after(run.step)
+    run.accelerator.print(f"resumed from {latest} (step {run.step})")
+
+
+@dataclass
+class StopFlag:
+    requested: bool = False
+
+
+def install_stop_handler() -> StopFlag:
+    """SIGTERM/SIGINT (preemption, Ctrl-C): finish the current step, checkpoint, exit cleanly."""
+    flag = StopFlag()
+
+    def handler(signum, frame):
+        if flag.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    return flag
+
+
+def finish(run: Run) -> None:
+    acc = run.accelerator
+    if run.bar is not None:
+        run.bar.close()
+    if acc.is_main_process:
+        summary = build_summary(run)
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print_summary(summary)
+        if run.cfg.tip.plots:
+            try:
+                render_pictures(run.run_dir)
+            except Exception as exc:  # pictures are a convenience; never lose a finished run to them
+                acc.print(f"tip plots not written: {exc}")
+    run.log.close()
+
+
+def _first_mean(summary: dict | None) -> float | None:
+    if not summary or not summary.get("benchmarks"):
+        return None
+    return next(iter(summary["benchmarks"].values()))["mean@k"]
+
+
+def build_summary(run: Run) -> dict:
+    evals = run.evals
+    before = evals.get("step_000000")
+    return {
+        "teacher_accuracy": _first_mean(evals.get("teacher")),
+        "student_accuracy_before": _first_mean(before),
+        "student_accuracy_after": _first_mean(evals.get("final")),
+        "wall_time_s": time.time() - run.started,
+        "steps": run.step,
+        "benchmarks": {name: s.get("benchmarks", {}) for name, s in evals.items()},
+    }
+
+
+def print_summary(summary: dict) -> None:
+    rows = [("teacher", summary["teacher_accuracy"]), ("student before", summary["student_accuracy_before"]),
+            ("student after", summary["student_accuracy_after"])]
+    if all(v is None for _, v in rows):
+        return
+    print("\n  model            accuracy (mean@k, %)")
+    for name, value in rows:
+        print(f"  {name:<16} {'—' if value is None else f'{value:6.1f}'}")
+    print(f"  wall time {summary['wall_time_s']:.0f} s\n")
