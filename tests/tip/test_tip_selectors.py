@@ -1,0 +1,363 @@
+"""Selectors: the SPEC §3 rules, checked on hand-built statistics against naive references."""
+
+import ast
+import math
+import random
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+import tip
+from tip import selectors as sel_mod
+from tip.stats import TokenStats
+
+PLAIN = ["entropy_sample", "entropy_topk", "soft_or", "q3_only", "soft_or_bottom", "random"]
+KEEP_ALL = ["all", "teacher_entropy"]
+
+
+def make_stats(h, d, fwd=None, teacher=None, seq=None) -> TokenStats:
+    h = torch.as_tensor(h, dtype=torch.float32)
+    d = torch.as_tensor(d, dtype=torch.float32)
+    n = h.shape[0]
+    return TokenStats(
+        entropy=h,
+        divergence=d,
+        forward_divergence=d.clone() if fwd is None else torch.as_tensor(fwd, dtype=torch.float32),
+        teacher_entropy=torch.full((n,), 0.1) if teacher is None else torch.as_tensor(teacher, dtype=torch.float32),
+        sequence_ids=torch.zeros(n, dtype=torch.long) if seq is None else torch.as_tensor(seq, dtype=torch.long),
+    )
+
+
+def random_stats(n, seed, num_seqs=1) -> TokenStats:
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, num_seqs, (n,), generator=g)
+    return make_stats(torch.rand(n, generator=g), torch.rand(n, generator=g) ** 3 * 5,
+                      fwd=torch.rand(n, generator=g) * 4, teacher=torch.rand(n, generator=g) * 0.2, seq=seq)
+
+
+def naive_minmax(xs):
+    lo, hi = min(xs), max(xs)
+    return [0.0 if hi == lo else (x - lo) / (hi - lo) for x in xs]
+
+
+def naive_top(scores, k, largest=True):
+    """Indices of the k best scores, ties to the lower index."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i] if largest else scores[i], i))
+    return set(order[:k])
+
+
+def kept(selection):
+    return set(torch.nonzero(selection.mask).flatten().tolist())
+
+
+def expected_k(m, ratio_text):
+    return max(1, math.floor(Fraction(ratio_text) * m))
+
+
+# ---------------------------------------------------------------------------- Proposition 2
+
+
+def test_low_entropy_high_divergence_token_is_the_entropy_blind_spot():
+    # tokens 0-7: moderately uncertain, teacher agrees; token 8: confident and wrong (Q3)
+    h = [0.50, 0.55, 0.60, 0.45, 0.52, 0.58, 0.48, 0.62, 0.02]
+    d = [0.05, 0.04, 0.06, 0.05, 0.03, 0.05, 0.04, 0.06, 5.00]
+    stats = make_stats(h, d)
+    ratio = 3 / 9
+    assert 8 in kept(tip.select("soft_or", stats, ratio))
+    assert 8 in kept(tip.select("q3_only", stats, ratio))
+    assert 8 not in kept(tip.select("entropy_topk", stats, ratio))
+    assert 8 not in kept(tip.select("soft_or_bottom", stats, ratio))
+
+
+# ---------------------------------------------------------------------------- scores
+
+
+def test_soft_or_score_is_one_minus_product_of_complements_and_selection_matches_naive():
+    stats = random_stats(40, seed=0)
+    h_hat = naive_minmax(stats.entropy.tolist())
+    d_hat = naive_minmax(stats.divergence.tolist())
+    score = tip.selectors.soft_or_score(torch.tensor(h_hat), torch.tensor(d_hat))
+    expected = [1 - (1 - a) * (1 - b) for a, b in zip(h_hat, d_hat)]
+    torch.testing.assert_close(score, torch.tensor(expected), atol=1e-6, rtol=0)
+    for ratio in (0.1, 0.25, 0.5, 0.9):
+        k = tip.keep_count(40, ratio)
+        assert kept(tip.select("soft_or", stats, ratio)) == naive_top(expected, k)
+        assert kept(tip.select("soft_or_bottom", stats, ratio)) == naive_top(expected, k, largest=False)
+
+
+def test_q3_only_ranks_by_forward_kl_times_confidence():
+    stats = random_stats(30, seed=1)
+    h_hat = naive_minmax(stats.entropy.tolist())
+    w = [f * (1 - a) for f, a in zip(stats.forward_divergence.tolist(), h_hat)]
+    for ratio in (0.1, 0.3, 0.7):
+        assert kept(tip.select("q3_only", stats, ratio)) == naive_top(w, tip.keep_count(30, ratio))
+
+
+def test_soft_or_with_constant_divergence_ranks_like_entropy():
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        stats = make_stats(torch.rand(25, generator=g), torch.full((25,), 0.7))
+        for ratio in (0.2, 0.5, 0.8):
+            assert torch.equal(tip.select("soft_or", stats, ratio).mask, tip.select("entropy_topk", stats, ratio).mask)
+
+
+def test_soft_or_bottom_complements_soft_or_at_half():
+    even = random_stats(20, seed=2)
+    top, bottom = kept(tip.select("soft_or", even, 0.5)), kept(tip.select("soft_or_bottom", even, 0.5))
+    assert top.isdisjoint(bottom) and top | bottom == set(range(20))
+    odd = random_stats(21, seed=3)
+    top, bottom = kept(tip.select("soft_or", odd, 0.5)), kept(tip.select("soft_or_bottom", odd, 0.5))
+    missing = set(range(21)) - (top | bottom)
+    assert top.isdisjoint(bottom) and len(missing) == 1
+    h_hat, d_hat = naive_minmax(odd.entropy.tolist()), naive_minmax(odd.divergence.tolist())
+    s = [1 - (1 - a) * (1 - b) for a, b in zip(h_hat, d_hat)]
+    assert missing == {sorted(range(21), key=lambda i: s[i])[10]}  # the median-scored token
+
+
+def test_ties_break_by_position():
+    stats = make_stats([0.3] * 6, [1.0] * 6)
+    assert kept(tip.select("entropy_topk", stats, 0.5)) == {0, 1, 2}
+    assert kept(tip.select("soft_or", stats, 0.5)) == {0, 1, 2}
+    assert kept(tip.select("soft_or_bottom", stats, 0.5)) == {0, 1, 2}
+
+
+# ---------------------------------------------------------------------------- counts and scopes
+
+
+def test_kept_count_is_max_1_floor_ratio_m_for_random_sizes():
+    rng = random.Random(0)
+    cases = [(10, "0.7"), (100, "0.29"), (3, "0.1"), (1, "1"), (7, "1"), (50, "0.02")]
+    cases += [(rng.randint(1, 150), f"{rng.randint(1, 1000) / 1000:.3f}") for _ in range(40)]
+    for i, (m, ratio_text) in enumerate(cases):
+        stats = random_stats(m, seed=i)
+        k = expected_k(m, ratio_text)
+        assert tip.keep_count(m, float(ratio_text)) == k
+        for name in PLAIN:
+            selection = tip.select(name, stats, float(ratio_text), generator=torch.Generator().manual_seed(i))
+            assert int(selection.mask.sum()) == k, (name, m, ratio_text)
+            assert torch.equal(selection.weights, selection.mask.float())
+
+
+def test_sequence_scope_keeps_the_count_in_every_rollout():
+    g = torch.Generator().manual_seed(5)
+    lengths = [1, 2, 5, 13, 40, 7]
+    seq = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    seq = seq[torch.randperm(seq.numel(), generator=g)]  # rollouts need not be contiguous
+    base = random_stats(seq.numel(), seed=6)
+    stats = make_stats(base.entropy, base.divergence, base.forward_divergence, base.teacher_entropy, seq)
+    for name in PLAIN:
+        for ratio_text in ("0.2", "0.5", "0.75"):
+            selection = tip.select(name, stats, float(ratio_text), scope="sequence", generator=torch.Generator().manual_seed(1))
+            for i, n in enumerate(lengths):
+                assert int(selection.mask[seq == i].sum()) == expected_k(n, ratio_text), (name, i)
+            assert int(selection.mask.sum()) == tip.denominator(name, tip.scope_sizes(seq, "sequence"), float(ratio_text))
+
+
+def test_sequence_scope_normalises_within_each_rollout():
+    # rollout 1's divergences are 100x larger; per-rollout min-max must still pick its own top tokens
+    h = [0.1, 0.15, 0.2, 0.25, 0.1, 0.2, 0.3, 0.4]
+    d = [0.01, 0.02, 0.03, 0.04, 1.0, 2.0, 3.0, 4.0]
+    stats = make_stats(h, d, seq=[0, 0, 0, 0, 1, 1, 1, 1])
+    assert kept(tip.select("soft_or", stats, 0.25, scope="sequence")) == {3, 7}
+    assert kept(tip.select("soft_or", stats, 0.25, scope="microbatch")) == {6, 7}
+
+
+def test_denominator_invariant_and_keep_all_selectors():
+    stats = random_stats(57, seed=7, num_seqs=4)
+    for scope in ("microbatch", "sequence"):
+        sizes = tip.scope_sizes(stats.sequence_ids, scope)
+        assert sum(sizes) == 57
+        for name in PLAIN:
+            for ratio in (0.05, 0.33, 1.0):
+                selection = tip.select(name, stats, ratio, scope=scope, generator=torch.Generator().manual_seed(0))
+                assert int(selection.mask.sum()) == tip.denominator(name, sizes, ratio)
+        for name in KEEP_ALL:
+            assert bool(tip.select(name, stats, 0.3, scope=scope).mask.all())
+            assert tip.denominator(name, sizes, 0.3) == 57
+        assert tip.denominator("entropy_sample", sizes, 0.3, importance_weighting=True) == 57
+    assert tip.denominator("soft_or", [0, 0], 0.5) == 0
+    assert tip.denominator("soft_or", [10, 3], 0.5) == 5 + 1
+
+
+def test_zero_tokens_give_an_empty_selection():
+    empty = make_stats([], [])
+    for name in tip.SELECTORS:
+        selection = tip.select(name, empty, 0.5, scope="sequence", state=tip.RunningMinMax(), normalize="running")
+        assert selection.mask.shape == (0,) and selection.weights.shape == (0,)
+
+
+# ---------------------------------------------------------------------------- random selectors
+
+
+def test_same_seed_same_selection():
+    stats = random_stats(200, seed=8, num_seqs=3)
+    for name in ("entropy_sample", "random"):
+        for options in ({}, {"importance_weighting": True}):
+            a = tip.select(name, stats, 0.3, scope="sequence", generator=torch.Generator().manual_seed(42), **options)
+            b = tip.select(name, stats, 0.3, scope="sequence", generator=torch.Generator().manual_seed(42), **options)
+            c = tip.select(name, stats, 0.3, scope="sequence", generator=torch.Generator().manual_seed(43), **options)
+            assert torch.equal(a.mask, b.mask) and torch.equal(a.weights, b.weights)
+            assert not torch.equal(a.mask, c.mask)
+
+
+def test_entropy_sample_draws_in_proportion_to_entropy():
+    h = torch.tensor([0.05, 0.1, 0.2, 0.25, 0.4])
+    stats = make_stats(h, torch.zeros(5))
+    g = torch.Generator().manual_seed(0)
+    draws = 4000
+    counts = torch.zeros(5)
+    for _ in range(draws):
+        counts += tip.select("entropy_sample", stats, 0.2, generator=g).mask.float()  # k = 1
+    p = h / h.sum()
+    se = (p * (1 - p) / draws).sqrt()
+    assert torch.all((counts / draws - p).abs() < 4 * se), (counts / draws, p)
+
+
+def test_entropy_sample_with_zero_entropies():
+    stats = make_stats([0.0, 0.5, 0.0, 0.3, 0.0], torch.zeros(5))
+    for seed in range(10):
+        selection = tip.select("entropy_sample", stats, 0.6, generator=torch.Generator().manual_seed(seed))  # k = 3
+        assert int(selection.mask.sum()) == 3 and {1, 3} <= kept(selection)
+    all_zero = make_stats([0.0] * 6, torch.zeros(6))
+    assert int(tip.select("entropy_sample", all_zero, 0.5, generator=torch.Generator().manual_seed(0)).mask.sum()) == 3
+    weighted = tip.select("entropy_sample", all_zero, 0.5, generator=torch.Generator().manual_seed(0), importance_weighting=True)
+    assert torch.allclose(weighted.weights[weighted.mask], torch.tensor(2.0))  # p = k / m = 1/2
+
+
+def test_importance_weighted_entropy_sample_is_unbiased():
+    g = torch.Generator().manual_seed(0)
+    m = 40
+    h = torch.rand(m, generator=g) * 0.9 + 0.01
+    h[3] = 0.95  # p capped at 1 for this one
+    values = torch.randn(m, generator=g) * 2 + 1  # any per-token quantity, e.g. a loss D_t
+    stats = make_stats(h, torch.rand(m, generator=g))
+    target = float(values.mean())
+    draws = 3000
+    estimates = torch.empty(draws)
+    counts = torch.empty(draws)
+    for i in range(draws):
+        selection = tip.select("entropy_sample", stats, 0.25, generator=g, importance_weighting=True)
+        estimates[i] = (selection.weights * values).sum() / tip.denominator("entropy_sample", [m], 0.25, importance_weighting=True)
+        counts[i] = selection.mask.sum()
+        assert torch.all(selection.weights[~selection.mask] == 0)
+    se = float(estimates.std()) / math.sqrt(draws)
+    assert abs(float(estimates.mean()) - target) < 4 * se, (float(estimates.mean()), target, se)
+    # expected count is sum of min(1, k h / sum h), a bit under k = 10 because of the cap
+    p = (10 * h / h.sum()).clamp(max=1)
+    assert abs(float(counts.mean()) - float(p.sum())) < 4 * float(counts.std()) / math.sqrt(draws)
+    # and plain (unweighted) entropy sampling is NOT unbiased here: the test has teeth
+    plain = torch.stack([(tip.select("entropy_sample", stats, 0.25, generator=g).mask.float() * values).sum() / 10 for _ in range(500)])
+    assert abs(float(plain.mean()) - target) > 4 * float(plain.std()) / math.sqrt(500)
+
+
+def test_random_selector_is_uniform():
+    stats = random_stats(10, seed=9)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(10)
+    draws = 3000
+    for _ in range(draws):
+        counts += tip.select("random", stats, 0.3, generator=g).mask.float()
+    p = 0.3
+    assert torch.all((counts / draws - p).abs() < 4 * math.sqrt(p * (1 - p) / draws))
+
+
+# ---------------------------------------------------------------------------- weights and normalisation
+
+
+def test_teacher_entropy_weights_have_mean_one_per_scope():
+    te = [0.1, 0.3, 0.2, 0.0, 0.5, 0.5]
+    stats = make_stats([0.2] * 6, [1.0] * 6, teacher=te, seq=[0, 0, 0, 1, 1, 1])
+    micro = tip.select("teacher_entropy", stats, 0.5)
+    torch.testing.assert_close(micro.weights, torch.tensor(te) / (sum(te) / 6))
+    per_seq = tip.select("teacher_entropy", stats, 0.5, scope="sequence")
+    torch.testing.assert_close(per_seq.weights, torch.tensor([0.5, 1.5, 1.0, 0.0, 1.5, 1.5]))
+    flat = tip.select("teacher_entropy", make_stats([0.2] * 4, [1.0] * 4, teacher=[0.0] * 4), 0.5)
+    assert torch.equal(flat.weights, torch.ones(4)) and bool(flat.mask.all())
+
+
+def test_running_normalisation_is_an_ema_of_call_min_max():
+    state = tip.RunningMinMax()
+    batches = [random_stats(30, seed=s) for s in (10, 11, 12)]
+    momentum = 0.8
+    lo = hi = None
+    for stats in batches:
+        selection = tip.select("soft_or", stats, 0.3, state=state, normalize="running", momentum=momentum)
+        cur_lo, cur_hi = float(stats.entropy.min()), float(stats.entropy.max())
+        lo = cur_lo if lo is None else momentum * lo + (1 - momentum) * cur_lo
+        hi = cur_hi if hi is None else momentum * hi + (1 - momentum) * cur_hi
+        assert state.lo["entropy"] == pytest.approx(lo, abs=1e-6) and state.hi["entropy"] == pytest.approx(hi, abs=1e-6)
+        # the selection uses the running range, clipped to [0, 1]
+        d_lo, d_hi = state.lo["divergence"], state.hi["divergence"]
+        h_hat = [min(1, max(0, (x - lo) / (hi - lo))) for x in stats.entropy.tolist()]
+        d_hat = [min(1, max(0, (x - d_lo) / (d_hi - d_lo))) for x in stats.divergence.tolist()]
+        s = [1 - (1 - a) * (1 - b) for a, b in zip(h_hat, d_hat)]
+        assert kept(selection) == naive_top(s, 9)
+    restored = tip.RunningMinMax()
+    restored.load_state_dict(state.state_dict())
+    assert restored == state
+
+
+def test_running_with_momentum_zero_equals_minmax_and_needs_state():
+    stats = random_stats(30, seed=13)
+    state = tip.RunningMinMax()
+    tip.select("q3_only", random_stats(30, seed=14), 0.3, state=state, normalize="running", momentum=0.0)
+    running = tip.select("q3_only", stats, 0.3, state=state, normalize="running", momentum=0.0)
+    assert torch.equal(running.mask, tip.select("q3_only", stats, 0.3).mask)
+    with pytest.raises(ValueError, match="RunningMinMax"):
+        tip.select("soft_or", stats, 0.3, normalize="running")
+    # selectors that do not normalise ignore the option (the loop passes the same options always)
+    tip.select("entropy_topk", stats, 0.3, normalize="running", importance_weighting=True, momentum=0.5)
+
+
+# ---------------------------------------------------------------------------- errors and registry
+
+
+def test_bad_arguments_are_one_line_errors():
+    stats = random_stats(5, seed=15)
+    with pytest.raises(ValueError, match=r"unknown selector 'nope' \(known: all, entropy_sample, "):
+        tip.select("nope", stats, 0.5)
+    for ratio in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="ratio"):
+            tip.select("soft_or", stats, ratio)
+        with pytest.raises(ValueError, match="ratio"):
+            tip.denominator("soft_or", [5], ratio)
+    with pytest.raises(ValueError, match="unknown selector option 'normalise'"):
+        tip.select("soft_or", stats, 0.5, normalise="running")
+    with pytest.raises(ValueError, match="unknown scope"):
+        tip.select("soft_or", stats, 0.5, scope="batch")
+    with pytest.raises(ValueError, match="normalize"):
+        tip.select("soft_or", stats, 0.5, normalize="zscore")
+    with pytest.raises(ValueError, match="momentum"):
+        tip.select("soft_or", stats, 0.5, momentum=1.5)
+
+
+def test_register_adds_a_selector_the_loop_can_use_unchanged():
+    @tip.register("last_tokens_test")
+    def last_tokens(stats, k, ctx):
+        mask = torch.zeros(len(stats), dtype=torch.bool)
+        mask[-k:] = True
+        return tip.Selection(mask, mask.float())
+
+    try:
+        stats = random_stats(12, seed=16, num_seqs=1)
+        assert kept(tip.select("last_tokens_test", stats, 0.25)) == {9, 10, 11}
+        assert tip.denominator("last_tokens_test", [12], 0.25) == 3
+        with pytest.raises(ValueError, match="already registered"):
+            tip.register("last_tokens_test")(last_tokens)
+    finally:
+        del tip.SELECTORS["last_tokens_test"]
+        del sel_mod._MEAN_OVER_ALL["last_tokens_test"]
+
+
+def test_registry_holds_every_selector_of_the_spec():
+    assert set(tip.SELECTORS) == set(PLAIN + KEEP_ALL)
+
+
+def test_tip_imports_nothing_from_opd():
+    package = Path(tip.__file__).resolve().parent
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "opd" or n.startswith("opd.") for n in names), f"{path.name} imports {names}"

@@ -1,0 +1,32 @@
+"""Token importance in on-policy distillation (TIP): statistics, selectors, taxonomy.
+
+Works on tensors and its own `TokenStats`; imports nothing from `opd`.
+
+    stats = tip.token_stats(student_logits, teacher_logits, sequence_ids, chunk_size=256)
+    sel = tip.select("soft_or", stats, ratio=0.5, scope="microbatch", generator=g)
+    loss = (sel.weights * per_token_loss).sum() / tip.denominator("soft_or", sizes, 0.5)
+
+The pictures live in `tip.plots` (imported on demand: it pulls in matplotlib).
+"""
+
+from tip.dump import token_records, write_jsonl
+from tip.selectors import (
+    OPTIONS,
+    SELECTORS,
+    Context,
+    RunningMinMax,
+    Selection,
+    denominator,
+    keep_count,
+    register,
+    scope_sizes,
+    select,
+)
+from tip.stats import TokenStats, token_stats
+from tip.taxonomy import diagnostics, quadrants, thresholds
+
+__all__ = [
+    "OPTIONS", "SELECTORS", "Context", "RunningMinMax", "Selection", "TokenStats",
+    "denominator", "diagnostics", "keep_count", "quadrants", "register", "scope_sizes",
+    "select", "thresholds", "token_records", "token_stats", "write_jsonl",
+]
