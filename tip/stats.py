@@ -57,11 +57,16 @@ class TokenStats:
     def cat(cls, parts: list["TokenStats"]) -> "TokenStats":
         """Concatenate along the token axis (e.g. the per-chunk stats of one micro-batch).
 
-        Top-k fields survive only if every part has them; an empty list gives 0 rows.
+        Top-k fields survive only if every non-empty part has them; 0-row parts are
+        skipped (their top-k width may differ); an empty list gives 0 rows.
         """
         parts = list(parts)
         if not parts:
             return empty_stats()
+        nonempty = [p for p in parts if len(p) > 0]
+        if len(nonempty) <= 1:
+            return nonempty[0] if nonempty else parts[0]
+        parts = nonempty
         with_top = [p.has_top for p in parts]
         if any(with_top) and not all(with_top):
             raise ValueError("TokenStats.cat: some parts have top-k ids and some do not; compute them all with the same topk")

@@ -91,6 +91,11 @@ def test_zero_rows_and_cat_of_chunks():
     for name in ("entropy", "divergence", "forward_divergence", "teacher_entropy", "sequence_ids", "student_top_ids", "teacher_top_probs"):
         assert torch.equal(getattr(joined, name), getattr(whole, name)), name
     assert len(TokenStats.cat([])) == 0
+    # an empty micro-batch's stats (no top-k, or a different width) do not spoil the rest
+    no_rows = token_stats(torch.zeros(0, 1), torch.zeros(0, 1), seq[:0], 5)
+    with_empty = TokenStats.cat([no_rows, whole, no_rows])
+    assert torch.equal(with_empty.student_top_ids, whole.student_top_ids)
+    assert torch.equal(with_empty.entropy, whole.entropy)
     with pytest.raises(ValueError, match="top-k"):
         TokenStats.cat([whole, token_stats(s, t, seq, 5)])
 
