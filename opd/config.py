@@ -116,6 +116,7 @@ class TrainConfig:
     save_every: int = field(default=20, metadata={"help": "checkpoint every N steps; 0 = only at the end", "min": 0})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept", "min": 1})
     save_final: bool = field(default=True, metadata={"help": "write a checkpoint when training ends"})
+    max_steps_per_run: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this many steps in one invocation, for wall-time-limited jobs; 0 = no limit", "min": 0})
     max_consecutive_skips: int = field(default=5, metadata={"help": "stop after this many skipped (non-finite) steps in a row", "min": 1})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto = cuda when available"})
     num_threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0 = torch default", "min": 0})

@@ -43,8 +43,8 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
     if run.step == 0 and (cfg.eval.at_start or cfg.eval.teacher):
         run_initial_evals(run)
     stop = install_stop_handler()
-    consecutive_skips = 0
-    for step in range(run.step + 1, run.total_steps + 1):
+    consecutive_skips, first_step = 0, run.step + 1
+    for step in range(first_step, run.total_steps + 1):
         t_step = time.perf_counter()
         reset_peak_memory(acc.device)
         # 1. rollout: this process's share of the step's prompts, sampled by the student
@@ -113,9 +113,12 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
                 f"stopped: {consecutive_skips} consecutive steps skipped for non-finite loss or gradients "
                 f"(last good checkpoint: {ckpt.latest_checkpoint(run.run_dir) or 'none'})"
             )
-        if stop.requested:
+        if stop.requested or (tc.max_steps_per_run and step - first_step + 1 >= tc.max_steps_per_run
+                              and step < run.total_steps):
             save(run)
-            acc.print(f"stopped by signal at step {step}; checkpoint saved; rerun the same command to resume")
+            why = "by signal" if stop.requested else f"after train.max_steps_per_run={tc.max_steps_per_run} steps"
+            acc.print(f"stopped {why} at step {step}; checkpoint saved; rerun the same command to resume")
+            run.log.close()
             return run.run_dir
         if tc.save_every and step % tc.save_every == 0:
             save(run)
@@ -247,7 +250,7 @@ def _with(mc, **changes):
 
 # Keys that may change when a run is resumed; anything else must match the saved config.
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.save_every", "train.keep_last", "train.on_existing",
-                     "train.resume", "train.save_final", "train.max_consecutive_skips", "train.num_threads",
+                     "train.resume", "train.save_final", "train.max_consecutive_skips", "train.max_steps_per_run", "train.num_threads",
                      "train.device", "logging.", "eval.", "tip.dump_tokens", "tip.plots")
 
 

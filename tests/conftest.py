@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny prompt files, tiny configs, and a way to run the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+TINY_MODEL = {"tokenizer": "chars", "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+              "intermediate_size": 64}
+
+
+def write_prompts(path: Path, n: int = 64, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for _ in range(n):
+            a, b = rng.randint(1, 99), rng.randint(1, 99)
+            fh.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+    return path
+
+
+def tiny_config(tmp_path: Path, arch: str = "qwen3", **sections) -> dict:
+    """A config dict for a 3-step CPU run of two tiny random models; `sections` override."""
+    cfg = {
+        "model": {"arch": arch, **TINY_MODEL},
+        "teacher": {"arch": arch, **TINY_MODEL, "init_seed": 1},
+        "data": {"train_path": str(write_prompts(tmp_path / "prompts.jsonl")), "max_prompt_length": 64,
+                 "answer_key": ""},
+        "rollout": {"max_new_tokens": 12},
+        "train": {"steps": 3, "prompts_per_step": 8, "micro_batch_size": 4, "output_dir": str(tmp_path / "runs"),
+                  "run_name": "run", "save_every": 2, "num_threads": 1},
+        "optim": {"lr": 1.0e-3},
+        "eval": {"every": 0, "at_end": False},
+        "logging": {"progress_bar": False},
+        "tip": {"plots": False},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(args: list[str], timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=full_env)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data folder {SHARED} is absent (it exists only in the development workplace)")
+    return SHARED

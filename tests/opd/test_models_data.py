@@ -1,0 +1,97 @@
+"""Tokenizer compatibility, rollouts and prompt data."""
+
+import json
+
+import pytest
+import torch
+
+from opd.config import DataConfig, ModelConfig
+from opd.data import DataError, PromptSampler, load_prompts
+from opd.models import char_tokenizer, check_tokenizers, load_model
+from opd.rollout import sample
+
+
+def test_padded_vocabulary_is_accepted_and_differing_ids_refused():
+    tok = char_tokenizer()
+    check_tokenizers(tok, char_tokenizer(), len(tok) + 128, len(tok))  # padded embedding rows: fine
+    other = char_tokenizer("abcdefghijklmnopqrstuvwxyz0123456789+= ")
+    with pytest.raises(ValueError, match="differ on"):
+        check_tokenizers(tok, other, len(tok), len(other))
+    with pytest.raises(ValueError, match="embedding rows"):
+        check_tokenizers(tok, char_tokenizer(), len(tok) - 1, len(tok))
+
+
+def test_rollouts_are_seeded_and_masked():
+    tok = char_tokenizer()
+    model = load_model(ModelConfig(arch="llama", hidden_size=32, num_heads=4, num_kv_heads=2), tok,
+                       torch.device("cpu"), trainable=True)
+    prompts = [tok("12+34=")["input_ids"], tok("7+8=")["input_ids"]]
+    kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_new_tokens=9, n=3, seed=5)
+    a, b, c = sample(model, prompts, **kw), sample(model, prompts, **kw), sample(model, prompts, **{**kw, "seed": 6})
+    assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
+    assert a.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
+    assert model.training  # restored after sampling
+    for row, resp in enumerate(a.response_ids()):
+        assert 1 <= len(resp) <= 9
+        assert a.truncated[row] == (tok.eos_token_id not in resp)
+        prompt = prompts[a.prompt_index[row]]
+        start = a.prompt_length - len(prompt)
+        assert a.input_ids[row, start:a.prompt_length].tolist() == prompt
+        assert a.response_mask[row, :a.prompt_length].sum() == 0  # prompt tokens never count
+
+
+def write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_bad_records_are_skipped_with_counts_or_refused_with_line(tmp_path):
+    tok = char_tokenizer()
+    path = write(tmp_path / "p.jsonl", [
+        json.dumps({"prompt": "1+1=", "answer": "2"}),
+        "{not json",
+        json.dumps({"prompt": "", "answer": "0"}),
+        json.dumps({"question": "no prompt"}),
+        json.dumps({"prompt": "9" * 200, "answer": "x"}),
+        json.dumps({"prompt": "2+2=", "answer": "4"}),
+    ])
+    dc = DataConfig(train_path=path, max_prompt_length=64, chat_template=False)
+    train, val, report = load_prompts(dc, tok, seed=0)
+    assert len(train) == 2 and not val
+    assert report.skipped == {"malformed lines": 1, "empty prompt": 1, "missing field `prompt`": 1,
+                              "prompts over max_prompt_length": 1}
+    with pytest.raises(DataError, match=r"p.jsonl:2: malformed JSON"):
+        load_prompts(DataConfig(train_path=path, bad_records="error"), tok, seed=0)
+    trunc = DataConfig(train_path=path, max_prompt_length=64, long_prompts="truncate_left", chat_template=False)
+    assert len(load_prompts(trunc, tok, seed=0)[0]) == 3
+
+
+def test_split_and_sampler_are_deterministic_and_resumable(tmp_path):
+    tok = char_tokenizer()
+    path = write(tmp_path / "p.jsonl", [json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) for i in range(50)])
+    dc = DataConfig(train_path=path, val_ratio=0.2)
+    train, val, _ = load_prompts(dc, tok, seed=3)
+    train2, val2, _ = load_prompts(dc, tok, seed=3)
+    assert len(val) == 10 and [p.ids for p in val] == [p.ids for p in val2]
+    assert not {tuple(p.ids) for p in val} & {tuple(p.ids) for p in train}
+    a = PromptSampler(train, seed=1)
+    first = [p.answer for p in a.next_batch(30)]  # crosses an epoch boundary (40 prompts)
+    state = a.state_dict()
+    rest = [p.answer for p in a.next_batch(30)]
+    b = PromptSampler(train2, seed=1)
+    b.load_state_dict(state)
+    assert [p.answer for p in b.next_batch(30)] == rest
+    assert sorted(first + rest[:10]) == sorted(p.answer for p in train)  # one epoch = every prompt once
+    with pytest.raises(DataError, match="not found"):
+        load_prompts(DataConfig(train_path=str(tmp_path / "missing.jsonl")), tok, seed=0)
+
+
+def test_chat_template_and_thinking_flag_pass_through():
+    from opd.data import encode_prompt
+
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if enable_thinking %}T{% else %}N{% endif %}")
+    on = encode_prompt(tok, "q", DataConfig(enable_thinking=True, instruction="!"))
+    off = encode_prompt(tok, "q", DataConfig(enable_thinking=False))
+    assert tok.decode(on) == "q\n!T" and tok.decode(off) == "qN"

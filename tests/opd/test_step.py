@@ -1,0 +1,142 @@
+"""The training step: fused == reference, normalisation, gradient flow."""
+
+import functools
+
+import pytest
+import torch
+
+from opd.config import ModelConfig
+from opd.models import PolicyModel, char_tokenizer, load_model
+from opd.step import MicroBatch, StepSettings, denominator, head_weight, student_microbatch, teacher_side
+
+import tip
+
+TOK = char_tokenizer()
+CPU = torch.device("cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def models(student_vocab=0, teacher_vocab=0, arch="qwen3"):
+    """Tiny student/teacher, built once per shape (tests that train build their own)."""
+    return fresh_models(student_vocab, teacher_vocab, arch)
+
+
+def fresh_models(student_vocab=0, teacher_vocab=0, arch="qwen3"):
+    s = load_model(ModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                               intermediate_size=64, vocab_size=student_vocab), TOK, CPU, trainable=True)
+    t = load_model(ModelConfig(arch=arch, hidden_size=48, num_layers=1, num_heads=4, num_kv_heads=2,
+                               intermediate_size=64, vocab_size=teacher_vocab, init_seed=3), TOK, CPU, trainable=False)
+    return PolicyModel(s), t
+
+
+def batch(rows=6, length=20, seed=0, weights=None, offset=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, len(TOK), (rows, length), generator=g)
+    att = torch.ones(rows, length, dtype=torch.long)
+    resp = torch.zeros(rows, length, dtype=torch.long)
+    for r in range(rows):  # prompt of 5..8 tokens, response of varying length, right padding
+        p = 5 + r % 4
+        end = length - (r * 2) % 7
+        resp[r, p:end] = 1
+        att[r, end:] = 0
+    w = torch.ones(rows) if weights is None else weights
+    return MicroBatch(ids, att, resp, w, torch.arange(rows) + offset)
+
+
+def settings(impl, selector="all", ratio=1.0, loss_type="reverse_kl", beta=0.5, scope="microbatch", iw=False):
+    return StepSettings(loss_impl=impl, loss_type=loss_type, beta=beta, chunk_size=7, selector=selector,
+                        ratio=ratio, scope=scope,
+                        select_options={"normalize": "minmax", "momentum": 0.9, "importance_weighting": iw})
+
+
+def grads_and_loss(policy, teacher, micro, st, seed=0):
+    """Run one update's micro-batches; return (loss, {param: grad})."""
+    policy.zero_grad(set_to_none=True)
+    z = denominator(micro, st)
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for mb in micro:
+        cached = teacher_side(teacher, mb, st.loss_impl, CPU)
+        _, sel, value = student_microbatch(policy, head_weight(policy.lm), head_weight(teacher), mb, cached, st,
+                                           1.0 / z, gen, tip.RunningMinMax(), lambda loss: loss.backward())
+        total += value
+    return total / z, {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+
+def assert_same(a, b, atol=1e-5, rtol=1e-4):
+    (la, ga), (lb, gb) = a, b
+    assert abs(la - lb) <= atol + rtol * abs(lb)
+    assert ga.keys() == gb.keys() and ga
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=atol, rtol=rtol, msg=name)
+
+
+@pytest.mark.parametrize("loss_type,beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5)])
+@pytest.mark.parametrize("selector,ratio", [("all", 1.0), ("soft_or", 0.5), ("entropy_topk", 0.2), ("q3_only", 0.2),
+                                            ("entropy_sample", 0.5), ("teacher_entropy", 1.0)])
+def test_fused_equals_reference(loss_type, beta, selector, ratio):
+    policy, teacher = models(student_vocab=len(TOK) + 5, teacher_vocab=len(TOK) + 17)  # padded differently
+    micro = [batch(seed=1, weights=torch.tensor([1.0, 0.5, 2.0, 1.0, 0.1, 1.4])), batch(rows=3, seed=2, offset=6)]
+    ref = grads_and_loss(policy, teacher, micro, settings("reference", selector, ratio, loss_type, beta))
+    fused = grads_and_loss(policy, teacher, micro, settings("fused", selector, ratio, loss_type, beta))
+    assert_same(fused, ref)
+
+
+def test_fused_equals_reference_with_importance_weights_and_sequence_scope():
+    policy, teacher = models()
+    micro = [batch(seed=4)]
+    st = dict(selector="entropy_sample", ratio=0.5, scope="sequence", iw=True)
+    assert_same(grads_and_loss(policy, teacher, micro, settings("fused", **st)),
+                grads_and_loss(policy, teacher, micro, settings("reference", **st)))
+
+
+def test_teacher_hidden_path_equals_teacher_logits():
+    _, teacher = models(teacher_vocab=len(TOK) + 9)
+    mb = batch(seed=5)
+    logits = teacher_side(teacher, mb, "reference", CPU)
+    hidden = teacher_side(teacher, mb, "fused", CPU)
+    torch.testing.assert_close(hidden @ head_weight(teacher).T, logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("selector,ratio", [("all", 1.0), ("soft_or", 0.5)])
+def test_micro_batch_split_does_not_change_gradients(impl, selector, ratio):
+    """Loss normalised by the global token count: one micro-batch of 6 rows == 3 of 2 rows
+    (with sequence scope, so the kept set does not depend on the split)."""
+    policy, teacher = models()
+    whole = batch(rows=6, seed=7)
+    parts = [MicroBatch(*(getattr(whole, f)[i:i + 2] for f in ("input_ids", "attention_mask", "response_mask",
+                                                                "sample_weight", "sequence_ids")))
+             for i in range(0, 6, 2)]
+    st = settings(impl, selector, ratio, scope="sequence")
+    assert_same(grads_and_loss(policy, teacher, parts, st), grads_and_loss(policy, teacher, [whole], st))
+
+
+def test_loss_is_mean_over_kept_tokens():
+    policy, teacher = models()
+    mb = batch(seed=8)
+    loss, _ = grads_and_loss(policy, teacher, [mb], settings("reference", "all", 1.0))
+    with torch.no_grad():
+        pos = mb.positions()
+        s = policy(mb.input_ids, mb.attention_mask, hidden=False)[:, :-1][pos]
+        t = teacher(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1][pos]
+        expected = (s.log_softmax(-1).exp() * (s.log_softmax(-1) - t.log_softmax(-1))).sum(-1).mean()
+    assert abs(loss - float(expected)) < 1e-5
+    assert denominator([mb], settings("reference")) == int(mb.response_mask[:, 1:].sum())
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_gradients_reach_student_only_and_divergence_falls(impl):
+    policy, teacher = fresh_models()
+    st = settings(impl)
+    mb = batch(seed=9)
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss, grads = grads_and_loss(policy, teacher, [mb], st)
+        losses.append(loss)
+        opt.step()
+    assert len(grads) == sum(1 for p in policy.parameters())  # every student parameter got a gradient
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert losses[-1] < 0.5 * losses[0]

@@ -1,0 +1,94 @@
+"""The real CLI on tiny models: runs, checkpoints, resume, and clean errors."""
+
+import json
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from conftest import read_metrics, run_cli, tiny_config, write_config
+
+VOLATILE = ("timing/", "perf/")  # wall-clock and memory readings differ between any two runs
+
+
+def stable(metrics):
+    return [{k: v for k, v in m.items() if not k.startswith(VOLATILE)} for m in metrics]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2"])
+def test_three_step_run_writes_metrics_and_checkpoint(tmp_path, arch):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, arch, tip={"selector": "soft_or", "ratio": 0.5}))
+    out = run_cli(["--config", str(cfg)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = tmp_path / "runs" / "run"
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for key in ("opd/loss", "opd/entropy", "opd/grad_norm", "opd/num_tokens", "opd/lr", "timing/step_s",
+                "tip/q3_share", "tip/kept_fraction"):
+        assert key in metrics[0], key
+    assert all(m["opd/num_kept"] < m["opd/num_tokens"] for m in metrics)
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["model"]["arch"] == arch and resolved["tip"]["selector"] == "soft_or"
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_000002", "step_000003"]
+    weights = load_file(str(run / "checkpoints" / "step_000003" / "model.safetensors"))
+    assert weights and all(t.isfinite().all() for t in weights.values())
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    base = tiny_config(tmp_path, train={"steps": 4, "save_every": 2}, tip={"selector": "entropy_sample", "ratio": 0.5})
+    cfg = write_config(tmp_path / "c.yaml", base)
+    assert run_cli(["--config", str(cfg), "train.run_name=whole"]).returncode == 0
+    first = run_cli(["--config", str(cfg), "train.run_name=parts", "train.max_steps_per_run=2"])
+    assert first.returncode == 0 and "stopped after train.max_steps_per_run=2" in first.stdout + first.stderr
+    assert [m["step"] for m in read_metrics(tmp_path / "runs" / "parts")] == [1, 2]
+    second = run_cli(["--config", str(cfg), "train.run_name=parts"])
+    assert second.returncode == 0, second.stderr[-2000:]
+    whole = stable(read_metrics(tmp_path / "runs" / "whole"))
+    parts = stable(read_metrics(tmp_path / "runs" / "parts"))
+    assert [m["step"] for m in parts] == [1, 2, 3, 4]
+    assert parts == whole
+
+
+def test_changed_config_is_refused_for_an_existing_run(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"steps": 1}))
+    assert run_cli(["--config", str(cfg)]).returncode == 0
+    out = run_cli(["--config", str(cfg), "optim.lr=0.5"])
+    assert out.returncode == 2
+    assert "different config" in out.stderr and "optim.lr" in out.stderr and "Traceback" not in out.stderr
+    refuse = run_cli(["--config", str(cfg), "train.on_existing=refuse"])
+    assert refuse.returncode == 2 and "already holds a run" in refuse.stderr
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("tip.ratio=0", "tip.ratio"),
+    ("tip.ratio=1.5", "tip.ratio"),
+    ("opd.loss_type=kl", "opd.loss_type"),
+    ("train.nonsense=1", "unknown config key `train.nonsense`"),
+    ("optim.lr=fast", "optim.lr"),
+    ("tip.selector=magic", "unknown selector 'magic'"),
+    ("model.path=/nonexistent/model", "model.path"),
+])
+def test_bad_config_fails_with_one_line(tmp_path, override, needle):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    out = run_cli(["--config", str(cfg), override])
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_yaml_key_names_the_file(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg["rollout"]["temprature"] = 0.7
+    path = write_config(tmp_path / "typo.yaml", cfg)
+    out = run_cli(["--config", str(path)])
+    assert out.returncode == 2 and "typo.yaml" in out.stderr and "rollout.temprature" in out.stderr
+
+
+def test_print_config_resolves_without_loading(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    out = run_cli(["--config", str(cfg), "tip.selector=q3_only", "--print-config"])
+    assert out.returncode == 0
+    assert yaml.safe_load(out.stdout)["tip"]["selector"] == "q3_only"
+    assert not (tmp_path / "runs").exists()
