@@ -1,0 +1,258 @@
+"""Benchmarks by name or path: the problems, their prompt format and their judge.
+
+A benchmark spec (what `eval.benchmarks` in a config or `--benchmarks` holds) is
+- a registered name: `math500`, `aime24`, `aime25`, `dapo` (hub data sets) or
+  `demo` (the project's toy task, imported lazily from `demo.task`);
+- `NAME=PATH`: a local JSONL file with fields id, problem, answer, reported
+  as NAME (e.g. `math500=/data/eval/math500.jsonl`);
+- a bare path to such a file, reported under the file's stem.
+
+Hub sources (loaded with `datasets.load_dataset`):
+- math500: HuggingFaceH4/MATH-500, split test, fields problem / answer;
+- aime24: HuggingFaceH4/aime_2024, split train (its only split), fields problem / answer;
+- aime25: math-ai/aime25, split test, fields problem / answer (AIME 2025 I and II, 30 problems);
+- dapo: BytedTsinghua-SIA/DAPO-Math-17k, split train; the problem is the
+  user prompt with DAPO's "Answer:" instructions removed, the answer is
+  reward_model.ground_truth; the hub copy repeats prompts, kept once each.
+
+Math problems are asked as `<problem>\\n` + BOXED_INSTRUCTION and judged by
+`eval.grader.grade`. Problem ids of hub sets are `<name>-<index>` (index in
+file order, three digits), the same ids as the project's local copies, so runs
+on either can be compared problem by problem.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from eval import grader
+
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+# The demo task generates its problems; these fix which ones form "the" demo benchmark.
+DEMO_PROBLEMS = 200  # used when EvalConfig.max_problems is 0 (the task has no natural size)
+DEMO_SEED = 0
+
+_DAPO_PREFIX = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+)
+_DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+class BenchmarkError(ValueError):
+    """A benchmark spec that cannot be used; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    prompt: str  # the user message, instruction included
+    answer: str  # gold answer, as the judge expects it
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A loaded benchmark.
+
+    grade(response_text, answer, timeout_s) -> bool judges one response;
+    extract(response_text) -> str | None is the answer shown in samples.jsonl
+    and voted on by maj@k.
+    """
+
+    name: str
+    problems: tuple[Problem, ...]
+    grade: Callable[[str, str, float], bool]
+    extract: Callable[[str], str | None]
+
+
+_REGISTRY: dict[str, Callable[[str, int], Benchmark]] = {}
+
+
+def register(name: str):
+    """Add a loader `fn(name, max_problems) -> Benchmark` under `name`."""
+
+    def add(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"benchmark {name!r} is registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return add
+
+
+def known_benchmarks() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _unknown(spec: str) -> BenchmarkError:
+    return BenchmarkError(
+        f"unknown benchmark {spec!r} (known: {', '.join(known_benchmarks())}; "
+        "or a JSONL file with id/problem/answer given as PATH or NAME=PATH)"
+    )
+
+
+def parse_spec(spec: str) -> tuple[str, str | Path]:
+    """`spec` -> (reported name, registered name or local Path). Checks names and that files exist; loads nothing."""
+    spec = spec.strip()
+    if not spec:
+        raise BenchmarkError("empty benchmark name")
+    if "=" in spec:
+        name, path = (part.strip() for part in spec.split("=", 1))
+        source: str | Path = Path(path).expanduser()
+    elif spec in _REGISTRY:
+        return spec, spec
+    elif spec.endswith(".jsonl") or os.sep in spec or Path(spec).exists():
+        source = Path(spec).expanduser()
+        name = source.stem
+    else:
+        raise _unknown(spec)
+    if not _NAME.fullmatch(name):
+        raise BenchmarkError(f"benchmark name {name!r} (from {spec!r}) may only use letters, digits, '_', '.', '-'")
+    if not source.is_file():
+        raise BenchmarkError(f"benchmark file not found: {source} (from {spec!r})")
+    return name, source
+
+
+@functools.lru_cache(maxsize=32)
+def load_benchmark(spec: str, max_problems: int = 0) -> Benchmark:
+    """Load the benchmark `spec` names; at most `max_problems` problems (the first ones), 0 = all.
+
+    Cached per (spec, max_problems): the trainer evaluates every few steps.
+    """
+    if max_problems < 0:
+        raise BenchmarkError(f"max_problems must be >= 0, got {max_problems}")
+    name, source = parse_spec(spec)
+    if isinstance(source, Path):
+        return _math_benchmark(name, _read_jsonl(source, name), max_problems)
+    return _REGISTRY[source](name, max_problems)
+
+
+# ----------------------------------------------------------------------------
+# math benchmarks
+
+
+def math_prompt(problem: str) -> str:
+    """The user message of a math problem: the problem, then the boxed-answer instruction."""
+    return problem.strip() + "\n" + BOXED_INSTRUCTION
+
+
+def _grade_math(response_text: str, answer: str, timeout_s: float) -> bool:
+    return grader.grade(response_text, answer, timeout_s=timeout_s)
+
+
+def _math_benchmark(name: str, rows: list[tuple[str, str, str]], max_problems: int) -> Benchmark:
+    """rows: (id, problem, answer) in file order."""
+    if max_problems:
+        rows = rows[:max_problems]
+    problems = tuple(Problem(pid, math_prompt(problem), answer) for pid, problem, answer in rows)
+    return Benchmark(name, problems, grade=_grade_math, extract=grader.extract_answer)
+
+
+def _read_jsonl(path: Path, name: str) -> list[tuple[str, str, str]]:
+    rows = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BenchmarkError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or "problem" not in record or "answer" not in record:
+                raise BenchmarkError(f"{path}:{lineno}: a record needs the fields problem and answer (and id)")
+            pid = str(record.get("id", f"{name}-{len(rows):03d}"))
+            if pid in seen:
+                raise BenchmarkError(f"{path}:{lineno}: problem id {pid!r} appears twice")
+            seen.add(pid)
+            rows.append((pid, str(record["problem"]), str(record["answer"])))
+    if not rows:
+        raise BenchmarkError(f"{path}: no problems in the file")
+    return rows
+
+
+def _hub(name: str, hub_id: str, split: str):
+    try:
+        import datasets
+
+        return datasets.load_dataset(hub_id, split=split)
+    except Exception as exc:  # offline, renamed, gated: the user needs the one-line reason
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BenchmarkError(
+            f"could not load benchmark {name!r} from the hub ({hub_id}, split {split}): {reason}; "
+            f"offline? pass a local copy as {name}=PATH.jsonl"
+        ) from None
+
+
+def _hub_math(name: str, key: str, hub_id: str, split: str, max_problems: int) -> Benchmark:
+    data = _hub(name, hub_id, split)
+    if max_problems:
+        data = data.select(range(min(max_problems, len(data))))
+    rows = [(f"{key}-{i:03d}", str(r["problem"]), str(r["answer"])) for i, r in enumerate(data)]
+    return _math_benchmark(name, rows, max_problems)
+
+
+@register("math500")
+def _math500(name: str, max_problems: int) -> Benchmark:
+    return _hub_math(name, "math500", "HuggingFaceH4/MATH-500", "test", max_problems)
+
+
+@register("aime24")
+def _aime24(name: str, max_problems: int) -> Benchmark:
+    return _hub_math(name, "aime24", "HuggingFaceH4/aime_2024", "train", max_problems)
+
+
+@register("aime25")
+def _aime25(name: str, max_problems: int) -> Benchmark:
+    return _hub_math(name, "aime25", "math-ai/aime25", "test", max_problems)
+
+
+def dapo_problem(prompt_text: str) -> str:
+    """The bare problem inside a DAPO-Math-17k user prompt (its Answer: instructions removed)."""
+    return prompt_text.removeprefix(_DAPO_PREFIX).removesuffix(_DAPO_SUFFIX).strip()
+
+
+@register("dapo")
+def _dapo(name: str, max_problems: int) -> Benchmark:
+    data = _hub(name, "BytedTsinghua-SIA/DAPO-Math-17k", "train")
+    rows, seen = [], set()
+    for record in data:
+        problem = dapo_problem(record["prompt"][0]["content"])
+        if problem in seen:
+            continue
+        seen.add(problem)
+        index = (record.get("extra_info") or {}).get("index", len(rows))
+        rows.append((f"dapo-{index}", problem, str(record["reward_model"]["ground_truth"])))
+        if max_problems and len(rows) >= max_problems:
+            break
+    return _math_benchmark(name, rows, max_problems)
+
+
+# ----------------------------------------------------------------------------
+# the demo task
+
+
+@register("demo")
+def _demo(name: str, max_problems: int) -> Benchmark:
+    try:
+        task = importlib.import_module("demo.task")
+    except ImportError as exc:
+        raise BenchmarkError(f"benchmark 'demo' needs the module demo.task, which did not import ({exc})") from None
+    records = task.eval_problems(max_problems or DEMO_PROBLEMS, DEMO_SEED)
+    problems = tuple(Problem(str(r["id"]), str(r["prompt"]), str(r["answer"])) for r in records)
+
+    def grade(response_text: str, answer: str, timeout_s: float) -> bool:
+        return bool(task.grade(response_text, answer))
+
+    # Without the task's own extractor, a sample's whole text is its vote.
+    extract = getattr(task, "extract_answer", None) or (lambda text: text.strip() or None)
+    return Benchmark(name, problems, grade=grade, extract=extract)

@@ -1,0 +1,234 @@
+"""`evaluate`: sample k responses per problem, grade them, report and write the results.
+
+The trainer calls `evaluate` every `eval.every` steps; `python -m eval` calls it
+once. Output directory:
+- summary.json: {"step", "k", "benchmarks": {name: {"mean@k", "std@k",
+  "pass@k", "maj@k", "n_problems", "mean_length", "truncation_rate"}}}.
+  Accuracies (mean@k, std@k, pass@k, maj@k) are percent (0-100);
+  mean_length is generated tokens per response (EOS included when produced);
+  truncation_rate is the fraction (0-1) of responses that hit max_new_tokens.
+- samples.jsonl: one line per sample: benchmark, problem_id, sample (index
+  0..k-1), response, extracted, correct, length, truncated, answer (gold).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from pathlib import Path
+
+from eval import metrics
+from eval.benchmarks import Benchmark, load_benchmark
+from eval.grader import normalize_answer
+from opd.config import EvalConfig
+from opd.rollout import sample
+
+SUMMARY_KEYS = ("mean@k", "std@k", "pass@k", "maj@k", "n_problems", "mean_length", "truncation_rate")
+
+
+def evaluate(
+    model,
+    tokenizer,
+    benchmarks: list[str],
+    cfg: EvalConfig,
+    out_dir,
+    *,
+    seed: int = 0,
+    step: int | None = None,
+    chat_template: bool = True,
+    enable_thinking: bool = False,
+    system_prompt: str = "",
+    shard: tuple[int, int] = (0, 1),
+    gather=None,
+) -> dict:
+    """Evaluate `model` on each benchmark spec (see eval.benchmarks) and return the summary.
+
+    Every problem gets `cfg.k` samples at `cfg.temperature` / `cfg.top_p`, at
+    most `cfg.max_new_tokens` tokens each, `cfg.batch_size` sequences per
+    generate call; the draw is fixed by `seed`. `model` is the bare
+    transformers model (unwrap DDP/accelerate wrappers first).
+
+    Several processes: `shard=(rank, world)` makes this process evaluate
+    problems rank, rank+world, ...; `gather(list) -> list of lists` (one list
+    per process, on every process, like `accelerate.utils.gather_object` or
+    `torch.distributed.all_gather_object`) combines the per-problem results
+    before the metrics. Every process returns the summary; only rank 0
+    writes `out_dir` and prints the table. Each process makes the same number
+    of generate calls (short shards are padded), so ZeRO-3 style sharded
+    models can generate in lockstep.
+    """
+    rank, world = shard
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+    if world > 1 and gather is None:
+        raise ValueError(f"shard={shard} splits the problems over processes: pass `gather` to combine them")
+    if not benchmarks:
+        raise ValueError("no benchmarks to evaluate (eval.benchmarks is empty)")
+    loaded = [load_benchmark(spec, cfg.max_problems) for spec in benchmarks]
+    names = [b.name for b in loaded]
+    if len(set(names)) != len(names):
+        raise ValueError(f"benchmark names must be distinct, got {names}")
+
+    summary: dict = {"step": step, "k": cfg.k, "benchmarks": {}}
+    samples: list[dict] = []
+    for bench in loaded:
+        started = time.time()
+        results = _run_benchmark(
+            model, tokenizer, bench, cfg, seed=seed, rank=rank, world=world, chat_template=chat_template,
+            enable_thinking=enable_thinking, system_prompt=system_prompt,
+        )
+        if gather is not None:
+            results = [r for part in gather(results) for r in part]
+        results.sort(key=lambda r: r["index"])
+        summary["benchmarks"][bench.name] = benchmark_metrics(results)
+        for r in results:
+            for s in r["samples"]:
+                samples.append({"benchmark": bench.name, "problem_id": r["id"], **s, "answer": r["answer"]})
+        if rank == 0:
+            print(f"eval {bench.name}: {len(results)} problems x {cfg.k} samples in {time.time() - started:.1f} s", flush=True)
+
+    if rank == 0:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        print(format_table(summary), flush=True)
+    return summary
+
+
+def benchmark_metrics(results: list[dict]) -> dict:
+    """Metrics of one benchmark from its per-problem results (each with k entries under "samples")."""
+    correct = [[s["correct"] for s in r["samples"]] for r in results]
+    keys = [[None if s["extracted"] is None else normalize_answer(s["extracted"]) for s in r["samples"]] for r in results]
+    flat = [s for r in results for s in r["samples"]]
+    return {
+        "mean@k": metrics.mean_at_k(correct),
+        "std@k": metrics.std_at_k(correct),
+        "pass@k": metrics.pass_at_k(correct),
+        "maj@k": metrics.maj_at_k(correct, keys),
+        "n_problems": len(results),
+        "mean_length": sum(s["length"] for s in flat) / len(flat),
+        "truncation_rate": sum(bool(s["truncated"]) for s in flat) / len(flat),
+    }
+
+
+def flat_metrics(summary: dict) -> dict:
+    """The trainer's metric names (spec §1): {"val/<name>/mean@<k>", "val/<name>/std@<k>", "val/<name>/pass@<k>"}."""
+    k = summary["k"]
+    out = {}
+    for name, m in summary["benchmarks"].items():
+        for key in ("mean", "std", "pass"):
+            out[f"val/{name}/{key}@{k}"] = m[f"{key}@k"]
+    return out
+
+
+def format_table(summary: dict) -> str:
+    """A fixed-width table of a summary, one row per benchmark."""
+    k = summary["k"]
+    header = f"{'benchmark':<16} {'problems':>8} {f'mean@{k}':>15} {f'pass@{k}':>8} {f'maj@{k}':>8} {'length':>8} {'trunc%':>7}"
+    lines = [f"step {summary['step']}" if summary.get("step") is not None else "evaluation", header, "-" * len(header)]
+    for name, m in summary["benchmarks"].items():
+        mean = f"{m['mean@k']:.1f} ± {m['std@k']:.1f}"
+        lines.append(
+            f"{name:<16} {m['n_problems']:>8} {mean:>15} {m['pass@k']:>8.1f} {m['maj@k']:>8.1f} "
+            f"{m['mean_length']:>8.1f} {100 * m['truncation_rate']:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# helpers
+
+
+def build_prompt_ids(tokenizer, prompt: str, *, chat_template: bool, enable_thinking: bool, system_prompt: str) -> list[int]:
+    """Token ids of one prompt: chat-templated (with an optional system message) or the raw text."""
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template: evaluate with chat_template=False")
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, enable_thinking=enable_thinking,
+        )
+        # The template already wrote BOS and friends; encoding must not add them again.
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = f"{system_prompt}\n\n{prompt}" if system_prompt else prompt
+    return tokenizer(text)["input_ids"]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    # Chat models often stop on an end-of-turn token that only generation_config knows.
+    ids: list[int] = []
+    sources = (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id)
+    for source in sources:
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation_config names an EOS token")
+    return ids
+
+
+def _chunk_seed(seed: int, name: str, rank: int, chunk: int) -> int:
+    # Stable across processes and Python runs (unlike hash()).
+    return zlib.crc32(f"{seed}/{name}/{rank}/{chunk}".encode()) & 0x7FFFFFFF
+
+
+def _run_benchmark(model, tokenizer, bench: Benchmark, cfg: EvalConfig, *, seed: int, rank: int, world: int,
+                   chat_template: bool, enable_thinking: bool, system_prompt: str) -> list[dict]:
+    """This process's share of a benchmark, sampled and graded: one dict per problem."""
+    import torch.distributed as dist
+
+    mine = list(range(rank, len(bench.problems), world))
+    if world > 1:
+        # Pad to the longest shard with a repeat whose results are dropped, so every
+        # process makes the same generate calls.
+        share = -(-len(bench.problems) // world)
+        mine += [-1] * (share - len(mine))
+    ids = {
+        i: build_prompt_ids(tokenizer, bench.problems[max(i, 0)].prompt, chat_template=chat_template,
+                            enable_thinking=enable_thinking, system_prompt=system_prompt)
+        for i in mine
+    }
+    # Similar lengths share a batch (less padding); longest first, so memory trouble shows early.
+    order = sorted(mine, key=lambda i: (-len(ids[i]), i))
+    rows = [(i, j) for i in order for j in range(cfg.k)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_ids(model, tokenizer)[0]
+    eos = _eos_ids(model, tokenizer)
+    synced = world > 1 and dist.is_available() and dist.is_initialized()
+    by_problem: dict[int, list] = {i: [None] * cfg.k for i in mine if i >= 0}
+    for chunk_no, start in enumerate(range(0, len(rows), cfg.batch_size)):
+        chunk = rows[start:start + cfg.batch_size]
+        rollouts = sample(
+            model, [ids[i] for i, _ in chunk], pad_token_id=pad_id, eos_token_id=eos,
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
+            n=1, batch_size=0, seed=_chunk_seed(seed, bench.name, rank, chunk_no), synced_gpus=synced,
+        )
+        responses = rollouts.response_ids()
+        for r, (row, resp) in enumerate(zip(rollouts.prompt_index.tolist(), responses)):
+            i, j = chunk[row]
+            if i < 0:
+                continue
+            text = tokenizer.decode(resp, skip_special_tokens=True)
+            problem = bench.problems[i]
+            by_problem[i][j] = {
+                "sample": j,
+                "response": text,
+                "extracted": bench.extract(text),
+                "correct": bool(bench.grade(text, problem.answer, cfg.grade_timeout_s)),
+                "length": len(resp),
+                "truncated": bool(rollouts.truncated[r]),
+            }
+    return [
+        {"index": i, "id": bench.problems[i].id, "answer": bench.problems[i].answer, "samples": by_problem[i]}
+        for i in sorted(by_problem)
+    ]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A reader (compare, a dashboard) never sees half a file, even if the run dies mid-write.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
