@@ -1,0 +1,122 @@
+"""`python -m eval`: evaluate a checkpoint on benchmarks from the command line.
+
+    python -m eval --model Qwen/Qwen3-4B --benchmarks math500,aime24,aime25 --k 16 --out runs/eval/qwen3-4b
+    python -m eval --model runs/x/final --benchmarks math500=data/math500.jsonl --max-problems 50
+
+Sampling options left out keep the defaults of `opd.config.EvalConfig`. The
+model loads through transformers (bfloat16 on a GPU that supports it,
+float32 otherwise). Bad input (an unknown benchmark, a missing file, an
+out-of-range option) ends with a one-line error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+from eval.benchmarks import BenchmarkError, load_benchmark, parse_spec
+from opd.config import EvalConfig
+
+# command-line flag -> EvalConfig field
+_CFG_FLAGS = {
+    "k": "k",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "max_new_tokens": "max_new_tokens",
+    "max_problems": "max_problems",
+    "batch_size": "batch_size",
+    "grade_timeout": "grade_timeout_s",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    help_of = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(EvalConfig)}
+    defaults = EvalConfig()
+    p = argparse.ArgumentParser(prog="python -m eval", description="mean@k / pass@k / maj@k evaluation of a causal LM.")
+    p.add_argument("--model", required=True, help="local checkpoint directory or hub id")
+    p.add_argument("--tokenizer", default="", help="tokenizer path or hub id (default: the model's)")
+    p.add_argument("--benchmarks", required=True,
+                   help="comma-separated: math500, aime24, aime25, dapo, demo, NAME=PATH.jsonl or PATH.jsonl")
+    p.add_argument("--k", type=int, help=f"{help_of['k']} (default {defaults.k})")
+    p.add_argument("--temperature", type=float, help=f"{help_of['temperature']} (default {defaults.temperature})")
+    p.add_argument("--top-p", type=float, help=f"{help_of['top_p']} (default {defaults.top_p})")
+    p.add_argument("--max-new-tokens", type=int, help=f"{help_of['max_new_tokens']} (default {defaults.max_new_tokens})")
+    p.add_argument("--max-problems", type=int, help=f"{help_of['max_problems']} (default {defaults.max_problems})")
+    p.add_argument("--batch-size", type=int, help=f"{help_of['batch_size']} (default {defaults.batch_size})")
+    p.add_argument("--grade-timeout", type=float, help=f"{help_of['grade_timeout_s']}, seconds (default {defaults.grade_timeout_s})")
+    p.add_argument("--out", default="", help="output directory (default: runs/eval/<model name>)")
+    p.add_argument("--seed", type=int, default=0, help="fixes the samples")
+    p.add_argument("--system-prompt", default="", help="optional system message")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the raw prompt text instead of the chat template")
+    p.add_argument("--enable-thinking", action="store_true", help="passed to chat templates that understand it (Qwen3)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when available")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
+    return p
+
+
+def eval_config(args: argparse.Namespace) -> EvalConfig:
+    """EvalConfig defaults with the flags that were given; range problems raise ValueError (one line)."""
+    cfg = EvalConfig()
+    fields = {f.name: f for f in dataclasses.fields(EvalConfig)}
+    for flag, name in _CFG_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        meta = fields[name].metadata
+        if "min" in meta and value < meta["min"]:
+            raise ValueError(f"--{flag.replace('_', '-')} = {value} is below the minimum {meta['min']}")
+        if "max" in meta and value > meta["max"]:
+            raise ValueError(f"--{flag.replace('_', '-')} = {value} is above the maximum {meta['max']}")
+        setattr(cfg, name, value)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    specs = [s.strip() for s in args.benchmarks.split(",") if s.strip()]
+    try:
+        if not specs:
+            raise BenchmarkError("--benchmarks is empty")
+        for spec in specs:
+            parse_spec(spec)
+        cfg = eval_config(args)
+        model_path = Path(args.model).expanduser()
+        if args.model.startswith((".", "/", "~")) and not model_path.exists():
+            raise ValueError(f"model directory not found: {model_path}")
+        # Problems before weights: a hub or file problem should not wait for a 70B load.
+        for spec in specs:
+            load_benchmark(spec, cfg.max_problems)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from eval.runner import evaluate
+    from opd.config import ModelConfig
+    from opd.models import load_model, load_tokenizer
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    mc = ModelConfig(path=args.model, tokenizer=args.tokenizer, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    try:
+        tokenizer = load_tokenizer(mc)
+        model = load_model(mc, tokenizer, device, trainable=False)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: could not load model {args.model!r}: {first}", file=sys.stderr)
+        return 2
+    out = args.out or str(Path("runs") / "eval" / re.sub(r"[^A-Za-z0-9_.\-]+", "_", args.model.strip("/")))
+    evaluate(
+        model, tokenizer, specs, cfg, out, seed=args.seed, chat_template=not args.no_chat_template,
+        enable_thinking=args.enable_thinking, system_prompt=args.system_prompt,
+    )
+    print(f"wrote {Path(out) / 'summary.json'} and {Path(out) / 'samples.jsonl'}")
+    return 0
