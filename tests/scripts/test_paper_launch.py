@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,21 @@ def test_blocked_cells_are_not_started_and_fail_the_table(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "multi-turn DeepPlanning tool rollouts" in err
     assert not (tmp_path / "table7" / f"{AGENT14}__all").exists()
+
+
+@pytest.mark.parametrize("table", [5, 7])
+def test_planned_commands_are_accepted_by_the_trainer_cli(table):
+    """Each cell's train.py arguments resolve through the real CLI (--print-config loads no model)."""
+    if not (ROOT / "train.py").is_file():
+        pytest.skip("train.py is not in this checkout yet")
+    proc = run_script(table, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    for cell in parse_plan(proc.stdout):
+        argv = cell["command"].split()
+        train_args = argv[argv.index("train.py") + 1:]
+        out = subprocess.run([sys.executable, str(ROOT / "train.py"), *train_args, "--print-config"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        resolved = yaml.safe_load(out.stdout)
+        assert resolved["train"]["run_name"] == f"{cell['pair']}__{cell['method']}"
+        assert (resolved["tip"]["selector"], resolved["tip"]["ratio"]) == METHOD[cell["method"]]
