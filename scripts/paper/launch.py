@@ -246,7 +246,11 @@ def execute(cells: list[Cell]) -> list[str]:
             print(f"{head}: not started ({cell.blockers[0]})")
             continue
         print(f"{head}: $ {shlex.join(cell.command)}", flush=True)
-        rc = subprocess.run(cell.command, cwd=ROOT).returncode
+        try:
+            rc = subprocess.run(cell.command, cwd=ROOT).returncode
+        except FileNotFoundError:
+            failures.append(f"{cell.name}: `{cell.command[0]}` is not installed or not on PATH")
+            continue
         if rc != 0:
             failures.append(f"{cell.name}: exited with status {rc}")
         elif not has_results(cell.run_dir):
