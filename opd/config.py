@@ -65,6 +65,7 @@ class DataConfig:
     long_prompts: Literal["skip", "truncate_left", "error"] = field(default="skip", metadata={"help": "what to do with prompts over max_prompt_length"})
     bad_records: Literal["skip", "error"] = field(default="skip", metadata={"help": "malformed/empty records: skip with a count, or refuse naming file and line"})
     max_samples: int = field(default=0, metadata={"help": "use at most this many prompts; 0 = all", "min": 0})
+    dedup: bool = field(default=False, metadata={"help": "drop repeated prompts (same token ids) before the split; DAPO-Math-17k on the hub repeats each prompt ~100 times"})
 
 
 @dataclass

@@ -27,7 +27,10 @@ class LoadReport:
     skipped: dict[str, int] = field(default_factory=dict)
 
     def skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.skip_many(reason, 1)
+
+    def skip_many(self, reason: str, n: int) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + n
 
     def summary(self) -> str:
         if not self.skipped:
@@ -116,6 +119,13 @@ def load_prompts(dc: DataConfig, tokenizer, *, seed: int, need_answers: bool = F
     """Load, encode and split prompts. Returns (train, val, report)."""
     report = LoadReport()
     prompts = _encode_all(dc.train_path, dc.train_split, dc, tokenizer, report, seed, need_answers)
+    if dc.dedup:
+        seen: set[tuple[int, ...]] = set()
+        unique = [p for p in prompts if not (tuple(p.ids) in seen or seen.add(tuple(p.ids)))]
+        if len(unique) < len(prompts):
+            report.skip_many("repeated prompts", len(prompts) - len(unique))
+            report.records -= len(prompts) - len(unique)
+        prompts = unique
     rng = random.Random(seed)
     rng.shuffle(prompts)
     if dc.val_path:

@@ -95,3 +95,12 @@ def test_chat_template_and_thinking_flag_pass_through():
     on = encode_prompt(tok, "q", DataConfig(enable_thinking=True, instruction="!"))
     off = encode_prompt(tok, "q", DataConfig(enable_thinking=False))
     assert tok.decode(on) == "q\n!T" and tok.decode(off) == "qN"
+
+
+def test_dedup_drops_repeated_prompts_before_the_split(tmp_path):
+    tok = char_tokenizer()
+    lines = [json.dumps({"prompt": f"{i % 5}+1=", "answer": str(i % 5 + 1)}) for i in range(40)]
+    path = write(tmp_path / "p.jsonl", lines)
+    train, val, report = load_prompts(DataConfig(train_path=path, dedup=True, val_ratio=0.2), tok, seed=0)
+    assert len(train) + len(val) == 5 and report.skipped == {"repeated prompts": 35}
+    assert len(load_prompts(DataConfig(train_path=path), tok, seed=0)[0]) == 40
