@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 PRESETS = {
     # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
     "notes": (256, 2, 4, 2, 512, 151936),
+    "tiny": (32, 1, 4, 2, 64, 1000),  # smoke test of the script itself
     "qwen3-4b": (2560, 36, 32, 8, 9728, 151936),
     "qwen3-1.7b": (2048, 28, 16, 8, 6144, 151936),
 }
