@@ -110,7 +110,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, token_weights, loss_type, beta, chunk_size):
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, token_weights, loss_type, beta, chunk_size, observe):
         n = hidden.shape[0]
         v = min(weight.shape[0], teacher_weight.shape[0])
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -122,6 +122,8 @@ class _FusedHeadDivergence(torch.autograd.Function):
             h = hidden[i:i + chunk_size]
             s = (h @ w_s.T).float()
             t = (teacher_hidden[i:i + chunk_size] @ w_t.T).float()
+            if observe is not None:
+                observe(i, s, t)
             d, g = divergence_kernel(s, t, loss_type, beta, with_grad=need_h or need_w)
             tw = token_weights[i:i + chunk_size].float()
             total += (tw * d).sum()
@@ -140,11 +142,11 @@ class _FusedHeadDivergence(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None
 
 
 def fused_head_divergence(hidden, weight, teacher_hidden, teacher_weight, token_weights,
-                          loss_type="reverse_kl", beta=0.5, chunk_size=512):
+                          loss_type="reverse_kl", beta=0.5, chunk_size=512, observe=None):
     """sum_t token_weights[t] * D_t, computing logits = hidden @ weight.T chunk by chunk.
 
     hidden (N, d_S) student final hidden states (with grad), weight (V_S, d_S) the
@@ -152,9 +154,11 @@ def fused_head_divergence(hidden, weight, teacher_hidden, teacher_weight, token_
     (no grad), token_weights (N,). Equals
     (token_weights * token_divergence(hidden @ weight.T, teacher_hidden @ teacher_weight.T)).sum()
     in value and gradients; memory is one chunk's (chunk, V) temporaries.
+    `observe(start_row, s, t)`, if given, sees each chunk's float32 logits
+    (C, V) of both sides, e.g. to compute token statistics without another pass.
     """
     kind = _resolve(loss_type, beta)
     return _FusedHeadDivergence.apply(
         hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), token_weights.detach(),
-        kind, beta, chunk_size,
+        kind, beta, chunk_size, observe,
     )

@@ -3,8 +3,9 @@
 This is the only module of `opd` that imports `tip` (the seam). The two loss
 implementations compute the same thing:
 
-  reference  the student's full logits at response positions (N, V), stats,
-             selection, chunked divergence over all tokens, mask applied after.
+  reference  the student's full logits at response positions (N, V) (as the
+             upstream implementation holds them), stats, selection, then the
+             chunked divergence on the kept rows.
   fused      the student backbone's final hidden states (N, d); stats through
              the LM head chunk by chunk under no_grad; select; the LM head and
              divergence only for kept rows, gradients formed chunk by chunk
@@ -91,6 +92,27 @@ def chunked_stats(hidden, weight, teacher_hidden, teacher_weight, sequence_ids, 
     return TokenStats.cat(parts)
 
 
+def placeholder_stats(sequence_ids: torch.Tensor) -> TokenStats:
+    """Zero statistics with the right sequence ids, for selectors that do not read the values."""
+    zeros = torch.zeros(sequence_ids.shape[0], device=sequence_ids.device)
+    return TokenStats(zeros, zeros, zeros, zeros, sequence_ids)
+
+
+def merge_kept_stats(kept_parts, mask, hidden, weight, teacher_hidden, teacher_weight, seq_ids, st) -> TokenStats:
+    """All tokens' statistics in position order: kept rows from the loss pass, the rest computed here."""
+    drop = (~mask).nonzero().squeeze(1).to(hidden.device)
+    parts = list(kept_parts)
+    if drop.numel():
+        parts.append(chunked_stats(hidden[drop], weight, teacher_hidden[drop], teacher_weight, seq_ids[drop],
+                                   st.chunk_size, topk=st.topk))
+    order = torch.cat([mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)]).to(hidden.device)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    if not parts:
+        return chunked_stats(hidden, weight, teacher_hidden, teacher_weight, seq_ids, st.chunk_size, topk=st.topk)
+    return TokenStats.cat(parts).subset(inverse)
+
+
 @dataclass
 class StepSettings:
     loss_impl: str
@@ -130,21 +152,35 @@ def student_microbatch(student, student_weight, teacher_weight, mb: MicroBatch, 
         stats = token_stats(logits.detach(), teacher_logits, seq_ids, st.chunk_size, topk=st.topk)
         selection = tip.select(st.selector, stats, st.ratio, scope=st.scope, generator=generator, state=state,
                                **st.select_options)
-        d = token_divergence(logits, teacher_logits, st.loss_type, st.beta, st.chunk_size)
-        weights = selection.weights.to(d.device) * sample_w * selection.mask.to(d.device)
-        loss_sum = (weights * d).sum()
+        keep = selection.mask.nonzero().squeeze(1).to(logits.device)
+        d = token_divergence(logits[keep], teacher_logits[keep], st.loss_type, st.beta, st.chunk_size)
+        loss_sum = (selection.weights.to(d.device)[keep] * sample_w[keep] * d).sum()
     else:
         hidden = student(mb.input_ids, mb.attention_mask, hidden=True)[:, :-1][pos]
         weight = student_weight
         teacher_hidden = cached.to(hidden.device)
-        stats = chunked_stats(hidden.detach(), weight.detach(), teacher_hidden, teacher_weight, seq_ids,
-                              st.chunk_size, topk=st.topk)
-        selection = tip.select(st.selector, stats, st.ratio, scope=st.scope, generator=generator, state=state,
-                               **st.select_options)
+        if tip.reads_stats(st.selector):
+            stats = chunked_stats(hidden.detach(), weight.detach(), teacher_hidden, teacher_weight, seq_ids,
+                                  st.chunk_size, topk=st.topk)
+            selection = tip.select(st.selector, stats, st.ratio, scope=st.scope, generator=generator, state=state,
+                                   **st.select_options)
+            observe = None
+        else:
+            # The choice ignores the statistics: choose first, then form the kept tokens'
+            # statistics from the logits the loss pass computes anyway (no second LM-head pass).
+            selection = tip.select(st.selector, placeholder_stats(seq_ids), st.ratio, scope=st.scope,
+                                   generator=generator, state=state, **st.select_options)
+            kept_parts: list[TokenStats] = []
+            kept_ids = seq_ids[selection.mask.to(seq_ids.device)]
+            observe = lambda i, s, t: kept_parts.append(
+                token_stats(s, t, kept_ids[i:i + s.shape[0]], st.chunk_size, topk=st.topk))
         keep = selection.mask.nonzero().squeeze(1).to(hidden.device)
         weights = selection.weights.to(hidden.device)[keep] * sample_w[keep]
         loss_sum = fused_head_divergence(hidden[keep], weight, teacher_hidden[keep], teacher_weight, weights,
-                                         st.loss_type, st.beta, st.chunk_size)
+                                         st.loss_type, st.beta, st.chunk_size, observe=observe)
+        if observe is not None:
+            stats = merge_kept_stats(kept_parts, selection.mask, hidden.detach(), weight.detach(), teacher_hidden,
+                                     teacher_weight, seq_ids, st)
     # Backward always runs, also for an empty or non-finite micro-batch: every process
     # must take part in the gradient reduction; a non-finite gradient norm then skips
     # the update on all processes at once.

@@ -18,6 +18,7 @@ from tip.selectors import (
     Selection,
     denominator,
     keep_count,
+    reads_stats,
     register,
     scope_sizes,
     select,
@@ -27,6 +28,6 @@ from tip.taxonomy import diagnostics, quadrants, thresholds
 
 __all__ = [
     "OPTIONS", "SELECTORS", "Context", "RunningMinMax", "Selection", "TokenStats",
-    "denominator", "diagnostics", "keep_count", "quadrants", "register", "scope_sizes",
+    "denominator", "diagnostics", "keep_count", "quadrants", "reads_stats", "register", "scope_sizes",
     "select", "thresholds", "token_records", "token_stats", "write_jsonl",
 ]

@@ -92,20 +92,28 @@ SELECTORS: dict[str, Callable[[TokenStats, int, Context], Selection]] = {}
 # name -> options -> True when the selector's estimator averages over ALL tokens
 # of a scope (its loss denominator is m rather than k)
 _MEAN_OVER_ALL: dict[str, Callable[[dict], bool]] = {}
+# names of selectors whose choice does not read the statistics (only sizes, the
+# generator and sequence ids), so a caller may compute the statistics later
+_STATS_FREE: set[str] = set()
 
 
-def register(name: str, *, mean_over_all: bool | Callable[[dict], bool] = False):
+def register(name: str, *, mean_over_all: bool | Callable[[dict], bool] = False, reads_stats: bool = True):
     """Decorator adding a selector to SELECTORS.
 
     mean_over_all: whether the loss divides by the scope size m instead of k
     (keep-everything selectors and unbiased importance-weighted estimators);
     a callable receives the options.
+    reads_stats: False when the choice ignores the statistics' values (it may
+    use sizes, sequence ids and the generator), so the training step can form
+    the statistics of kept tokens during the loss pass instead of before it.
     """
 
     def add(fn):
         if name in SELECTORS:
             raise ValueError(f"selector '{name}' is already registered")
         SELECTORS[name] = fn
+        if not reads_stats:
+            _STATS_FREE.add(name)
         _MEAN_OVER_ALL[name] = mean_over_all if callable(mean_over_all) else (lambda options, v=bool(mean_over_all): v)
         return fn
 
@@ -255,6 +263,13 @@ def select(
     return Selection(mask, weights)
 
 
+def reads_stats(name: str) -> bool:
+    """Whether selector `name` looks at the statistics' values to choose tokens."""
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selector '{name}' (known: {', '.join(sorted(SELECTORS))})")
+    return name not in _STATS_FREE
+
+
 def denominator(name: str, scope_sizes: list[int], ratio: float, **options) -> int:
     """The loss normaliser, from scope sizes alone (before any statistics exist).
 
@@ -278,7 +293,7 @@ def denominator(name: str, scope_sizes: list[int], ratio: float, **options) -> i
 # the selectors of the paper (SPEC §3 table)
 
 
-@register("all", mean_over_all=True)
+@register("all", mean_over_all=True, reads_stats=False)
 def select_all(stats: TokenStats, k: int, ctx: Context) -> Selection:
     """Every token, weight 1 (plain OPD)."""
     return _plain(torch.ones(len(stats), dtype=torch.bool, device=stats.entropy.device))
@@ -355,7 +370,7 @@ def q3_only(stats: TokenStats, k: int, ctx: Context) -> Selection:
     return _plain(top_k(score, k))
 
 
-@register("random")
+@register("random", reads_stats=False)
 def random_tokens(stats: TokenStats, k: int, ctx: Context) -> Selection:
     """k tokens uniformly at random (control)."""
     m = len(stats)
