@@ -68,3 +68,12 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared data folder {SHARED} is absent (it exists only in the development workplace)")
     return SHARED
+
+
+@pytest.fixture
+def shared_eval(shared_dir) -> Path:
+    """The shared math500/aime24/aime25.jsonl (beside the repository); skips with the reason when absent."""
+    path = shared_dir / "data" / "eval"
+    if not all((path / f"{n}.jsonl").is_file() for n in ("math500", "aime24", "aime25")):
+        pytest.skip(f"shared evaluation data not found under {path}")
+    return path

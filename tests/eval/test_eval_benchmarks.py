@@ -10,15 +10,6 @@ from eval import benchmarks
 from eval.benchmarks import BOXED_INSTRUCTION, BenchmarkError, load_benchmark, parse_spec
 
 
-@pytest.fixture
-def shared_eval(shared_dir):
-    """The shared math500/aime24/aime25.jsonl (beside the repository); skips with the reason when absent."""
-    path = shared_dir / "data" / "eval"
-    if not all((path / f"{n}.jsonl").is_file() for n in ("math500", "aime24", "aime25")):
-        pytest.skip(f"shared evaluation data not found under {path}")
-    return path
-
-
 @pytest.fixture(autouse=True)
 def fresh_benchmark_cache():
     # load_benchmark caches per spec; a test's fake hub or demo module must not leak into the next test.

@@ -12,15 +12,6 @@ from eval import grader
 from eval.grader import extract_answer, grade, is_equivalent, normalize_answer
 
 
-@pytest.fixture
-def shared_eval(shared_dir):
-    """The shared math500/aime24/aime25.jsonl (beside the repository); skips with the reason when absent."""
-    path = shared_dir / "data" / "eval"
-    if not all((path / f"{n}.jsonl").is_file() for n in ("math500", "aime24", "aime25")):
-        pytest.skip(f"shared evaluation data not found under {path}")
-    return path
-
-
 # ----------------------------------------------------------------------------
 # extraction
 

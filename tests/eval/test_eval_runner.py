@@ -13,15 +13,6 @@ from opd.config import EvalConfig, ModelConfig
 from opd.models import char_tokenizer, load_model
 
 
-@pytest.fixture
-def shared_eval(shared_dir):
-    """The shared math500/aime24/aime25.jsonl (beside the repository); skips with the reason when absent."""
-    path = shared_dir / "data" / "eval"
-    if not all((path / f"{n}.jsonl").is_file() for n in ("math500", "aime24", "aime25")):
-        pytest.skip(f"shared evaluation data not found under {path}")
-    return path
-
-
 SAMPLE_KEYS = {"benchmark", "problem_id", "sample", "response", "extracted", "correct", "length", "truncated", "answer"}
 
 
