@@ -42,16 +42,24 @@ def main(argv) -> int:
     try:
         cfg = load_config(paths, args.overrides)
     except ConfigError as exc:
-        return fail(exc.problems)
+        if exc.config is None or args.print_config:
+            return fail(exc.problems)
+        from opd.preflight import config_keys, preflight
+
+        # the valid part of the config is checked too, so the user fixes everything in one round
+        return fail(exc.problems + preflight(exc.config, paths, ignore=config_keys(exc.problems)))
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     from opd.preflight import preflight
 
-    problems = preflight(cfg, paths, deep=args.check)
+    notes: list[str] = []
+    problems = preflight(cfg, paths, deep=args.check, notes=notes)
     if problems:
         return fail(problems)
     if args.check:
+        for line in notes:
+            print(line)
         print("check passed: config, paths, data, models and output directory look fine")
         return 0
     from opd.data import DataError
@@ -61,5 +69,8 @@ def main(argv) -> int:
         run_dir = train(cfg, paths)
     except (RunError, DataError) as exc:
         return fail([str(exc)])
+    except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM: stop now; checkpoints are complete or absent
+        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
     print(f"run directory: {run_dir}")
     return 0

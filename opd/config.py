@@ -25,8 +25,9 @@ import yaml
 class ConfigError(Exception):
     """One or more configuration problems; `problems` holds one line each."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], config: "Config | None" = None):
         self.problems = list(problems)
+        self.config = config  # what could be built with the valid keys applied (None when nothing could)
         super().__init__("\n".join(self.problems))
 
 
@@ -85,7 +86,8 @@ class OPDConfig:
     chunk_size: int = field(default=256, metadata={"help": "tokens per chunk of the full-vocabulary computation", "min": 1})
     loss_impl: Literal["reference", "fused"] = field(default="fused", metadata={"help": "fused: LM head only on kept rows, recomputed in backward; reference: full logits"})
     teacher_cache_device: Literal["auto", "cpu"] = field(default="auto", metadata={"help": "where phase 1 keeps the teacher side; cpu = offload"})
-    offload_teacher: bool = field(default=False, metadata={"help": "move the teacher backbone to CPU between phases (GPU only)"})
+    offload_teacher: bool = field(default=False, metadata={"help": "move the teacher backbone to CPU between phases (GPU only; ignored for a ZeRO-3 sharded teacher)"})
+    teacher_zero3: bool = field(default=True, metadata={"help": "under DeepSpeed ZeRO-3: shard the frozen teacher over the processes as a ZeRO-3 inference engine (true), or keep a full copy on every process (false: faster, needs the teacher to fit on one device); ignored without ZeRO-3"})
     reward_beta: float = field(default=0.0, metadata={"help": "reward-weighted distillation temperature; 0 = off", "min": 0.0})
     reward: str = field(default="math", metadata={"help": "reward function by name (registered in opd.rewards)"})
 
@@ -273,7 +275,7 @@ def load_config(paths: str | os.PathLike | list | None, overrides: list[str] = (
     if not problems:
         problems.extend(validate(cfg))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, config=cfg)
     return cfg
 
 
@@ -387,4 +389,8 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    # written aside and renamed: a run killed mid-write must not leave a half config that bricks its directory
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

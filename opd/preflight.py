@@ -1,7 +1,9 @@
 """Checks that run before any model loads, so a typo costs seconds, not a queue slot.
 
-`preflight(cfg, paths)` returns one line per problem (all of them at once);
-`deep=True` (train.py --check) also reads the data and both tokenizers.
+`preflight(cfg, paths)` returns one line per problem (all of them at once),
+each starting with the config key it concerns; `deep=True` (train.py --check)
+also reads the whole data set and both tokenizers. The run-directory rules
+(`check_run_dir`) are the same ones the trainer applies when it starts.
 """
 
 from __future__ import annotations
@@ -11,38 +13,181 @@ import os
 import shutil
 from pathlib import Path
 
-from opd.config import Config, ModelConfig
+import yaml
+
+from opd.config import Config, ModelConfig, to_dict
+
+PEEK_RECORDS = 200  # records read from the head of a data file to catch misnamed fields early
+
+# Keys that may change when a run is resumed; anything else must match the run's saved config.
+RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.save_every", "train.keep_last", "train.on_existing",
+                     "train.resume", "train.save_final", "train.max_consecutive_skips", "train.max_steps_per_run",
+                     "train.num_threads", "train.device", "logging.", "eval.", "tip.dump_tokens", "tip.plots")
 
 
 def _is_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+    return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
+
+
+# ----------------------------------------------------------------------------
+# models and tokenizers
 
 
 def check_model(side: str, mc: ModelConfig) -> list[str]:
+    """`side` is "model" or "teacher": the checkpoint directory (or hub id) and the tokenizer path."""
+    problems = []
+    if mc.tokenizer not in ("", "chars") and _is_local(mc.tokenizer) and not Path(mc.tokenizer).expanduser().exists():
+        problems.append(f"{side}.tokenizer: {mc.tokenizer} does not exist")
     if not mc.path or mc.path.startswith("demo:"):
+        return problems
+    if not _is_local(mc.path):
+        if mc.path.count("/") != 1:
+            return problems + [f"{side}.path: {mc.path!r} is neither an existing directory nor a hub id of the form owner/name"]
+        return problems + _check_hub_model(side, mc.path)
+    path = Path(mc.path).expanduser()
+    if not path.is_dir():
+        what = "is a file, not a checkpoint directory" if path.exists() else "does not exist"
+        return problems + [f"{side}.path: {mc.path} {what}"]
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return problems + [f"{side}.path: {mc.path} has no config.json (not a Hugging Face checkpoint directory)"]
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except (ValueError, OSError) as exc:
+        return problems + [f"{side}.path: {config_file} is not readable JSON ({exc})"]
+    if not any(path.glob(pattern) for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")):
+        problems.append(f"{side}.path: {mc.path} holds no weights (*.safetensors or *.bin)")
+    if hf_config.get("auto_map") and not mc.trust_remote_code and not _known_model_type(hf_config.get("model_type")):
+        problems.append(
+            f"{side}.trust_remote_code: {mc.path} needs its own Python code (auto_map in config.json); "
+            f"set {side}.trust_remote_code=true only if you trust that code"
+        )
+    return problems
+
+
+def _known_model_type(model_type) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
+def _check_hub_model(side: str, repo_id: str) -> list[str]:
+    # Without network access the only thing to check is the local cache, and only when the hub is off.
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
         return []
-    if _is_local(mc.path):
-        path = Path(mc.path).expanduser()
-        if not path.is_dir():
-            return [f"{side}.path: {mc.path} does not exist"]
-        if not (path / "config.json").is_file():
-            return [f"{side}.path: {mc.path} has no config.json (not a Hugging Face checkpoint directory)"]
-        return []
-    if mc.path.count("/") != 1:
-        return [f"{side}.path: {mc.path!r} is neither an existing directory nor a hub id of the form owner/name"]
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return [f"{side}.path: {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"]
     return []
 
 
+def _vocab_rows(mc: ModelConfig, tokenizer_len: int) -> int:
+    if mc.path and _is_local(mc.path):
+        cfg_file = Path(mc.path).expanduser() / "config.json"
+        if cfg_file.is_file():
+            data = json.loads(cfg_file.read_text())
+            return int(data.get("vocab_size") or data.get("text_config", {}).get("vocab_size") or tokenizer_len)
+    return mc.vocab_size or tokenizer_len
+
+
+# ----------------------------------------------------------------------------
+# data
+
+
 def check_data(cfg: Config) -> list[str]:
+    """Data paths exist, and the head of each local file has the configured fields."""
     problems = []
     for key in ("train_path", "val_path"):
         path = getattr(cfg.data, key)
         if not path or path.startswith(("hub:", "demo:")):
             continue
         if _is_local(path) or path.endswith((".jsonl", ".json", ".parquet")):
-            if not Path(path).expanduser().exists():
+            local = Path(path).expanduser()
+            if not local.exists():
                 problems.append(f"data.{key}: {path} does not exist")
+            else:
+                problems += _peek_fields(key, local, cfg)
     return problems
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet"))
+    return [path]
+
+
+def _head_records(file: Path) -> tuple[list[dict], int]:
+    """Up to PEEK_RECORDS records from the start of a file, and how many lines were not JSON objects."""
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(file).iter_batches(batch_size=PEEK_RECORDS)
+        first = next(table, None)
+        return (first.to_pylist() if first is not None else []), 0
+    records, bad = [], 0
+    with open(file, "rb") as fh:
+        for raw in fh:
+            if len(records) + bad >= PEEK_RECORDS:
+                break
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except ValueError:  # UnicodeDecodeError is a ValueError too
+                bad += 1
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+            else:
+                bad += 1
+    return records, bad
+
+
+def _has_field(record: dict, key: str) -> bool:
+    node = record
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _peek_fields(key: str, path: Path, cfg: Config) -> list[str]:
+    dc = cfg.data
+    files = _data_files(path)
+    if not files:
+        return [f"data.{key}: {path} holds no .jsonl, .json or .parquet files"]
+    try:
+        records, bad = _head_records(files[0])
+    except Exception as exc:  # an unreadable file is one line, whatever the reader raised
+        return [f"data.{key}: {files[0]} cannot be read ({exc})".splitlines()[0]]
+    if not records:
+        if bad:
+            return [f"data.{key}: {files[0]}: none of the first {bad} lines is a JSON object"]
+        return [f"data.{key}: {files[0]} holds no records"]
+    problems = []
+    wanted = [("prompt_key", dc.prompt_key)]
+    if dc.answer_key and cfg.opd.reward_beta > 0:
+        wanted.append(("answer_key", dc.answer_key))
+    for name, field in wanted:
+        if not any(_has_field(r, field) for r in records):
+            fields = sorted({k for r in records for k in r})
+            problems.append(
+                f"data.{name}: no record among the first {len(records)} of {files[0]} has field `{field}` "
+                f"(fields there: {', '.join(fields[:12])})"
+            )
+    return problems
+
+
+# ----------------------------------------------------------------------------
+# output and run directory
+
+
+def run_directory(cfg: Config, config_paths=()) -> Path:
+    """<output_dir>/<run_name>; the run name defaults to the last config file's stem."""
+    name = cfg.train.run_name or (Path(config_paths[-1]).stem if config_paths else "run")
+    return Path(cfg.train.output_dir) / name
 
 
 def check_output(cfg: Config) -> list[str]:
@@ -50,6 +195,8 @@ def check_output(cfg: Config) -> list[str]:
     probe = out
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        return [f"train.output_dir: {out} cannot be created: {probe} is a file"]
     if not os.access(probe, os.W_OK):
         return [f"train.output_dir: {out} is not writable"]
     free = shutil.disk_usage(probe).free
@@ -68,6 +215,62 @@ def _checkpoint_bytes(cfg: Config) -> int:
     return weights * 5  # fp32-ish weights + two AdamW moments, with slack
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "demo":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_keys(saved: dict, cfg: Config, ignore=()) -> list[str]:
+    """Keys (a.b) whose value differs between a run's saved config dict and `cfg`, resumable ones left out."""
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    return [k for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES) and k not in ignore]
+
+
+def check_run_dir(cfg: Config, config_paths=(), ignore=()) -> list[str]:
+    """Starting into an existing run directory resumes it or refuses; it never writes over something else.
+
+    `ignore`: keys left out of the saved-config comparison (ones already reported as config errors).
+    """
+    run_dir = run_directory(cfg, config_paths)
+    saved = run_dir / "config.yaml"
+    if run_dir.exists() and not run_dir.is_dir():
+        return [f"train.run_name: {run_dir} exists and is not a directory"]
+    if saved.is_file():
+        if cfg.train.on_existing == "refuse":
+            return [f"train.on_existing: run directory {run_dir} already holds a run (train.on_existing=refuse); "
+                    "choose another train.run_name"]
+        if cfg.train.resume == "never":
+            return [f"train.resume: run directory {run_dir} already holds a run and train.resume=never; "
+                    "choose another train.run_name"]
+        try:
+            old = yaml.safe_load(saved.read_text()) or {}
+            if not isinstance(old, dict):
+                raise ValueError("not a mapping")
+        except (yaml.YAMLError, ValueError, OSError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return [f"train.run_name: {saved} cannot be read ({first}); move the run directory aside or choose "
+                    "another train.run_name"]
+        changed = changed_keys(old, cfg, ignore)
+        if changed:
+            return [f"train.run_name: run directory {run_dir} holds a run with a different config "
+                    f"({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); "
+                    "choose another train.run_name to start a new run"]
+        return []
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        return [f"train.run_name: run directory {run_dir} is not empty but holds no run config; refusing to write into it"]
+    return []
+
+
+# ----------------------------------------------------------------------------
+# selector, deep checks, and the entry point
+
+
 def check_selector(cfg: Config) -> list[str]:
     from opd.step import known_selectors
 
@@ -77,42 +280,60 @@ def check_selector(cfg: Config) -> list[str]:
     return []
 
 
-def check_deep(cfg: Config) -> list[str]:
-    """Read the data and tokenizers (no model weights)."""
+def check_deep(cfg: Config, models_ok: bool = True, data_ok: bool = True, notes: list | None = None) -> list[str]:
+    """Read both tokenizers (when the model paths are fine) and the whole data set (when its paths are fine).
+
+    No model weights are loaded. `notes` receives the data summary line.
+    """
     from opd.data import DataError, load_prompts
     from opd.models import check_tokenizers, load_tokenizer
 
+    if not models_ok:
+        return []
+    try:
+        s_tok = load_tokenizer(cfg.model)
+    except Exception as exc:  # any loader failure is reported as one line
+        return [f"model.tokenizer: cannot load the student tokenizer ({exc})".splitlines()[0]]
     problems = []
     try:
-        s_tok, t_tok = load_tokenizer(cfg.model), load_tokenizer(cfg.teacher)
-    except Exception as exc:  # any loader failure is reported as one line
-        return [f"tokenizer: {exc}".splitlines()[0]]
-    try:
-        s_rows, t_rows = _vocab_rows(cfg.model, len(s_tok)), _vocab_rows(cfg.teacher, len(t_tok))
-        check_tokenizers(s_tok, t_tok, s_rows, t_rows)
-    except ValueError as exc:
-        problems.append(str(exc))
-    try:
-        load_prompts(cfg.data, s_tok, seed=cfg.train.seed, need_answers=cfg.opd.reward_beta > 0)
-    except DataError as exc:
-        problems.append(str(exc))
+        t_tok = load_tokenizer(cfg.teacher)
     except Exception as exc:
-        problems.append(f"data: {exc}".splitlines()[0])
+        problems.append(f"teacher.tokenizer: cannot load the teacher tokenizer ({exc})".splitlines()[0])
+    else:
+        try:
+            check_tokenizers(s_tok, t_tok, _vocab_rows(cfg.model, len(s_tok)), _vocab_rows(cfg.teacher, len(t_tok)))
+        except ValueError as exc:
+            problems.append(f"teacher.path: {exc}")
+    if data_ok:
+        try:
+            train, val, report = load_prompts(cfg.data, s_tok, seed=cfg.train.seed, need_answers=cfg.opd.reward_beta > 0)
+            if notes is not None:
+                notes.append(f"data: {report.summary()}; {len(val)} held out")
+        except DataError as exc:
+            problems.append(f"data.train_path: {exc}")
+        except Exception as exc:
+            problems.append(f"data.train_path: {exc}".splitlines()[0])
     return problems
 
 
-def _vocab_rows(mc: ModelConfig, tokenizer_len: int) -> int:
-    if mc.path and _is_local(mc.path):
-        cfg_file = Path(mc.path).expanduser() / "config.json"
-        if cfg_file.is_file():
-            data = json.loads(cfg_file.read_text())
-            return int(data.get("vocab_size") or data.get("text_config", {}).get("vocab_size") or tokenizer_len)
-    return mc.vocab_size or tokenizer_len
+def config_keys(problems: list[str]) -> set[str]:
+    """The `section.key` names that config problems mention (so preflight does not report them twice)."""
+    import re
+
+    return {m for p in problems for m in re.findall(r"`([A-Za-z_]+\.[A-Za-z_.]+)`", p)}
 
 
-def preflight(cfg: Config, paths=(), deep: bool = False) -> list[str]:
-    problems = check_model("model", cfg.model) + check_model("teacher", cfg.teacher)
-    problems += check_data(cfg) + check_output(cfg) + check_selector(cfg)
-    if deep and not problems and not (cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")):
-        problems += check_deep(cfg)
-    return problems
+def preflight(cfg: Config, paths=(), deep: bool = False, ignore=(), notes: list | None = None) -> list[str]:
+    """Every problem found without loading model weights, one line each, each starting with its config key.
+
+    ignore: config keys already reported (a partially valid config): problems about them are dropped.
+    deep: also read the tokenizers and the whole data set (train.py --check).
+    """
+    model_problems = check_model("model", cfg.model) + check_model("teacher", cfg.teacher)
+    data_problems = check_data(cfg)
+    problems = model_problems + data_problems + check_output(cfg) + check_run_dir(cfg, paths, ignore)
+    problems += check_selector(cfg)
+    demo = cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")
+    if deep and not demo:
+        problems += check_deep(cfg, models_ok=not model_problems, data_ok=not data_problems, notes=notes)
+    return [p for p in problems if p.split(":", 1)[0] not in ignore]
