@@ -28,8 +28,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = {}
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() and (p / "trainer_state.json").is_file():
+            found[int(p.name[len(PREFIX):])] = p
+    # Re-saving a step moves the old copy aside (.old-step_N-pid) before renaming the new one in; a kill
+    # between the two renames leaves the old copy as the only complete checkpoint of that step.
+    for p in root.glob(f".old-{PREFIX}*"):
+        step = p.name.split("-")[1][len(PREFIX):]
+        if step.isdigit() and (p / "trainer_state.json").is_file():
+            found.setdefault(int(step), p)
+    return [found[s] for s in sorted(found)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -57,13 +66,17 @@ def save_checkpoint(run_dir: Path, step: int, write_model, optimizer_state: dict
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write_model(tmp)
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-    if scheduler_state is not None:
-        torch.save(scheduler_state, tmp / "scheduler.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-    _fsync_tree(tmp)
+    try:
+        write_model(tmp)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+        if scheduler_state is not None:
+            torch.save(scheduler_state, tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        _fsync_tree(tmp)
+    except BaseException:  # disk full, Ctrl-C: leave no half checkpoint behind, the previous ones are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # re-saving the same step (e.g. final == last periodic): replace whole
         old = root / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
@@ -71,10 +84,11 @@ def save_checkpoint(run_dir: Path, step: int, write_model, optimizer_state: dict
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
-    for stale in list_checkpoints(run_dir)[:-keep_last]:
+    kept = list_checkpoints(run_dir)
+    for stale in kept[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
-    for leftover in root.glob(".tmp-*"):
-        if leftover != tmp:
+    for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # debris of interrupted saves
+        if leftover not in kept[-keep_last:]:
             shutil.rmtree(leftover, ignore_errors=True)
     return final
 

@@ -80,15 +80,16 @@ def _read_file(file: Path, bad_records: str, report: LoadReport):
         for i, rec in enumerate(pq.read_table(file).to_pylist()):
             yield rec, f"{file}[{i}]"
         return
-    with open(file, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+    # bytes, decoded line by line: one line of bad UTF-8 is one malformed record, not a crash
+    with open(file, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(raw.decode("utf-8"))
                 if not isinstance(rec, dict):
                     raise ValueError("not a JSON object")
-            except ValueError as exc:
+            except ValueError as exc:  # UnicodeDecodeError included
                 if bad_records == "error":
                     raise DataError(f"{file}:{lineno}: malformed JSON line ({exc})") from None
                 report.skip("malformed lines")
@@ -113,6 +114,14 @@ def encode_prompt(tokenizer, prompt, dc: DataConfig) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     text = "\n".join(m["content"] for m in messages)
     return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def _is_prompt(prompt) -> bool:
+    if isinstance(prompt, str):
+        return True
+    return isinstance(prompt, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+    )
 
 
 def load_prompts(dc: DataConfig, tokenizer, *, seed: int, need_answers: bool = False):
@@ -148,16 +157,22 @@ def _encode_all(path, split, dc: DataConfig, tokenizer, report, seed, need_answe
             problem = f"missing field `{dc.prompt_key}`"
         elif (isinstance(prompt, str) and not prompt.strip()) or (isinstance(prompt, list) and not prompt):
             problem = "empty prompt"
+        elif not _is_prompt(prompt):
+            problem = f"`{dc.prompt_key}` is neither text nor a list of {{role, content}} messages"
         elif need_answers and (answer is None or str(answer).strip() == ""):
             problem = f"missing answer field `{dc.answer_key}`"
         ids = None
         if problem is None:
-            ids = encode_prompt(tokenizer, prompt, dc)
-            if len(ids) > dc.max_prompt_length:
+            try:
+                ids = encode_prompt(tokenizer, prompt, dc)
+            except Exception as exc:  # a chat template may reject a message sequence; that is this record's problem
+                problem, ids = f"chat template failed ({exc})".splitlines()[0], []
+            if problem is None and len(ids) > dc.max_prompt_length:
                 if dc.long_prompts == "truncate_left":
                     ids = ids[-dc.max_prompt_length:]
-                elif dc.long_prompts == "error":
-                    problem = f"prompt of {len(ids)} tokens exceeds data.max_prompt_length={dc.max_prompt_length}"
+                elif dc.long_prompts == "error":  # refused whatever data.bad_records says
+                    raise DataError(f"{source}: prompt of {len(ids)} tokens exceeds "
+                                    f"data.max_prompt_length={dc.max_prompt_length} (data.long_prompts=error)")
                 else:
                     report.skip("prompts over max_prompt_length")
                     continue

@@ -150,8 +150,8 @@ def student_microbatch(student, student_weight, teacher_weight, mb: MicroBatch, 
         logits = student(mb.input_ids, mb.attention_mask, hidden=False)[:, :-1][pos]
         teacher_logits = cached.to(logits.device)
         stats = token_stats(logits.detach(), teacher_logits, seq_ids, st.chunk_size, topk=st.topk)
-        selection = tip.select(st.selector, stats, st.ratio, scope=st.scope, generator=generator, state=state,
-                               **st.select_options)
+        selection = tip.select(st.selector, finite_stats(stats), st.ratio, scope=st.scope, generator=generator,
+                               state=state, **st.select_options)
         keep = selection.mask.nonzero().squeeze(1).to(logits.device)
         d = token_divergence(logits[keep], teacher_logits[keep], st.loss_type, st.beta, st.chunk_size)
         loss_sum = (selection.weights.to(d.device)[keep] * sample_w[keep] * d).sum()
@@ -162,8 +162,8 @@ def student_microbatch(student, student_weight, teacher_weight, mb: MicroBatch, 
         if tip.reads_stats(st.selector):
             stats = chunked_stats(hidden.detach(), weight.detach(), teacher_hidden, teacher_weight, seq_ids,
                                   st.chunk_size, topk=st.topk)
-            selection = tip.select(st.selector, stats, st.ratio, scope=st.scope, generator=generator, state=state,
-                                   **st.select_options)
+            selection = tip.select(st.selector, finite_stats(stats), st.ratio, scope=st.scope, generator=generator,
+                                   state=state, **st.select_options)
             observe = None
         else:
             # The choice ignores the statistics: choose first, then form the kept tokens'
@@ -185,7 +185,26 @@ def student_microbatch(student, student_weight, teacher_weight, mb: MicroBatch, 
     # must take part in the gradient reduction; a non-finite gradient norm then skips
     # the update on all processes at once.
     backward(loss_sum * loss_scale)
-    return stats, selection, float(loss_sum.detach())
+    # NaN/Inf in the statistics means a broken teacher or student: the micro-batch reports a non-finite
+    # loss so the update is skipped, even where the kept tokens' own loss happens to be finite.
+    return stats, selection, float(loss_sum.detach()) if is_finite(stats) else float("nan")
+
+
+_STAT_FIELDS = ("entropy", "divergence", "forward_divergence", "teacher_entropy")
+
+
+def is_finite(stats: TokenStats) -> bool:
+    return all(bool(torch.isfinite(getattr(stats, f)).all()) for f in _STAT_FIELDS)
+
+
+def finite_stats(stats: TokenStats) -> TokenStats:
+    """The statistics a selector sees: NaN/Inf set to 0, so a selector (e.g. a multinomial draw) never crashes on them."""
+    if is_finite(stats):
+        return stats
+    import dataclasses
+
+    return dataclasses.replace(stats, **{f: torch.nan_to_num(getattr(stats, f), nan=0.0, posinf=0.0, neginf=0.0)
+                                         for f in _STAT_FIELDS})
 
 
 # ----------------------------------------------------------------------------

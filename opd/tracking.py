@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from opd.config import LoggingConfig
@@ -37,10 +38,8 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step` (a resumed run rewrites them)."""
-        if not self.enabled or not self.path.is_file():
-            return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        if self.enabled:
+            truncate_jsonl(self.path, step)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -62,8 +61,31 @@ class MetricsLog:
             self.wandb.finish()
 
 
+def _records(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # blank, or the last line of a run killed mid-write
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the records of a JSONL log with "step" <= `step`; lines cut short by a kill are dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = [r for r in _records(path) if r.get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _records(path)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from opd import checkpoint as ckpt
 from opd.config import Config, save_config, to_dict
@@ -29,7 +28,7 @@ from opd.rewards import reward_fn, reward_weights
 from opd.rollout import Rollouts, sample
 from opd.step import (MicroBatch, StepSettings, combine, denominator, diagnostics, dump_records, head_weight,
                       new_selector_state, render_pictures, student_microbatch, teacher_side)
-from opd.tracking import MetricsLog
+from opd.tracking import MetricsLog, truncate_jsonl
 
 
 class RunError(Exception):
@@ -40,6 +39,13 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
     """Run OPD as configured; returns the run directory."""
     run = setup(cfg, config_paths)
     acc, st, tc = run.accelerator, run.settings, cfg.train
+    if run.step >= run.total_steps and (run.run_dir / "summary.json").is_file():
+        # rerunning a finished run must not re-evaluate, re-save or rewrite its results
+        acc.print(f"{run.run_dir} already finished at step {run.step}; nothing to do (raise train.steps to train further)")
+        if run.bar is not None:
+            run.bar.close()
+        run.log.close()
+        return run.run_dir
     if run.step == 0 and (cfg.eval.at_start or cfg.eval.teacher):
         run_initial_evals(run)
     stop = install_stop_handler()
@@ -50,11 +56,15 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
         # 1. rollout: this process's share of the step's prompts, sampled by the student
         prompts = run.sampler.next_batch(tc.prompts_per_step)[acc.process_index::acc.num_processes]
         t0 = time.perf_counter()
+        # Seeded per prompt by its place in the global step batch, not by process: the rollouts are
+        # then the same whatever the number of processes (tests/distributed compare 1 and 2).
         rollouts = sample(
             run.policy.lm, [p.ids for p in prompts], pad_token_id=run.tokenizer.pad_token_id,
             eos_token_id=run.eos_ids, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
             top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.n,
-            batch_size=cfg.rollout.batch_size, seed=derive_seed(tc.seed, "rollout", step, acc.process_index),
+            batch_size=cfg.rollout.batch_size, synced_gpus=run.zero3 and acc.num_processes > 1,
+            prompt_seeds=[derive_seed(tc.seed, "rollout", step, acc.process_index + i * acc.num_processes)
+                          for i in range(len(prompts))],
         )
         t_generate = time.perf_counter() - t0
         # 2. rewards (optional): verifiable reward per rollout, softmax sample weights
@@ -72,23 +82,31 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
             loss_scale = loss_scale_for(acc, z, len(micro))
             gen = torch.Generator().manual_seed(derive_seed(tc.seed, "select", step, u, acc.process_index))
             loss_sum, stats_list, selections = 0.0, [], []
+            selector_before = run.selector_state.state_dict()
             for j, mb in enumerate(micro):
                 sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(run.student)
-                with sync, acc.autocast():
+                with sync, acc.autocast(), gathered(run.student_head() if st.loss_impl == "fused" else None):
                     stats, sel, value = student_microbatch(
                         run.student, run.student_head(), run.teacher_head, mb, cached[u][j], st,
-                        loss_scale, gen, run.selector_state, acc.backward,
+                        loss_scale, gen, run.selector_state, backward_fn(run, last=j == len(micro) - 1),
                     )
                 loss_sum += value
                 stats_list.append(stats)
                 selections.append(sel)
             grad_norm = clip_gradients(run, cfg.optim.grad_clip)
-            skipped = not math.isfinite(grad_norm) or not math.isfinite(loss_sum)
-            if not skipped:
+            # Decided from global sums, so every process skips the same updates. Non-finite: NaN/Inf in
+            # logits, loss or gradients. Empty: no token kept anywhere (a zero gradient would still move
+            # AdamW's weights through its momentum and weight decay).
+            nonfinite = not math.isfinite(grad_norm) or global_sum(acc, float(not math.isfinite(loss_sum))) > 0
+            empty = global_sum(acc, float(sum(int(s.mask.sum()) for s in selections))) == 0
+            if nonfinite:
+                run.selector_state.load_state_dict(selector_before)  # NaN must not poison running min/max
+            if not (nonfinite or empty):
                 run.optimizer.step()
                 run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
-            step_metrics.append(update_metrics(run, stats_list, selections, micro, loss_sum, z, grad_norm, skipped))
+            step_metrics.append(update_metrics(run, stats_list, selections, micro, loss_sum, z, grad_norm, nonfinite))
+            step_metrics[-1]["opd/empty_updates"] = int(empty and not nonfinite)
         t_train = time.perf_counter() - t0
         # 4. log, evaluate, checkpoint
         metrics = merge_updates(step_metrics)
@@ -96,7 +114,7 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
         metrics.update({
             "opd/lr": run.scheduler.get_last_lr()[0],
             "opd/accuracy": global_mean(acc, rewards) if rewards is not None else None,
-            "opd/response_length": float(rollouts.response_mask.sum(1).float().mean()),
+            "opd/response_length": global_mean(acc, rollouts.response_mask.sum(1).float()),
             "timing/generate_s": t_generate, "timing/train_s": t_train,
             "timing/step_s": time.perf_counter() - t_step,
             **memory_metrics(acc.device),
@@ -113,10 +131,11 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
                 f"stopped: {consecutive_skips} consecutive steps skipped for non-finite loss or gradients "
                 f"(last good checkpoint: {ckpt.latest_checkpoint(run.run_dir) or 'none'})"
             )
-        if stop.requested or (tc.max_steps_per_run and step - first_step + 1 >= tc.max_steps_per_run
-                              and step < run.total_steps):
+        signalled = global_sum(acc, float(stop.requested)) > 0  # a signal to one process stops them all
+        if signalled or (tc.max_steps_per_run and step - first_step + 1 >= tc.max_steps_per_run
+                         and step < run.total_steps):
             save(run)
-            why = "by signal" if stop.requested else f"after train.max_steps_per_run={tc.max_steps_per_run} steps"
+            why = "by signal" if signalled else f"after train.max_steps_per_run={tc.max_steps_per_run} steps"
             acc.print(f"stopped {why} at step {step}; checkpoint saved; rerun the same command to resume")
             run.log.close()
             return run.run_dir
@@ -155,6 +174,8 @@ class Run:
     eos_ids: list[int]
     total_steps: int
     step: int = 0
+    zero3: bool = False  # DeepSpeed ZeRO-3: the student's weights are sharded over the processes
+    teacher_engine: object = None  # the teacher's ZeRO-3 inference engine (owns its sharding hooks), or None
     bar: object = None
     started: float = field(default_factory=time.time)
     evals: dict = field(default_factory=dict)
@@ -184,34 +205,45 @@ def setup(cfg: Config, config_paths=()) -> Run:
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not use_cuda else []
     acc = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=handlers)
+    ds_plugin = acc.state.deepspeed_plugin  # None unless launched with a DeepSpeed accelerate config
+    zero3 = ds_plugin is not None and ds_plugin.zero_stage == 3
+    if ds_plugin is not None:
+        fill_deepspeed_config(ds_plugin.deepspeed_config, cfg)
+    check_even_split(cfg, acc.num_processes)
     run_dir = prepare_run_dir(cfg, config_paths, acc)
     resolve_demo_paths(cfg, acc)
 
     tokenizer = load_tokenizer(cfg.model)
     teacher_tok = load_tokenizer(cfg.teacher)
+    # data before models: a bad record refused with its file and line costs seconds, not a model load
+    train_prompts, val_prompts, report = load_prompts(cfg.data, tokenizer, seed=cfg.train.seed,
+                                                      need_answers=cfg.opd.reward_beta > 0)
+    acc.print(f"data: {report.summary()}; {len(val_prompts)} held out")
     device = acc.device
     # The student trains in float32 under bf16 autocast on GPU ('auto'); the teacher is stored in bf16.
     student_lm = load_model(cfg.model if cfg.model.dtype != "auto" else _with(cfg.model, dtype="float32"),
                             tokenizer, device, trainable=True)
-    teacher = load_model(cfg.teacher, teacher_tok, device, trainable=False)
+    # With zero3_init_flag models are built already sharded; a replicated teacher must not be.
+    replicated = zero3 and not cfg.opd.teacher_zero3
+    with ds_plugin.zero3_init_context_manager(enable=False) if replicated else contextlib.nullcontext():
+        teacher = load_model(cfg.teacher, teacher_tok, device, trainable=False)
     try:
-        check_tokenizers(tokenizer, teacher_tok, student_lm.get_output_embeddings().weight.shape[0],
-                         teacher.get_output_embeddings().weight.shape[0])
+        check_tokenizers(tokenizer, teacher_tok, rows(student_lm.get_output_embeddings().weight),
+                         rows(teacher.get_output_embeddings().weight))
     except ValueError as exc:
         raise RunError(str(exc)) from None
 
-    train_prompts, val_prompts, report = load_prompts(cfg.data, tokenizer, seed=cfg.train.seed,
-                                                      need_answers=cfg.opd.reward_beta > 0)
-    acc.print(f"data: {report.summary()}; {len(val_prompts)} held out")
     steps_per_epoch = math.ceil(len(train_prompts) / cfg.train.prompts_per_step)
     total_steps = cfg.train.steps or cfg.train.epochs * steps_per_epoch
     mini = cfg.train.mini_batch_size or cfg.train.prompts_per_step
     updates_per_step = cfg.train.prompts_per_step // mini
 
     policy = PolicyModel(student_lm)
-    optimizer = build_optimizer(policy, cfg)
+    student, optimizer = acc.prepare(policy, build_optimizer(policy, cfg))
+    # Built on the prepared optimizer and not handed to accelerate: its scheduler wrapper would step
+    # num_processes times per update, and DeepSpeed may replace the optimizer (offload: DeepSpeedCPUAdam).
     scheduler = build_scheduler(optimizer, cfg, total_steps * updates_per_step)
-    student, optimizer, scheduler = acc.prepare(policy, optimizer, scheduler)
+    teacher_engine = zero3_inference_engine(teacher, acc) if zero3 and cfg.opd.teacher_zero3 else None
 
     st = StepSettings(
         loss_impl=cfg.opd.loss_impl, loss_type=cfg.opd.loss_type, beta=cfg.opd.beta, chunk_size=cfg.opd.chunk_size,
@@ -224,7 +256,10 @@ def setup(cfg: Config, config_paths=()) -> Run:
     gen_eos = getattr(getattr(student_lm, "generation_config", None), "eos_token_id", None)
     eos_ids = sorted({eos, *([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))} - {None})
     teacher_head = head_weight(teacher) if cfg.opd.loss_impl == "fused" else None
-    if teacher_head is not None and cfg.opd.offload_teacher and use_cuda:
+    if teacher_head is not None and teacher_engine is not None:
+        with gathered(teacher_head):  # one full copy of the frozen head, not a gather per micro-batch
+            teacher_head = teacher_head.detach().clone()
+    elif teacher_head is not None and cfg.opd.offload_teacher and use_cuda:
         teacher_head = teacher_head.detach().clone()  # stays on the GPU while the backbone is offloaded
     run = Run(
         cfg=cfg, accelerator=acc, run_dir=run_dir, tokenizer=tokenizer, policy=policy, student=student,
@@ -232,7 +267,7 @@ def setup(cfg: Config, config_paths=()) -> Run:
         sampler=PromptSampler(train_prompts, cfg.train.seed), val_prompts=val_prompts,
         log=MetricsLog(run_dir, cfg.logging, to_dict(cfg), enabled=acc.is_main_process),
         settings=st, selector_state=new_selector_state(), reward=reward_fn(cfg.opd.reward, cfg.eval.grade_timeout_s),
-        eos_ids=eos_ids, total_steps=total_steps,
+        eos_ids=eos_ids, total_steps=total_steps, zero3=zero3, teacher_engine=teacher_engine,
     )
     resume(run)
     if cfg.logging.progress_bar and acc.is_main_process:
@@ -248,42 +283,15 @@ def _with(mc, **changes):
     return dataclasses.replace(mc, **changes)
 
 
-# Keys that may change when a run is resumed; anything else must match the saved config.
-RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.save_every", "train.keep_last", "train.on_existing",
-                     "train.resume", "train.save_final", "train.max_consecutive_skips", "train.max_steps_per_run", "train.num_threads",
-                     "train.device", "logging.", "eval.", "tip.dump_tokens", "tip.plots")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "demo":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def prepare_run_dir(cfg: Config, config_paths, acc) -> Path:
-    name = cfg.train.run_name or (Path(config_paths[-1]).stem if config_paths else "run")
-    run_dir = Path(cfg.train.output_dir) / name
+    """The run directory: new, or an existing run with a compatible config (rules in opd.preflight.check_run_dir)."""
+    from opd.preflight import check_run_dir, run_directory
+
+    problems = check_run_dir(cfg, config_paths)
+    if problems:
+        raise RunError(problems[0])
+    run_dir = run_directory(cfg, config_paths)
     saved = run_dir / "config.yaml"
-    if saved.is_file():
-        if cfg.train.on_existing == "refuse":
-            raise RunError(f"run directory {run_dir} already holds a run (train.on_existing=refuse); choose another train.run_name")
-        if cfg.train.resume == "never":
-            raise RunError(f"run directory {run_dir} already holds a run and train.resume=never; choose another train.run_name")
-        old = _flatten(yaml.safe_load(saved.read_text()) or {})
-        new = _flatten(to_dict(cfg))
-        changed = [k for k in sorted(set(old) | set(new))
-                   if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
-        if changed:
-            raise RunError(
-                f"run directory {run_dir} holds a run with a different config ({', '.join(changed[:5])}"
-                f"{' ...' if len(changed) > 5 else ''}); choose another train.run_name to start a new run"
-            )
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise RunError(f"run directory {run_dir} is not empty but holds no run config; refusing to write into it")
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, saved)
@@ -447,7 +455,8 @@ def merge_updates(per_update: list[dict]) -> dict:
     """Token-weighted means over the updates of one step (counts summed)."""
     if len(per_update) == 1:
         return dict(per_update[0])
-    sums = ("opd/num_tokens", "opd/num_kept", "opd/skipped_updates", "tip/num_tokens", "tip/num_kept")
+    sums = ("opd/num_tokens", "opd/num_kept", "opd/skipped_updates", "opd/empty_updates", "tip/num_tokens",
+            "tip/num_kept")
     weights = [max(m.get("opd/num_tokens", 0.0), 1e-9) for m in per_update]
     out = {}
     for key in per_update[0]:
@@ -506,6 +515,7 @@ def run_initial_evals(run: Run) -> None:
 
 def save(run: Run) -> None:
     acc = run.accelerator
+    failed = None
     acc.wait_for_everyone()
     if acc.is_main_process:
         state = {
@@ -513,11 +523,17 @@ def save(run: Run) -> None:
             "selector_state": run.selector_state.state_dict(), "torch_rng": None,
             "wall_time_s": time.time() - run.started,
         }
-        ckpt.save_checkpoint(
-            run.run_dir, run.step, lambda d: save_pretrained(acc.unwrap_model(run.student).lm, run.tokenizer, d),
-            run.optimizer.state_dict(), run.scheduler.state_dict(), state, run.cfg.train.keep_last,
-        )
+        try:
+            ckpt.save_checkpoint(
+                run.run_dir, run.step, lambda d: save_pretrained(acc.unwrap_model(run.student).lm, run.tokenizer, d),
+                run.optimizer.state_dict(), run.scheduler.state_dict(), state, run.cfg.train.keep_last,
+            )
+        except Exception as exc:  # disk full, quota, permissions: whatever the writer raised
+            failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     acc.wait_for_everyone()
+    if global_sum(acc, float(failed is not None)) > 0:
+        raise RunError(f"checkpoint at step {run.step} could not be written ({failed or 'on the main process'}); "
+                       f"last good checkpoint: {ckpt.latest_checkpoint(run.run_dir) or 'none'}")
 
 
 def resume(run: Run) -> None:
@@ -526,6 +542,8 @@ def resume(run: Run) -> None:
     latest = ckpt.latest_checkpoint(run.run_dir)
     if latest is None:
         run.log.truncate_after(0)
+        if run.accelerator.is_main_process:
+            truncate_jsonl(run.run_dir / "tokens.jsonl", 0)
         return
     from safetensors.torch import load_file
 
@@ -544,6 +562,8 @@ def resume(run: Run) -> None:
     run.step = state["step"]
     run.started = time.time() - state.get("wall_time_s", 0.0)
     run.log.truncate_after(run.step)
+    if run.accelerator.is_main_process:
+        truncate_jsonl(run.run_dir / "tokens.jsonl", run.step)
     run.accelerator.print(f"resumed from {latest} (step {run.step})")
 
 
