@@ -31,32 +31,42 @@ def _resolve(loss_type: str, beta: float) -> str:
     return loss_type
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(C, V) x (C, V) -> (C,) row-wise dot product, as a batched matmul (no (C, V) temporary)."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
+
+
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+
+
 def divergence_kernel(s: torch.Tensor, t: torch.Tensor, loss_type: str, beta: float, with_grad: bool):
     """Divergence of one chunk and, optionally, its gradient w.r.t. the student logits.
 
-    s, t: (C, V) float32 logits over the shared vocabulary.
+    s, t: (C, V) float32 logits over the shared vocabulary. They are CONSUMED
+    (overwritten in place, to keep the chunk's temporaries few): pass copies.
     Returns (D (C,) nats, dD/ds (C, V) or None).
     """
-    ls = torch.log_softmax(s, dim=-1)
-    lt = torch.log_softmax(t, dim=-1)
-    p = ls.exp()
+    ls, lt = _log_softmax_(s), _log_softmax_(t)
     if loss_type == "reverse_kl":
-        diff = ls - lt
-        d = (p * diff).sum(-1)
-        grad = p * (diff - d[:, None]) if with_grad else None
+        p = ls.exp()
+        diff = lt.neg_().add_(ls)  # log p - log q, in lt's storage
+        d = _rowdot(p, diff)
+        grad = diff.sub_(d[:, None]).mul_(p) if with_grad else None
     elif loss_type == "forward_kl":
         q = lt.exp()
-        d = (q * (lt - ls)).sum(-1)
-        grad = p - q if with_grad else None
+        p = ls.exp() if with_grad else None
+        d = _rowdot(q, lt.sub_(ls))  # sum q (log q - log p)
+        grad = p.sub_(q) if with_grad else None
     else:  # jsd with 0 < beta < 1
-        q = lt.exp()
+        p, q = ls.exp(), lt.exp()
         lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-        s_term = ls - lm
-        d = beta * (q * (lt - lm)).sum(-1) + (1.0 - beta) * (p * s_term).sum(-1)
+        s_term = ls.sub_(lm)  # log p - log m
+        d = beta * _rowdot(q, lt.sub_(lm)) + (1.0 - beta) * _rowdot(p, s_term)
         if with_grad:
             # d/dp_i of the JSD is (1-beta)*log(p_i/m_i); push it through the softmax.
-            g = (1.0 - beta) * s_term
-            grad = p * (g - (p * g).sum(-1, keepdim=True))
+            g = s_term.mul_(1.0 - beta)
+            grad = g.sub_(_rowdot(p, g)[:, None]).mul_(p)
         else:
             grad = None
     return d.clamp_min(0.0), grad
@@ -69,8 +79,8 @@ class _ChunkedDivergence(torch.autograd.Function):
         v = min(student_logits.shape[1], teacher_logits.shape[1])
         out = torch.empty(n, dtype=torch.float32, device=student_logits.device)
         for i in range(0, n, chunk_size):
-            s = student_logits[i:i + chunk_size, :v].float()
-            t = teacher_logits[i:i + chunk_size, :v].float()
+            s = student_logits[i:i + chunk_size, :v].to(torch.float32, copy=True)
+            t = teacher_logits[i:i + chunk_size, :v].to(torch.float32, copy=True)
             out[i:i + chunk_size], _ = divergence_kernel(s, t, loss_type, beta, with_grad=False)
         ctx.save_for_backward(student_logits, teacher_logits)
         ctx.config = (loss_type, beta, chunk_size, v)
@@ -82,8 +92,8 @@ class _ChunkedDivergence(torch.autograd.Function):
         loss_type, beta, chunk_size, v = ctx.config
         grad = torch.zeros_like(student_logits)
         for i in range(0, student_logits.shape[0], chunk_size):
-            s = student_logits[i:i + chunk_size, :v].float()
-            t = teacher_logits[i:i + chunk_size, :v].float()
+            s = student_logits[i:i + chunk_size, :v].to(torch.float32, copy=True)
+            t = teacher_logits[i:i + chunk_size, :v].to(torch.float32, copy=True)
             _, g = divergence_kernel(s, t, loss_type, beta, with_grad=True)
             grad[i:i + chunk_size, :v] = (g * grad_out[i:i + chunk_size, None]).to(grad.dtype)
         return grad, None, None, None, None
@@ -128,11 +138,14 @@ class _FusedHeadDivergence(torch.autograd.Function):
             tw = token_weights[i:i + chunk_size].float()
             total += (tw * d).sum()
             if g is not None:
-                g = (g * tw[:, None]).to(weight.dtype)
+                g = g.mul_(tw[:, None]).to(weight.dtype)
                 if need_h:
                     grad_h[i:i + chunk_size] = g @ w_s
                 if need_w:
-                    grad_w[:v] += (g.T @ h).float()
+                    if g.dtype == h.dtype == torch.float32:
+                        grad_w[:v].addmm_(g.T, h)
+                    else:
+                        grad_w[:v] += (g.T @ h).float()
         ctx.save_for_backward(grad_h if need_h else torch.empty(0), grad_w if need_w else torch.empty(0))
         ctx.weight_dtype = weight.dtype
         return total
@@ -141,7 +154,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
-        gw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        gw = grad_w.mul_(grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return gh, gw, None, None, None, None, None, None, None
 
 
