@@ -391,6 +391,9 @@ def to_dict(cfg: Config) -> dict:
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     # written aside and renamed: a run killed mid-write must not leave a half config that bricks its directory
     path = Path(path)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if path.is_file() and path.read_text() == text:  # a resumed run leaves an unchanged config untouched
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.write_text(text)
     os.replace(tmp, path)

@@ -139,8 +139,10 @@ def backbone(model):
     return getattr(model, model.base_model_prefix)
 
 
-def save_pretrained(model, tokenizer, path: str | Path) -> None:
-    model.save_pretrained(path, safe_serialization=True)
+def save_pretrained(model, tokenizer, path: str | Path, state_dict: dict | None = None) -> None:
+    """An ordinary HF checkpoint. `state_dict` replaces the model's own tensors (ZeRO-3: the
+    gathered full weights, since the module itself then holds only this process's shard)."""
+    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(path)
 
 
@@ -155,6 +157,8 @@ class PolicyModel(torch.nn.Module):
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
+        # accelerate sizes DeepSpeed's "auto" buckets from model.config.hidden_size
+        self.config = lm.config
 
     def forward(self, input_ids, attention_mask, hidden: bool):
         if hidden:

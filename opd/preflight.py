@@ -55,7 +55,7 @@ def check_model(side: str, mc: ModelConfig) -> list[str]:
         hf_config = json.loads(config_file.read_text())
     except (ValueError, OSError) as exc:
         return problems + [f"{side}.path: {config_file} is not readable JSON ({exc})"]
-    if not any(path.glob(pattern) for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")):
+    if not any(any(path.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")):
         problems.append(f"{side}.path: {mc.path} holds no weights (*.safetensors or *.bin)")
     if hf_config.get("auto_map") and not mc.trust_remote_code and not _known_model_type(hf_config.get("model_type")):
         problems.append(

@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
 
 
 @dataclass
@@ -54,6 +56,40 @@ class Rollouts:
         )
 
 
+class RowwiseSampler(LogitsProcessor):
+    """Draws each row's next token from that row's own generator, so a row's response
+    does not depend on which rows share its batch, its process or its generate call.
+
+    generate runs custom processors before its own temperature / top-k / top-p, so this
+    one applies them itself (transformers' warpers) and generate is then given none.
+    Gumbel-max: argmax(scores - log E), E ~ Exp(1) per vocabulary entry, is a draw from
+    softmax(scores). The returned scores keep only the drawn token, so generate's own
+    multinomial then picks it with probability 1.
+    """
+
+    def __init__(self, seeds: list[int], device, temperature: float, top_k: int, top_p: float):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.warpers = LogitsProcessorList(
+            ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+            + ([TopKLogitsWarper(top_k)] if top_k else [])
+            + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = self.warpers(input_ids, scores.float())
+        # One draw per row per decoding step, finished rows included: a row's t-th token
+        # always uses its generator's t-th draw.
+        noise = torch.stack([torch.empty(scores.shape[1], device=scores.device).exponential_(generator=g)
+                             for g in self.generators])
+        choice = (scores - noise.log()).argmax(-1, keepdim=True)
+        return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
+
+
+def row_seed(prompt_seed: int, j: int) -> int:
+    """Seed of the j-th response to a prompt whose seed is `prompt_seed` (63 bits)."""
+    digest = hashlib.sha256(f"{prompt_seed}:{j}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def _eos_list(eos_token_id) -> list[int]:
     if eos_token_id is None:
         return []
@@ -75,22 +111,33 @@ def sample(
     batch_size: int = 0,
     seed: int = 0,
     synced_gpus: bool = False,
+    prompt_seeds: list[int] | None = None,
 ) -> Rollouts:
     """Sample `n` responses per prompt (prompts given as token id lists).
 
     The draw is fixed by `seed` alone (the global RNG is left untouched), so
     the same seed reproduces the same rollouts on the same device.
+    `prompt_seeds` (one per prompt) instead gives every response its own
+    generator (RowwiseSampler): the responses to a prompt then depend only on
+    its seed and the model, not on the batch it was sampled in, so a run split
+    over any number of processes samples what a single process would.
+    `synced_gpus`: keep generating until every process is done (ZeRO-3, whose
+    sharded layers need all processes in every forward).
     """
+    if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
+        raise ValueError(f"prompt_seeds has {len(prompt_seeds)} seeds for {len(prompts)} prompts")
     device = next(model.parameters()).device
     eos = _eos_list(eos_token_id)
     rows = [p for p in prompts for _ in range(n)]
     index = [i for i in range(len(prompts)) for _ in range(n)]
+    seeds = None if prompt_seeds is None else [row_seed(prompt_seeds[i], j) for i in range(len(prompts)) for j in range(n)]
     batch_size = batch_size * n if batch_size else len(rows)
+    rowwise = seeds is not None and temperature > 0  # RowwiseSampler then applies temperature, top-k, top-p
     gen_cfg = GenerationConfig(
         do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else None,
-        top_p=top_p if temperature > 0 else None,
-        top_k=top_k if temperature > 0 else None,
+        temperature=(1.0 if rowwise else temperature) if temperature > 0 else None,
+        top_p=(1.0 if rowwise else top_p) if temperature > 0 else None,
+        top_k=(0 if rowwise else top_k) if temperature > 0 else None,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad_token_id,
         eos_token_id=eos or None,
@@ -113,9 +160,13 @@ def sample(
                 for r, p in enumerate(chunk):
                     ids[r, width - len(p):] = torch.tensor(p)
                     att[r, width - len(p):] = 1
+                extra = {}
+                if rowwise:
+                    extra["logits_processor"] = LogitsProcessorList(
+                        [RowwiseSampler(seeds[start:start + batch_size], device, temperature, top_k, top_p)])
                 out = model.generate(
                     input_ids=ids.to(device), attention_mask=att.to(device),
-                    generation_config=gen_cfg, synced_gpus=synced_gpus,
+                    generation_config=gen_cfg, synced_gpus=synced_gpus, **extra,
                 )
                 for gen in out[:, width:].tolist():
                     resp, done = [], False

@@ -226,6 +226,20 @@ def combine(stats_list: list[TokenStats], selections: list) -> tuple[TokenStats,
     return TokenStats.cat([s.to("cpu") for s in stats_list]), tip.Selection(mask=mask, weights=weights)
 
 
+def gather_stats(stats: TokenStats, selection, gather) -> tuple[TokenStats, "tip.Selection"]:
+    """Every process's token statistics and selection of an update, concatenated (top-k ids dropped).
+
+    `gather(obj) -> [obj of process 0, obj of process 1, ...]` (accelerate's gather_object), or None
+    for a single process. Quantile thresholds and quadrant shares then cover all tokens of the update.
+    """
+    if gather is None:
+        return stats, selection
+    mine = (stats.entropy, stats.divergence, stats.forward_divergence, stats.teacher_entropy, stats.sequence_ids,
+            selection.mask, selection.weights)
+    columns = [torch.cat([c.cpu() for c in column]) for column in zip(*gather(tuple(t.cpu() for t in mine)))]
+    return TokenStats(*columns[:5]), tip.Selection(mask=columns[5], weights=columns[6])
+
+
 def diagnostics(stats: TokenStats, selection, tc) -> dict:
     """tip/... metrics of one update (tc: the tip config section)."""
     from tip.taxonomy import diagnostics as tip_diagnostics

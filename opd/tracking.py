@@ -78,7 +78,10 @@ def truncate_jsonl(path: Path, step: int) -> None:
     path = Path(path)
     if not path.is_file():
         return
+    lines = path.read_text().splitlines()
     keep = [r for r in _records(path) if r.get("step", 0) <= step]
+    if len(keep) == len(lines):  # nothing to drop: leave the file (and its mtime) alone
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, path)

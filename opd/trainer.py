@@ -13,6 +13,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,8 +27,8 @@ from opd.data import PromptSampler, load_prompts
 from opd.models import PolicyModel, check_tokenizers, load_model, load_tokenizer, save_pretrained
 from opd.rewards import reward_fn, reward_weights
 from opd.rollout import Rollouts, sample
-from opd.step import (MicroBatch, StepSettings, combine, denominator, diagnostics, dump_records, head_weight,
-                      new_selector_state, render_pictures, student_microbatch, teacher_side)
+from opd.step import (MicroBatch, StepSettings, combine, denominator, diagnostics, dump_records, gather_stats,
+                      head_weight, new_selector_state, render_pictures, student_microbatch, teacher_side)
 from opd.tracking import MetricsLog, truncate_jsonl
 
 
@@ -204,8 +205,15 @@ def setup(cfg: Config, config_paths=()) -> Run:
     # Without a GPU, a multi-process launch needs the gloo backend named explicitly (NOTES.md).
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not use_cuda else []
-    acc = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=handlers)
+    # accelerate drops DeepSpeed when told to use the CPU; DeepSpeed itself runs on CPUs (gloo), so a
+    # DeepSpeed launch never asks for cpu=True.
+    wants_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    acc = Accelerator(cpu=not use_cuda and not wants_deepspeed, mixed_precision="bf16" if bf16 else "no",
+                      kwargs_handlers=handlers)
     ds_plugin = acc.state.deepspeed_plugin  # None unless launched with a DeepSpeed accelerate config
+    if wants_deepspeed and ds_plugin is None:
+        raise RunError("the launch asked for DeepSpeed but accelerate turned it off (ACCELERATE_USE_CPU=true or "
+                       "--cpu do that): launch DeepSpeed configs without them, also on a CPU-only machine")
     zero3 = ds_plugin is not None and ds_plugin.zero_stage == 3
     if ds_plugin is not None:
         fill_deepspeed_config(ds_plugin.deepspeed_config, cfg)
@@ -347,6 +355,98 @@ def build_scheduler(optimizer, cfg: Config, total_updates: int):
 
 
 # ----------------------------------------------------------------------------
+# several processes: DDP and DeepSpeed ZeRO (configs/accelerate/, docs/scale_out.md)
+
+
+def fill_deepspeed_config(ds_config: dict, cfg: Config) -> None:
+    """Write the settings the run config owns into the DeepSpeed config, before accelerate reads it.
+
+    The engine must not accumulate on its own (the trainer marks each update's last micro-batch) and
+    must clip at optim.grad_clip; ZeRO-3 gathers full weights on save (the HF checkpoint).
+    A DeepSpeed file that sets one of these to something else is refused rather than silently overridden.
+    """
+    wanted = {"train_micro_batch_size_per_gpu": cfg.train.micro_batch_size, "gradient_accumulation_steps": 1,
+              "gradient_clipping": cfg.optim.grad_clip}
+    for key, value in wanted.items():
+        have = ds_config.get(key, "auto")
+        if have != "auto" and have != value:
+            raise RunError(f"the DeepSpeed config sets {key}={have}, but this run needs {value} (from the run config); "
+                           f"set it to \"auto\" in the DeepSpeed file")
+        ds_config[key] = value
+    ds_config.pop("train_batch_size", None)  # derived by accelerate from the three above
+    ds_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def check_even_split(cfg: Config, world: int) -> None:
+    """Every process must run the same number of micro-batches (ZeRO-3 forwards and ZeRO-2
+    reductions are collective): the step's prompts must split evenly over the processes."""
+    mini = cfg.train.mini_batch_size or cfg.train.prompts_per_step
+    for key, value in (("train.prompts_per_step", cfg.train.prompts_per_step), ("train.mini_batch_size", mini)):
+        if value % world:
+            raise RunError(f"{key} = {value} must be divisible by the {world} processes (each takes an equal share)")
+
+
+def deepspeed_engine(acc):
+    """The student's DeepSpeed engine, or None without DeepSpeed."""
+    wrapped = getattr(acc, "deepspeed_engine_wrapped", None)
+    return wrapped.engine if wrapped is not None else None
+
+
+def rows(weight: torch.Tensor) -> int:
+    """Rows of a (V, d) matrix, also when ZeRO-3 holds only this process's shard of it."""
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def gathered(*params):
+    """Context in which ZeRO-3 sharded parameters hold their full values (read-only); a no-op otherwise.
+
+    The fused loss uses the LM head matrices directly, outside the modules' forward, where ZeRO-3
+    would gather them: gradients reaching a gathered head are reduced to its shards as usual.
+    """
+    sharded = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not sharded:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
+
+
+def zero3_inference_engine(teacher, acc):
+    """Shard the frozen teacher over the processes (ZeRO-3, no optimizer); `teacher` keeps working as a
+    module: its forward gathers each layer's weights as it goes. Returns the engine (keep it alive)."""
+    import copy
+
+    import deepspeed
+
+    ds = copy.deepcopy(acc.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        ds.pop(key, None)
+    ds["zero_optimization"].pop("offload_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=teacher, config=ds)
+    engine.eval()
+    return engine
+
+
+def backward_fn(run: Run, last: bool):
+    """The backward of one micro-batch; `last`: the update's final one.
+
+    Under DeepSpeed this replaces accelerator.backward, whose wrapper calls engine.step() after
+    every backward (an optimiser step per micro-batch) and whose engine divides the loss by its
+    gradient_accumulation_steps. Here the loss already carries 1/Z, only the last micro-batch is
+    an accumulation boundary, and clip_gradients takes the update's one step.
+    """
+    engine = deepspeed_engine(run.accelerator)
+    if engine is None:
+        return run.accelerator.backward
+
+    def backward(loss):
+        engine.set_gradient_accumulation_boundary(last)
+        engine.backward(loss, scale_wrt_gas=False)
+
+    return backward
+
+
+# ----------------------------------------------------------------------------
 # the pieces of a step
 
 
@@ -387,7 +487,7 @@ def teacher_phase(run: Run, updates: list[list[MicroBatch]]) -> list[list[torch.
     cfg = run.cfg
     device = run.accelerator.device
     cache_device = torch.device("cpu") if cfg.opd.teacher_cache_device == "cpu" else device
-    offload = cfg.opd.offload_teacher and device.type == "cuda"
+    offload = cfg.opd.offload_teacher and device.type == "cuda" and run.teacher_engine is None
     if offload:
         run.teacher.to(device)
     cached = [[teacher_side(run.teacher, mb, cfg.opd.loss_impl, cache_device) for mb in micro] for micro in updates]
@@ -398,7 +498,7 @@ def teacher_phase(run: Run, updates: list[list[MicroBatch]]) -> list[list[torch.
 
 
 def loss_scale_for(acc, z: float, n_micro: int) -> float:
-    """1/Z, times what the gradient reduction divides by (DDP averages over processes)."""
+    """1/Z, times what the gradient reduction divides by (DDP and DeepSpeed average over processes)."""
     if z <= 0:
         return 0.0
     return acc.num_processes / z
@@ -419,6 +519,17 @@ def global_mean(acc, values: list[float] | torch.Tensor) -> float:
 
 
 def clip_gradients(run: Run, max_norm: float) -> float:
+    """The global gradient norm before clipping; gradients clipped to `max_norm` (0 = off).
+
+    Under DeepSpeed the engine clips inside its optimiser step, so the update's one step happens
+    here (DeepSpeed itself skips it, on every process, when the norm is not finite); the loop's
+    optimizer.step() and zero_grad() are then no-ops (accelerate's DeepSpeedOptimizerWrapper).
+    """
+    engine = deepspeed_engine(run.accelerator)
+    if engine is not None:
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
     params = [p for p in run.student.parameters() if p.requires_grad]
     if max_norm > 0:
         norm = run.accelerator.clip_grad_norm_(params, max_norm)
@@ -430,7 +541,7 @@ def clip_gradients(run: Run, max_norm: float) -> float:
 def update_metrics(run: Run, stats_list, selections, micro, loss_sum, z, grad_norm, skipped) -> dict:
     cfg, acc = run.cfg, run.accelerator
     stats, sel = combine(stats_list, selections)
-    vocab = min(run.student_head().shape[0], run.teacher.get_output_embeddings().weight.shape[0])
+    vocab = min(rows(run.student_head()), rows(run.teacher.get_output_embeddings().weight))
     n_tokens = global_sum(acc, len(stats))
     metrics = {
         "opd/loss": global_sum(acc, loss_sum) / z if z > 0 else 0.0,
@@ -439,7 +550,7 @@ def update_metrics(run: Run, stats_list, selections, micro, loss_sum, z, grad_no
         "opd/num_tokens": n_tokens,
         "opd/num_kept": global_sum(acc, float(sel.mask.sum())),
         "opd/skipped_updates": int(skipped),
-        **diagnostics(stats, sel, cfg.tip),
+        **diagnostics(*gather_stats(stats, sel, gather_fn(acc)), cfg.tip),  # over all processes' tokens
     }
     if cfg.tip.dump_tokens and acc.is_main_process:
         token_ids = torch.cat([mb.input_ids[:, 1:][mb.positions()] for mb in micro]).cpu()
@@ -513,20 +624,44 @@ def run_initial_evals(run: Run) -> None:
         run.log.log(0, run_eval(run, "step_000000"))
 
 
+# A DeepSpeed run's checkpoint also holds the engine state (every process's shard of the optimizer
+# state and fp32 master weights) in this folder, as DeepSpeed's save_checkpoint writes it.
+ENGINE_DIR, ENGINE_TAG = "deepspeed", "state"
+
+
 def save(run: Run) -> None:
     acc = run.accelerator
+    engine = deepspeed_engine(acc)
     failed = None
     acc.wait_for_everyone()
+    # Every process first: ZeRO-3 gathers the full weights onto the main process, and each DeepSpeed
+    # process writes its shard of the engine state into a staging folder the main process then moves in.
+    weights = acc.get_state_dict(run.student)
+    staged = ckpt.checkpoint_dir(run.run_dir) / f".tmp-engine-{ckpt.PREFIX}{run.step:06d}"
+    if engine is not None:
+        if acc.is_main_process and staged.exists():
+            shutil.rmtree(staged)
+        acc.wait_for_everyone()
+        engine.save_checkpoint(str(staged), tag=ENGINE_TAG, save_latest=False)
+        acc.wait_for_everyone()
     if acc.is_main_process:
         state = {
             "step": run.step, "sampler": run.sampler.state_dict(),
             "selector_state": run.selector_state.state_dict(), "torch_rng": None,
             "wall_time_s": time.time() - run.started,
+            "num_processes": acc.num_processes, "deepspeed": engine is not None,
         }
+        lm_weights = {k.removeprefix("lm."): v for k, v in weights.items()}  # PolicyModel keys -> the HF model's
+
+        def write(d: Path) -> None:
+            save_pretrained(acc.unwrap_model(run.student).lm, run.tokenizer, d, state_dict=lm_weights)
+            if engine is not None:
+                staged.rename(d / ENGINE_DIR)
+
         try:
             ckpt.save_checkpoint(
-                run.run_dir, run.step, lambda d: save_pretrained(acc.unwrap_model(run.student).lm, run.tokenizer, d),
-                run.optimizer.state_dict(), run.scheduler.state_dict(), state, run.cfg.train.keep_last,
+                run.run_dir, run.step, write, None if engine is not None else run.optimizer.state_dict(),
+                run.scheduler.state_dict(), state, run.cfg.train.keep_last,
             )
         except Exception as exc:  # disk full, quota, permissions: whatever the writer raised
             failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -548,14 +683,18 @@ def resume(run: Run) -> None:
     from safetensors.torch import load_file
 
     state = ckpt.load_trainer_state(latest)
-    weights = {}
-    for file in sorted(latest.glob("*.safetensors")):
-        weights.update(load_file(str(file)))
-    missing, unexpected = run.policy.lm.load_state_dict(weights, strict=False)
-    missing = [m for m in missing if not (run.policy.lm.config.tie_word_embeddings and "lm_head" in m)]
-    if missing or unexpected:
-        raise RunError(f"checkpoint {latest} does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    run.optimizer.load_state_dict(ckpt.load_torch_state(latest, "optimizer.pt"))
+    engine = deepspeed_engine(run.accelerator)
+    if engine is not None or (latest / ENGINE_DIR).is_dir():
+        resume_engine(run, engine, latest, state)
+    else:
+        weights = {}
+        for file in sorted(latest.glob("*.safetensors")):
+            weights.update(load_file(str(file)))
+        missing, unexpected = run.policy.lm.load_state_dict(weights, strict=False)
+        missing = [m for m in missing if not (run.policy.lm.config.tie_word_embeddings and "lm_head" in m)]
+        if missing or unexpected:
+            raise RunError(f"checkpoint {latest} does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        run.optimizer.load_state_dict(ckpt.load_torch_state(latest, "optimizer.pt"))
     run.scheduler.load_state_dict(ckpt.load_torch_state(latest, "scheduler.pt"))
     run.sampler.load_state_dict(state["sampler"])
     run.selector_state.load_state_dict(state["selector_state"])
@@ -565,6 +704,24 @@ def resume(run: Run) -> None:
     if run.accelerator.is_main_process:
         truncate_jsonl(run.run_dir / "tokens.jsonl", run.step)
     run.accelerator.print(f"resumed from {latest} (step {run.step})")
+
+
+def resume_engine(run: Run, engine, latest: Path, state: dict) -> None:
+    """Weights, fp32 master weights and optimizer state from a DeepSpeed checkpoint (same process count)."""
+    saved_world = state.get("num_processes", 1)
+    if engine is None:
+        raise RunError(f"checkpoint {latest} was written under DeepSpeed by {saved_world} processes: resume it with the "
+                       f"same DeepSpeed accelerate config and process count (its weights alone load with from_pretrained)")
+    if not (latest / ENGINE_DIR).is_dir():
+        raise RunError(f"checkpoint {latest} was written without DeepSpeed: resume it without DeepSpeed, "
+                       f"or choose another train.run_name to start a new run")
+    if saved_world != run.accelerator.num_processes:
+        raise RunError(f"checkpoint {latest} holds the DeepSpeed state of {saved_world} processes, this run has "
+                       f"{run.accelerator.num_processes}: resume with --num_processes {saved_world}")
+    path, _ = engine.load_checkpoint(str(latest / ENGINE_DIR), tag=ENGINE_TAG, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise RunError(f"DeepSpeed found no engine state in {latest / ENGINE_DIR}")
 
 
 @dataclass

@@ -40,6 +40,22 @@ def test_rollouts_are_seeded_and_masked():
         assert a.response_mask[row, :a.prompt_length].sum() == 0  # prompt tokens never count
 
 
+def test_per_prompt_seeds_make_responses_independent_of_the_batch_and_keep_the_warpers():
+    tok = char_tokenizer()
+    model = load_model(ModelConfig(arch="llama", hidden_size=32, num_heads=4, num_kv_heads=2), tok,
+                       torch.device("cpu"), trainable=True)
+    p, q = tok("12+34=")["input_ids"], tok("56+78=")["input_ids"]  # same length: no padding difference
+    kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_new_tokens=12, n=2)
+    both = sample(model, [p, q], prompt_seeds=[11, 22], seed=0, **kw).response_ids()
+    alone = sample(model, [q], prompt_seeds=[22], seed=7, **kw).response_ids()
+    assert both[2:] == alone  # the second prompt's responses, sampled with or without the first
+    assert both[:2] != sample(model, [p], prompt_seeds=[12], **kw).response_ids()  # the seed matters
+    # temperature, top-k and top-p still apply: each of these leaves only the greedy token
+    greedy = sample(model, [p, q], temperature=0.0, **kw).response_ids()
+    for warp in ({"temperature": 1e-4}, {"top_k": 1}, {"top_p": 1e-6}):
+        assert sample(model, [p, q], prompt_seeds=[11, 22], **warp, **kw).response_ids() == greedy, warp
+
+
 def write(path, lines):
     path.write_text("".join(line + "\n" for line in lines))
     return str(path)
