@@ -52,7 +52,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = field(default="", metadata={"help": "JSONL/Parquet file, directory, `hub:<id>` or a registered task such as `demo:addition`"})
+    train_path: str = field(default="", metadata={"help": "JSONL/Parquet file, directory, `hub:<id>` or `demo:multiplication` (the demo task)"})
     train_split: str = field(default="train", metadata={"help": "split name for hub data sets"})
     val_path: str = field(default="", metadata={"help": "optional separate validation prompts; empty = split off `val_ratio` of train"})
     val_ratio: float = field(default=0.0, metadata={"help": "fraction of train prompts held out for validation", "min": 0.0, "max": 0.9})

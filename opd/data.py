@@ -54,6 +54,8 @@ def read_records(path: str, split: str, bad_records: str, report: LoadReport, *,
     if path.startswith("demo:"):
         from demo import task  # the demo task generates its prompts
 
+        if path != f"demo:{task.NAME}":
+            raise DataError(f"unknown demo task {path!r} (the demo task is demo:{task.NAME})")
         for i, rec in enumerate(task.train_records(n or 20000, seed)):
             yield rec, f"{path}[{i}]"
         return

@@ -1,0 +1,285 @@
+"""Teacher and student of the demo task, trained here in a few CPU minutes and cached.
+
+`prepare_pair(settings, cache_dir)` trains a teacher (supervised on worked
+solutions, loss on response tokens only) and a smaller, under-trained student,
+and saves both as ordinary Hugging Face checkpoints:
+
+    <cache_dir>/pair-<hash of the settings>/teacher/   config, safetensors weights, tokenizer
+    <cache_dir>/pair-<hash of the settings>/student/
+    <cache_dir>/pair-<hash of the settings>/pair.json  settings, accuracies, timings
+
+The pair is written to a temporary directory and renamed into place, so an
+interrupted preparation never leaves half a pair; a later call with the same
+settings returns the cached pair at once. From then on the two load like any
+checkpoint, with AutoModelForCausalLM / AutoTokenizer.from_pretrained.
+
+    python -m demo.prepare [--cache DIR] [key=value ...]
+
+prints the measured accuracies (sampled at temperature 1.0, the paper's protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from demo import task
+
+FORMAT = 1
+"""Part of the cache key: bump it when a change here makes the same settings train a different pair."""
+
+DEFAULT_CACHE = Path(".cache") / "demo"
+
+
+@dataclass
+class PairSettings:
+    arch: str = field(default="llama", metadata={"help": "transformers architecture of both models: llama, qwen3 or qwen2"})
+    teacher_layers: int = field(default=2, metadata={"help": "teacher decoder layers"})
+    teacher_hidden: int = field(default=128, metadata={"help": "teacher hidden size (MLP is 4x)"})
+    teacher_heads: int = field(default=4, metadata={"help": "teacher attention heads"})
+    teacher_steps: int = field(default=600, metadata={"help": "teacher supervised optimiser steps"})
+    teacher_lr: float = field(default=3e-3, metadata={"help": "teacher peak learning rate"})
+    student_layers: int = field(default=2, metadata={"help": "student decoder layers"})
+    student_hidden: int = field(default=64, metadata={"help": "student hidden size (MLP is 4x)"})
+    student_heads: int = field(default=4, metadata={"help": "student attention heads"})
+    student_steps: int = field(default=280, metadata={"help": "student supervised optimiser steps (stopped early on purpose)"})
+    student_lr: float = field(default=3e-3, metadata={"help": "student peak learning rate"})
+    batch_size: int = field(default=64, metadata={"help": "worked solutions per supervised step"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps before the cosine decay"})
+    eval_problems: int = field(default=512, metadata={"help": "held-out problems for the accuracies in pair.json"})
+    seed: int = field(default=0, metadata={"help": "seed of weights, data order and evaluation samples"})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads while preparing; 0 = leave as is (not part of the cache key)"})
+
+
+_NOT_IN_KEY = ("num_threads",)
+
+
+def pair_settings(settings: dict | PairSettings | None = None) -> PairSettings:
+    """Validated settings from a dict (unknown keys and bad values are errors naming the key)."""
+    if isinstance(settings, PairSettings):
+        settings = dataclasses.asdict(settings)
+    settings = dict(settings or {})
+    fields = {f.name: f for f in dataclasses.fields(PairSettings)}
+    for key in settings:
+        if key not in fields:
+            raise ValueError(f"unknown demo setting {key!r} (known: {', '.join(fields)})")
+    values = {}
+    for key, value in settings.items():
+        kind = fields[key].type if isinstance(fields[key].type, type) else {"int": int, "float": float, "str": str}[fields[key].type]
+        values[key] = _coerce(key, value, kind)
+    s = PairSettings(**values)
+    for key in fields:
+        value = getattr(s, key)
+        if isinstance(value, (int, float)) and key != "seed" and value < 0:
+            raise ValueError(f"demo setting {key} = {value} must not be negative")
+    if s.arch not in ("llama", "qwen3", "qwen2"):
+        raise ValueError(f"demo setting arch = {s.arch!r} is not one of: llama, qwen3, qwen2")
+    for side in ("teacher", "student"):
+        hidden, heads = getattr(s, f"{side}_hidden"), getattr(s, f"{side}_heads")
+        if min(hidden, heads, getattr(s, f"{side}_layers")) < 1 or hidden % heads:
+            raise ValueError(f"demo setting {side}_hidden = {hidden} must be a positive multiple of {side}_heads = {heads}")
+    if s.batch_size < 1 or s.eval_problems < 1:
+        raise ValueError("demo settings batch_size and eval_problems must be at least 1")
+    return s
+
+
+def _coerce(key: str, value, kind: type):
+    if kind is str:
+        return str(value)
+    if isinstance(value, bool):
+        raise ValueError(f"demo setting {key} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"demo setting {key} must be a number, got {value!r}") from None
+    if kind is int:
+        if not number.is_integer():
+            raise ValueError(f"demo setting {key} must be an integer, got {value!r}")
+        return int(number)
+    return number
+
+
+def settings_key(s: PairSettings) -> str:
+    """Hash of everything that changes the trained pair (12 hex digits)."""
+    data = {k: v for k, v in dataclasses.asdict(s).items() if k not in _NOT_IN_KEY}
+    data["format"], data["digits"] = FORMAT, task.DIGITS
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_model(s: PairSettings, side: str, tokenizer):
+    """A randomly initialised causal LM of the given side ("teacher" or "student"), fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from opd.config import ModelConfig
+    from opd.models import random_model_config
+
+    hidden, heads = getattr(s, f"{side}_hidden"), getattr(s, f"{side}_heads")
+    mc = ModelConfig(arch=s.arch, hidden_size=hidden, num_layers=getattr(s, f"{side}_layers"), num_heads=heads,
+                     num_kv_heads=heads, intermediate_size=4 * hidden)
+    cfg = random_model_config(mc, len(tokenizer), tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed + (0 if side == "teacher" else 1))
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt ids: the problem as a user message, chat template, assistant turn opened."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def supervised_batch(tokenizer, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels), each (B, T), right-padded; labels are -100 off the response.
+
+    The response is the worked solution then EOS, so the model learns to stop.
+    """
+    rows = []
+    for rec in records:
+        prompt = encode_prompt(tokenizer, rec["prompt"])
+        response = tokenizer(rec["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((prompt + response, [-100] * len(prompt) + response))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (ids, labs) in enumerate(rows):
+        input_ids[r, :len(ids)] = torch.tensor(ids)
+        labels[r, :len(labs)] = torch.tensor(labs)
+        attention[r, :len(ids)] = 1
+    return input_ids, attention, labels
+
+
+def supervised_train(model, tokenizer, s: PairSettings, steps: int, lr: float, seed: int, log=print, name: str = "") -> float:
+    """Train on worked solutions for `steps` AdamW steps (warm-up, then cosine to 5% of lr).
+
+    Returns the wall-clock seconds spent.
+    """
+    records = task.train_records(steps * s.batch_size, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
+    model.train()
+    start = time.time()
+    for step in range(steps):
+        warm = min(1.0, (step + 1) / max(1, s.warmup_steps))
+        # a floor keeps the last steps useful; the small models here still learn late
+        decay = 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr * warm * decay
+        input_ids, attention, labels = supervised_batch(tokenizer, records[step * s.batch_size:(step + 1) * s.batch_size])
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
+            log(f"demo: {name} step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)")
+    model.eval()
+    return time.time() - start
+
+
+def max_response_tokens(digits: int) -> int:
+    """Length bound of a worked solution of `digits` digits, EOS included, with room for mistakes."""
+    longest = task.solution(10 ** digits - 1, 9)
+    return len(longest) + 8
+
+
+def accuracy(model, tokenizer, problems: list[dict], *, temperature: float = 1.0, seed: int = 0) -> float:
+    """Share of `problems` answered correctly, one sample each at `temperature` (0 = greedy)."""
+    from opd.rollout import sample
+
+    prompts = [encode_prompt(tokenizer, p["prompt"]) for p in problems]
+    rollouts = sample(model, prompts, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      temperature=temperature, max_new_tokens=max_response_tokens(task.DIGITS), batch_size=256, seed=seed)
+    texts = tokenizer.batch_decode(rollouts.response_ids(), skip_special_tokens=True)
+    return sum(task.grade(t, p["answer"]) for t, p in zip(texts, problems)) / len(problems)
+
+
+def prepare_pair(settings: dict | PairSettings | None, cache_dir: str | Path, log=print) -> tuple[Path, Path]:
+    """Train (or reuse from `cache_dir`) the demo teacher and student; returns (teacher_dir, student_dir)."""
+    s = pair_settings(settings)
+    cache_dir = Path(cache_dir)
+    final = cache_dir / f"pair-{settings_key(s)}"
+    if (final / "pair.json").is_file():
+        log(f"demo: reusing the prepared pair in {final}")
+        return final / "teacher", final / "student"
+
+    threads = torch.get_num_threads()
+    if s.num_threads:
+        torch.set_num_threads(s.num_threads)
+    tmp = cache_dir / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        info = _train_pair(s, tmp, log)
+        (tmp / "pair.json").write_text(json.dumps(info, indent=2) + "\n")
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not (final / "pair.json").is_file():  # another process finished first: keep its pair
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        torch.set_num_threads(threads)
+    log(f"demo: pair ready in {final}")
+    return final / "teacher", final / "student"
+
+
+def _train_pair(s: PairSettings, out: Path, log) -> dict:
+    tokenizer = task.tokenizer()
+    problems = task.eval_problems(s.eval_problems, s.seed)
+    info: dict = {"settings": dataclasses.asdict(s), "task": "multiplication", "eval_problems": len(problems),
+                  "load_average": list(os.getloadavg()), "torch_threads": torch.get_num_threads()}
+    for side in ("teacher", "student"):
+        model = build_model(s, side, tokenizer)
+        steps, lr = getattr(s, f"{side}_steps"), getattr(s, f"{side}_lr")
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"demo: training the {side} ({getattr(s, f'{side}_layers')} layers x {getattr(s, f'{side}_hidden')} hidden, "
+            f"{n_params / 1e6:.2f}M parameters, {steps} steps)")
+        seconds = supervised_train(model, tokenizer, s, steps, lr, seed=s.seed + (0 if side == "teacher" else 1),
+                                   log=log, name=side)
+        sampled = accuracy(model, tokenizer, problems, temperature=1.0, seed=s.seed)
+        greedy = accuracy(model, tokenizer, problems, temperature=0.0, seed=s.seed)
+        log(f"demo: {side} accuracy {sampled:.1%} sampled at T=1.0, {greedy:.1%} greedy ({seconds:.0f} s of training)")
+        model.save_pretrained(out / side, safe_serialization=True)
+        tokenizer.save_pretrained(out / side)
+        info[side] = {"accuracy_t1": sampled, "accuracy_greedy": greedy, "train_seconds": round(seconds, 1),
+                      "parameters": n_params, "steps": steps}
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo.prepare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help=f"cache directory (default {DEFAULT_CACHE})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="settings: " + ", ".join(f.name for f in dataclasses.fields(PairSettings)))
+    args = parser.parse_args(argv)
+    settings = {}
+    for text in args.overrides:
+        if "=" not in text:
+            parser.error(f"`{text}` is not of the form key=value")
+        key, value = text.split("=", 1)
+        settings[key.strip()] = value
+    try:
+        teacher_dir, _ = prepare_pair(settings, args.cache)
+    except ValueError as exc:
+        parser.error(str(exc))
+    info = json.loads((teacher_dir.parent / "pair.json").read_text())
+    for side in ("teacher", "student"):
+        print(f"{side}: {info[side]['accuracy_t1']:.1%} sampled at T=1.0, {info[side]['accuracy_greedy']:.1%} greedy "
+              f"({info[side]['parameters']} parameters, {info[side]['steps']} steps)")
+    print(f"pair: {teacher_dir.parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
