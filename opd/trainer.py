@@ -55,7 +55,9 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
         t_step = time.perf_counter()
         reset_peak_memory(acc.device)
         # 1. rollout: this process's share of the step's prompts, sampled by the student
-        prompts = run.sampler.next_batch(tc.prompts_per_step)[acc.process_index::acc.num_processes]
+        batch = run.sampler.next_batch(tc.prompts_per_step)
+        places = shard_places(len(batch), run.updates_per_step, acc.process_index, acc.num_processes)
+        prompts = [batch[i] for i in places]
         t0 = time.perf_counter()
         # Seeded per prompt by its place in the global step batch, not by process: the rollouts are
         # then the same whatever the number of processes (tests/distributed compare 1 and 2).
@@ -64,8 +66,7 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
             eos_token_id=run.eos_ids, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
             top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.n,
             batch_size=cfg.rollout.batch_size, synced_gpus=run.zero3 and acc.num_processes > 1,
-            prompt_seeds=[derive_seed(tc.seed, "rollout", step, acc.process_index + i * acc.num_processes)
-                          for i in range(len(prompts))],
+            prompt_seeds=[derive_seed(tc.seed, "rollout", step, i) for i in places],
         )
         t_generate = time.perf_counter() - t0
         # 2. rewards (optional): verifiable reward per rollout, softmax sample weights
@@ -81,10 +82,12 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
         for u, micro in enumerate(updates):
             z = global_sum(acc, denominator(micro, st))
             loss_scale = loss_scale_for(acc, z, len(micro))
-            gen = torch.Generator().manual_seed(derive_seed(tc.seed, "select", step, u, acc.process_index))
             loss_sum, stats_list, selections = 0.0, [], []
             selector_before = run.selector_state.state_dict()
             for j, mb in enumerate(micro):
+                # seeded by the micro-batch's place in the update (shares are equal), not by process
+                gen = torch.Generator().manual_seed(
+                    derive_seed(tc.seed, "select", step, u, acc.process_index * len(micro) + j))
                 sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(run.student)
                 with sync, acc.autocast(), gathered(run.student_head() if st.loss_impl == "fused" else None):
                     stats, sel, value = student_microbatch(
@@ -550,6 +553,8 @@ def update_metrics(run: Run, stats_list, selections, micro, loss_sum, z, grad_no
         "opd/num_tokens": n_tokens,
         "opd/num_kept": global_sum(acc, float(sel.mask.sum())),
         "opd/skipped_updates": int(skipped),
+        # micro-batches that kept no token (Poisson sampling can keep none): they add nothing, the update goes on
+        "opd/empty_microbatches": global_sum(acc, float(sum(not bool(s.mask.any()) for s in selections))),
         **diagnostics(*gather_stats(stats, sel, gather_fn(acc)), cfg.tip),  # over all processes' tokens
     }
     if cfg.tip.dump_tokens and acc.is_main_process:
@@ -566,8 +571,8 @@ def merge_updates(per_update: list[dict]) -> dict:
     """Token-weighted means over the updates of one step (counts summed)."""
     if len(per_update) == 1:
         return dict(per_update[0])
-    sums = ("opd/num_tokens", "opd/num_kept", "opd/skipped_updates", "opd/empty_updates", "tip/num_tokens",
-            "tip/num_kept")
+    sums = ("opd/num_tokens", "opd/num_kept", "opd/skipped_updates", "opd/empty_updates", "opd/empty_microbatches",
+            "tip/num_tokens", "tip/num_kept")
     weights = [max(m.get("opd/num_tokens", 0.0), 1e-9) for m in per_update]
     out = {}
     for key in per_update[0]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import resource
@@ -203,6 +204,24 @@ def test_selector_that_keeps_nothing_skips_the_update(tmp_path):
     optim = torch.load(run / "checkpoints" / "step_000002" / "optimizer.pt", weights_only=True)
     assert sched["last_epoch"] == 16 - empty
     assert {int(s["step"]) for s in optim["state"].values()} == {16 - empty}
+
+
+def test_micro_batches_that_keep_nothing_add_nothing_and_the_update_goes_on(tmp_path):
+    # One update of 8 one-rollout micro-batches; Poisson sampling with k = 1 keeps no token of a
+    # micro-batch with probability about 1/e, so some micro-batches are empty and others are not.
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(
+        tmp_path, tip={"selector": "entropy_sample", "ratio": 0.01, "importance_weighting": True},
+        train={"steps": 2, "micro_batch_size": 1, "save_every": 0}))
+    out = run_cli(["--config", str(cfg)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = read_metrics(tmp_path / "runs" / "run")
+    assert sum(m["opd/empty_microbatches"] for m in metrics) >= 1, metrics
+    for m in metrics:
+        assert m["opd/empty_microbatches"] < 8 and m["opd/num_kept"] >= 1  # the update itself kept something
+        assert m["opd/skipped_updates"] == 0 and m["opd/empty_updates"] == 0
+        assert math.isfinite(m["opd/loss"]) and math.isfinite(m["opd/grad_norm"]) and m["opd/grad_norm"] > 0
+    optim = torch.load(tmp_path / "runs" / "run" / "checkpoints" / "step_000002" / "optimizer.pt", weights_only=True)
+    assert {int(s["step"]) for s in optim["state"].values()} == {2}  # both updates stepped AdamW
 
 
 def test_student_that_only_emits_eos(tmp_path):
