@@ -1,14 +1,17 @@
 """Checks that run before any model loads, so a typo costs seconds, not a queue slot.
 
 `preflight(cfg, paths)` returns one line per problem (all of them at once),
-each starting with the config key it concerns; `deep=True` (train.py --check)
-also reads the whole data set and both tokenizers. The run-directory rules
+each starting with the config key it concerns. Both tokenizers are always read
+and compared (seconds, where a mismatched teacher found after loading the
+models costs minutes); `deep=True` (train.py --check) also reads the whole
+data set. The run-directory rules
 (`check_run_dir`) are the same ones the trainer applies when it starts.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +21,7 @@ import yaml
 from opd.config import Config, ModelConfig, to_dict
 
 PEEK_RECORDS = 200  # records read from the head of a data file to catch misnamed fields early
+CHARS_VOCAB = 102  # ids of the built-in character tokenizer (opd.models.char_tokenizer), for size estimates
 
 # Keys that may change when a run is resumed; anything else must match the run's saved config.
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.save_every", "train.keep_last", "train.on_existing",
@@ -57,6 +61,12 @@ def check_model(side: str, mc: ModelConfig) -> list[str]:
         return problems + [f"{side}.path: {config_file} is not readable JSON ({exc})"]
     if not any(any(path.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")):
         problems.append(f"{side}.path: {mc.path} holds no weights (*.safetensors or *.bin)")
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            safetensors_header(file)
+        except (OSError, ValueError) as exc:  # a cut-short download or copy: found here, not as a traceback mid-load
+            problems.append(f"{side}.path: {file} {exc}")
+            break
     if hf_config.get("auto_map") and not mc.trust_remote_code and not _known_model_type(hf_config.get("model_type")):
         problems.append(
             f"{side}.trust_remote_code: {mc.path} needs its own Python code (auto_map in config.json); "
@@ -190,29 +200,86 @@ def run_directory(cfg: Config, config_paths=()) -> Path:
     return Path(cfg.train.output_dir) / name
 
 
-def check_output(cfg: Config) -> list[str]:
+def check_output(cfg: Config, config_paths=()) -> list[str]:
+    """The run directory (or the nearest existing folder above it) is writable and has room for a checkpoint."""
     out = Path(cfg.train.output_dir).expanduser()
-    probe = out
+    run_dir = out / run_directory(cfg, config_paths).name
+    probe = run_dir
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
+        if probe == run_dir:
+            return []  # check_run_dir reports it
         return [f"train.output_dir: {out} cannot be created: {probe} is a file"]
-    if not os.access(probe, os.W_OK):
-        return [f"train.output_dir: {out} is not writable"]
+    if not os.access(probe, os.W_OK | os.X_OK):
+        if probe == run_dir:
+            return [f"train.run_name: run directory {run_dir} is not writable"]
+        return [f"train.output_dir: {out} is not writable" if probe == out
+                else f"train.output_dir: {out} cannot be created: {probe} is not writable"]
     free = shutil.disk_usage(probe).free
-    need = _checkpoint_bytes(cfg)
-    if need and free < need:
-        return [f"train.output_dir: {free / 2**30:.1f} GiB free, a checkpoint needs about {need / 2**30:.1f} GiB"]
+    params = _parameter_count(cfg.model)
+    need = _checkpoint_bytes(cfg.model, params)
+    if free < need:
+        return [f"train.output_dir: {_size(free)} free on {probe}, one checkpoint of the student "
+                f"({params:,} parameters, weights + AdamW state) needs about {_size(need)}"]
     return []
 
 
-def _checkpoint_bytes(cfg: Config) -> int:
-    """Rough size of one checkpoint (weights + AdamW state) from the student's local files."""
-    path = Path(cfg.model.path).expanduser() if cfg.model.path and _is_local(cfg.model.path) else None
-    if path is None or not path.is_dir():
+def _checkpoint_bytes(mc: ModelConfig, params: int) -> int:
+    """Weights and AdamW's two moments, in the student's training dtype ('auto' trains in float32)."""
+    element = 2 if mc.dtype in ("bfloat16", "float16") else 4
+    return 3 * element * params
+
+
+def _parameter_count(mc: ModelConfig) -> int:
+    """The student's parameters: from its safetensors headers, or from the architecture of a random model.
+
+    0 when unknown without loading anything (a hub id, the demo pair): the check is then skipped.
+    """
+    if not mc.path:
+        vocab = mc.vocab_size or (CHARS_VOCAB if mc.tokenizer in ("", "chars") else 0)
+        d, heads, kv, layers = mc.hidden_size, mc.num_heads, mc.num_kv_heads, mc.num_layers
+        attention = 2 * d * d + 2 * d * (d // heads) * kv
+        per_layer = attention + 3 * d * mc.intermediate_size + 2 * d
+        return vocab * d * (1 if mc.tie_word_embeddings else 2) + layers * per_layer + d
+    path = Path(mc.path).expanduser()
+    if not _is_local(mc.path) or not path.is_dir():
         return 0
-    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return weights * 5  # fp32-ish weights + two AdamW moments, with slack
+    count = 0
+    for file in path.glob("*.safetensors"):
+        try:
+            header = safetensors_header(file)
+        except (OSError, ValueError):
+            continue  # check_model reports it
+        count += sum(math.prod(entry["shape"]) for entry in header.values())
+    return count
+
+
+def safetensors_header(file: Path) -> dict:
+    """Tensor name -> {dtype, shape, data_offsets} from a .safetensors file's header, reading nothing else.
+
+    ValueError (one line) when the header is unreadable or the file is shorter than its header says.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(length) if 8 <= size and length <= size - 8 else b""
+    try:
+        tensors = {k: v for k, v in json.loads(raw).items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise ValueError(f"is not a safetensors file, or its header is cut short ({size} bytes)") from None
+    if 8 + length + end > size:
+        raise ValueError(f"is cut short: {size} bytes where its header describes {8 + length + end}")
+    return tensors
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -280,6 +347,21 @@ def check_selector(cfg: Config) -> list[str]:
     return []
 
 
+def check_eval(cfg: Config) -> list[str]:
+    """Benchmark names and files: a typo must not surface at the first evaluation, hours in."""
+    if not cfg.eval.benchmarks:
+        return []
+    from eval.benchmarks import BenchmarkError, parse_spec
+
+    problems = []
+    for spec in cfg.eval.benchmarks:
+        try:
+            parse_spec(spec)
+        except BenchmarkError as exc:
+            problems.append(f"eval.benchmarks: {exc}")
+    return problems
+
+
 def check_demo(cfg: Config) -> list[str]:
     """The demo pair's settings (`demo.*`) and task name, checked before anything is trained."""
     uses_demo = any(p.startswith("demo:") for p in (cfg.model.path, cfg.teacher.path, cfg.data.train_path))
@@ -302,7 +384,7 @@ def check_demo(cfg: Config) -> list[str]:
 
 
 def check_deep(cfg: Config, models_ok: bool = True, data_ok: bool = True, notes: list | None = None) -> list[str]:
-    """Read both tokenizers (when the model paths are fine) and the whole data set (when its paths are fine).
+    """Read and compare both tokenizers (when the model paths are fine), and the whole data set when `data_ok`.
 
     No model weights are loaded. `notes` receives the data summary line.
     """
@@ -348,13 +430,13 @@ def preflight(cfg: Config, paths=(), deep: bool = False, ignore=(), notes: list 
     """Every problem found without loading model weights, one line each, each starting with its config key.
 
     ignore: config keys already reported (a partially valid config): problems about them are dropped.
-    deep: also read the tokenizers and the whole data set (train.py --check).
+    deep: also read the whole data set (train.py --check).
     """
     model_problems = check_model("model", cfg.model) + check_model("teacher", cfg.teacher)
     data_problems = check_data(cfg)
-    problems = model_problems + data_problems + check_output(cfg) + check_run_dir(cfg, paths, ignore)
-    problems += check_selector(cfg) + check_demo(cfg)
+    problems = model_problems + data_problems + check_output(cfg, paths) + check_run_dir(cfg, paths, ignore)
+    problems += check_selector(cfg) + check_eval(cfg) + check_demo(cfg)
     demo = cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")
-    if deep and not demo:
-        problems += check_deep(cfg, models_ok=not model_problems, data_ok=not data_problems, notes=notes)
+    if not demo:
+        problems += check_deep(cfg, models_ok=not model_problems, data_ok=deep and not data_problems, notes=notes)
     return [p for p in problems if p.split(":", 1)[0] not in ignore]
