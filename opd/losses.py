@@ -40,14 +40,24 @@ def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
     return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
 
 
-def divergence_kernel(s: torch.Tensor, t: torch.Tensor, loss_type: str, beta: float, with_grad: bool):
+def row_stats(ls: torch.Tensor, lt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(student entropy, teacher entropy, KL(p||q), KL(q||p)) per row, in nats, from finite
+    log-probabilities (C, V): two exponentials and four row dot products, no other (C, V) temporary."""
+    p, q = ls.exp(), lt.exp()
+    hs, ht = -_rowdot(p, ls), -_rowdot(q, lt)
+    return hs, ht, -hs - _rowdot(p, lt), -ht - _rowdot(q, ls)
+
+
+def divergence_kernel(s: torch.Tensor, t: torch.Tensor, loss_type: str, beta: float, with_grad: bool,
+                      with_stats: bool = False):
     """Divergence of one chunk and, optionally, its gradient w.r.t. the student logits.
 
     s, t: (C, V) float32 logits over the shared vocabulary. They are CONSUMED
     (overwritten in place, to keep the chunk's temporaries few): pass copies.
-    Returns (D (C,) nats, dD/ds (C, V) or None).
+    Returns (D (C,) nats, dD/ds (C, V) or None, row_stats(...) or None).
     """
     ls, lt = _log_softmax_(s), _log_softmax_(t)
+    stats = row_stats(ls, lt) if with_stats else None
     if loss_type == "reverse_kl":
         p = ls.exp()
         diff = lt.neg_().add_(ls)  # log p - log q, in lt's storage
@@ -69,7 +79,7 @@ def divergence_kernel(s: torch.Tensor, t: torch.Tensor, loss_type: str, beta: fl
             grad = g.sub_(_rowdot(p, g)[:, None]).mul_(p)
         else:
             grad = None
-    return d.clamp_min(0.0), grad
+    return d.clamp_min(0.0), grad, stats
 
 
 class _ChunkedDivergence(torch.autograd.Function):
@@ -81,7 +91,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         for i in range(0, n, chunk_size):
             s = student_logits[i:i + chunk_size, :v].to(torch.float32, copy=True)
             t = teacher_logits[i:i + chunk_size, :v].to(torch.float32, copy=True)
-            out[i:i + chunk_size], _ = divergence_kernel(s, t, loss_type, beta, with_grad=False)
+            out[i:i + chunk_size], _, _ = divergence_kernel(s, t, loss_type, beta, with_grad=False)
         ctx.save_for_backward(student_logits, teacher_logits)
         ctx.config = (loss_type, beta, chunk_size, v)
         return out
@@ -94,7 +104,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         for i in range(0, student_logits.shape[0], chunk_size):
             s = student_logits[i:i + chunk_size, :v].to(torch.float32, copy=True)
             t = teacher_logits[i:i + chunk_size, :v].to(torch.float32, copy=True)
-            _, g = divergence_kernel(s, t, loss_type, beta, with_grad=True)
+            _, g, _ = divergence_kernel(s, t, loss_type, beta, with_grad=True)
             grad[i:i + chunk_size, :v] = (g * grad_out[i:i + chunk_size, None]).to(grad.dtype)
         return grad, None, None, None, None
 
@@ -120,7 +130,8 @@ class _FusedHeadDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, token_weights, loss_type, beta, chunk_size, observe):
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, token_weights, loss_type, beta, chunk_size, observe,
+                stats_out):
         n = hidden.shape[0]
         v = min(weight.shape[0], teacher_weight.shape[0])
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -134,7 +145,10 @@ class _FusedHeadDivergence(torch.autograd.Function):
             t = (teacher_hidden[i:i + chunk_size] @ w_t.T).float()
             if observe is not None:
                 observe(i, s, t)
-            d, g = divergence_kernel(s, t, loss_type, beta, with_grad=need_h or need_w)
+            d, g, stats = divergence_kernel(s, t, loss_type, beta, with_grad=need_h or need_w,
+                                            with_stats=stats_out is not None)
+            if stats is not None:
+                stats_out.append(stats)
             tw = token_weights[i:i + chunk_size].float()
             total += (tw * d).sum()
             if g is not None:
@@ -155,11 +169,11 @@ class _FusedHeadDivergence(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
         gw = grad_w.mul_(grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None
 
 
 def fused_head_divergence(hidden, weight, teacher_hidden, teacher_weight, token_weights,
-                          loss_type="reverse_kl", beta=0.5, chunk_size=512, observe=None):
+                          loss_type="reverse_kl", beta=0.5, chunk_size=512, observe=None, stats_out=None):
     """sum_t token_weights[t] * D_t, computing logits = hidden @ weight.T chunk by chunk.
 
     hidden (N, d_S) student final hidden states (with grad), weight (V_S, d_S) the
@@ -169,9 +183,11 @@ def fused_head_divergence(hidden, weight, teacher_hidden, teacher_weight, token_
     in value and gradients; memory is one chunk's (chunk, V) temporaries.
     `observe(start_row, s, t)`, if given, sees each chunk's float32 logits
     (C, V) of both sides, e.g. to compute token statistics without another pass.
+    `stats_out`, if a list, receives each chunk's row_stats from the log-probabilities
+    the loss computes anyway (the cheapest way to the kept tokens' statistics).
     """
     kind = _resolve(loss_type, beta)
     return _FusedHeadDivergence.apply(
         hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), token_weights.detach(),
-        kind, beta, chunk_size, observe,
+        kind, beta, chunk_size, observe, stats_out,
     )

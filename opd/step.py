@@ -21,6 +21,8 @@ mean, however tokens are split across micro-batches and processes.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +94,15 @@ def chunked_stats(hidden, weight, teacher_hidden, teacher_weight, sequence_ids, 
     return TokenStats.cat(parts)
 
 
+def stats_from_rows(rows, sequence_ids, vocab: int) -> TokenStats:
+    """TokenStats of one chunk from opd.losses.row_stats (nats), normalised and clamped as tip.token_stats does."""
+    hs, ht, rev, fwd = rows
+    log_vocab = math.log(vocab) if vocab > 1 else 1.0
+    return TokenStats(entropy=(hs / log_vocab).clamp_(0.0, 1.0), divergence=rev.clamp_(min=0.0),
+                      forward_divergence=fwd.clamp_(min=0.0), teacher_entropy=(ht / log_vocab).clamp_(0.0, 1.0),
+                      sequence_ids=sequence_ids[:hs.shape[0]].to(hs.device).long())
+
+
 def placeholder_stats(sequence_ids: torch.Tensor) -> TokenStats:
     """Zero statistics with the right sequence ids, for selectors that do not read the values."""
     zeros = torch.zeros(sequence_ids.shape[0], device=sequence_ids.device)
@@ -159,12 +170,12 @@ def student_microbatch(student, student_weight, teacher_weight, mb: MicroBatch, 
         hidden = student(mb.input_ids, mb.attention_mask, hidden=True)[:, :-1][pos]
         weight = student_weight
         teacher_hidden = cached.to(hidden.device)
+        observe, kernel_stats = None, None
         if tip.reads_stats(st.selector):
             stats = chunked_stats(hidden.detach(), weight.detach(), teacher_hidden, teacher_weight, seq_ids,
                                   st.chunk_size, topk=st.topk)
             selection = tip.select(st.selector, finite_stats(stats), st.ratio, scope=st.scope, generator=generator,
                                    state=state, **st.select_options)
-            observe = None
         else:
             # The choice ignores the statistics: choose first, then form the kept tokens'
             # statistics from the logits the loss pass computes anyway (no second LM-head pass).
@@ -172,13 +183,19 @@ def student_microbatch(student, student_weight, teacher_weight, mb: MicroBatch, 
                                    generator=generator, state=state, **st.select_options)
             kept_parts: list[TokenStats] = []
             kept_ids = seq_ids[selection.mask.to(seq_ids.device)]
-            observe = lambda i, s, t: kept_parts.append(
-                token_stats(s, t, kept_ids[i:i + s.shape[0]], st.chunk_size, topk=st.topk))
+            if st.topk:  # the token dump also wants top-k distributions: statistics from the logits
+                observe = lambda i, s, t: kept_parts.append(
+                    token_stats(s, t, kept_ids[i:i + s.shape[0]], st.chunk_size, topk=st.topk))
+            else:  # from the loss kernel's own log-probabilities
+                kernel_stats = []
         keep = selection.mask.nonzero().squeeze(1).to(hidden.device)
         weights = selection.weights.to(hidden.device)[keep] * sample_w[keep]
         loss_sum = fused_head_divergence(hidden[keep], weight, teacher_hidden[keep], teacher_weight, weights,
-                                         st.loss_type, st.beta, st.chunk_size, observe=observe)
-        if observe is not None:
+                                         st.loss_type, st.beta, st.chunk_size, observe=observe, stats_out=kernel_stats)
+        if not tip.reads_stats(st.selector):
+            if kernel_stats is not None:
+                vocab = min(weight.shape[0], teacher_weight.shape[0])
+                kept_parts = [stats_from_rows(r, kept_ids[i * st.chunk_size:], vocab) for i, r in enumerate(kernel_stats)]
             stats = merge_kept_stats(kept_parts, selection.mask, hidden.detach(), weight.detach(), teacher_hidden,
                                      teacher_weight, seq_ids, st)
     # Backward always runs, also for an empty or non-finite micro-batch: every process

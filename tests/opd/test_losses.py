@@ -90,3 +90,22 @@ def test_fused_with_no_rows_is_zero_and_differentiable():
     total = fused_head_divergence(h, w, torch.randn(0, 4), torch.randn(10, 4), torch.ones(0))
     total.backward()
     assert float(total) == 0.0 and torch.all(w.grad == 0)
+
+
+def test_kernel_row_stats_equal_tip_token_stats_on_peaked_and_flat_rows():
+    """The fused path's stats-free selectors read these; they must match the tip statistics they replace."""
+    import math
+
+    from opd.losses import divergence_kernel
+    from tip.stats import token_stats
+
+    g = torch.Generator().manual_seed(4)
+    v = 5000
+    s = torch.randn(64, v, generator=g) * torch.linspace(0.1, 12.0, 64)[:, None]  # flat to very peaked rows
+    t = torch.randn(64, v, generator=g) * 4.0
+    _, _, (hs, ht, rev, fwd) = divergence_kernel(s.clone(), t.clone(), "reverse_kl", 0.5, with_grad=True, with_stats=True)
+    ref = token_stats(s, t, torch.zeros(64, dtype=torch.long), 16)
+    torch.testing.assert_close(hs / math.log(v), ref.entropy, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ht / math.log(v), ref.teacher_entropy, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(rev, ref.divergence, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fwd, ref.forward_divergence, atol=1e-4, rtol=1e-4)
