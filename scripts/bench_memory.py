@@ -9,7 +9,8 @@ state), then one measured step. "extra memory" is the peak during the measured
 step above what the process held with both models loaded (so it includes the
 optimiser state): CPU peak RSS (VmHWM, reset through /proc/self/clear_refs),
 CUDA torch.cuda.max_memory_allocated. "score+select" is the share of the step
-spent computing token statistics and choosing tokens.
+spent computing token statistics (also those the fused loss kernel forms on
+the side for stats-free selectors) and choosing tokens.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def worker(args) -> dict:
     import torch
 
     import tip
+    import opd.losses as losses
     import opd.step as step
     from opd.config import ModelConfig
     from opd.models import PolicyModel, load_model
@@ -117,6 +119,8 @@ def worker(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    # statistics the fused loss kernel forms on the side (stats-free selectors) count as scoring too
+    losses.row_stats = timed(losses.row_stats)
     step.token_stats = timed(step.token_stats)
     step.chunked_stats = timed(step.chunked_stats)
     tip.select = timed(tip.select)
