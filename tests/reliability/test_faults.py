@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REPO, TINY_MODEL, read_metrics, run_cli, tiny_config, write_config
 
+WITH_FAULT = Path(__file__).with_name("with_fault.py")
 VOLATILE = ("timing/", "perf/")  # wall-clock and memory readings differ between any two runs
 
 
@@ -44,6 +45,25 @@ def start_cli(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+
+def run_with_fault(fault: str, args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """train.py with one fault of tests/reliability/with_fault.py injected (e.g. "disk_free=1000")."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(WITH_FAULT), fault, *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env=env, **kwargs)
+
+
+def wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc {proc.returncode}) before {text!r}: {log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no {text!r} within {timeout} s")
 
 
 def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -92,12 +112,15 @@ def save_tiny_model(path: Path, edit=None, init_seed: int = 1) -> Path:
 def test_config_and_preflight_problems_are_reported_in_one_round(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
     out = run_cli(["--config", str(cfg), "tip.ratio=0", "optim.lr=fast", "model.path=/nonexistent/model",
-                   "teacher.tokenizer=/nonexistent/tokenizer", "data.prompt_key=question"])
+                   "teacher.tokenizer=/nonexistent/tokenizer", "data.prompt_key=question",
+                   "eval.benchmarks=[math500, math5OO, /nonexistent/bench.jsonl]"])
     lines = error_lines(out)
     for needle in ("`tip.ratio`", "`optim.lr`", "model.path: /nonexistent/model does not exist",
-                   "teacher.tokenizer: /nonexistent/tokenizer does not exist", "data.prompt_key: no record"):
+                   "teacher.tokenizer: /nonexistent/tokenizer does not exist", "data.prompt_key: no record",
+                   "eval.benchmarks: unknown benchmark 'math5OO' (known: aime24, aime25, dapo, demo, math500;",
+                   "eval.benchmarks: benchmark file not found: /nonexistent/bench.jsonl"):
         assert sum(needle in line for line in lines) == 1, (needle, lines)
-    assert len(lines) == 5, lines
+    assert len(lines) == 7, lines
     assert "fields there: answer, prompt" in out.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -119,14 +142,42 @@ def test_check_reports_every_problem_and_loads_no_model(tmp_path):
     lines = error_lines(out)
     expected = ["model.path: " + str(no_weights) + " holds no weights",
                 "teacher.trust_remote_code: " + str(remote) + " needs its own Python code",
-                "train.run_name: run directory " + str(stray) + " is not empty but holds no run config"]
+                "train.run_name: run directory " + str(stray) + " is not empty but holds no run config",
+                f"teacher.path: {remote / 'model.safetensors'} is not a safetensors file, or its header is cut short (0 bytes)"]
     for needle in expected:
         assert sum(needle in line for line in lines) == 1, (needle, lines)
-    assert len(lines) == 3, lines
+    assert len(lines) == 4, lines
     assert (stray / "notes.txt").read_text() == "someone else's file"
     out = run_cli(["--config", str(cfg), "--check", f"train.output_dir={tmp_path / 'a_file' / 'runs'}"])
     assert [line for line in error_lines(out) if "train.output_dir" in line] == [
         f"error: train.output_dir: {tmp_path / 'a_file' / 'runs'} cannot be created: {tmp_path / 'a_file'} is a file"]
+
+
+def test_teacher_with_another_tokenizer_is_refused_before_any_model_loads(tmp_path):
+    from opd.models import char_tokenizer
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps({"model_type": "qwen3", "vocab_size": 200}))
+    # a well-formed file whose one tensor has the wrong shape: loading it would fail with another error
+    save_file({"lm_head.weight": torch.zeros(1, 1)}, str(teacher / "model.safetensors"))
+    char_tokenizer(alphabet="0123456789+= ").save_pretrained(teacher)
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, teacher={"path": str(teacher), "tokenizer": ""}))
+    lines = error_lines(run_cli(["--config", str(cfg)]))  # a run, not only --check, compares the tokenizers first
+    assert len(lines) == 1 and lines[0].startswith("error: teacher.path: student and teacher tokenizers differ"), lines
+    assert not (tmp_path / "runs").exists()
+
+
+def test_weights_cut_short_are_refused_before_loading(tmp_path):
+    student = save_tiny_model(tmp_path / "student")
+    weights = student / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as fh:
+        fh.truncate(size // 2)  # an interrupted download or copy
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, model={"path": str(student), "tokenizer": ""}))
+    lines = error_lines(run_cli(["--config", str(cfg)]))
+    assert lines == [f"error: model.path: {weights} is cut short: {size // 2} bytes where its header describes {size}"]
+    assert not (tmp_path / "runs").exists()
 
 
 # ----------------------------------------------------------------------------
@@ -378,6 +429,51 @@ def test_second_interrupt_stops_at_once_without_a_traceback(tmp_path, reference)
         assert not [p.name for p in ckpts.iterdir() if p.name.startswith(".")]  # no half-written checkpoint
 
 
+def test_sigint_then_kill_9_inside_a_checkpoint_write_then_resume(tmp_path, reference):
+    cfg, whole = reference
+    args = ["--config", str(cfg), f"train.output_dir={tmp_path / 'runs'}", "train.run_name=ctrl_c_once"]
+    run = tmp_path / "runs" / "ctrl_c_once"
+    ckpts = run / "checkpoints"
+
+    # 1. one Ctrl-C behaves like SIGTERM: the step finishes, a checkpoint is written, exit 0
+    log = tmp_path / "int.log"
+    proc = start_cli(args, log)
+    wait_for_steps(run, 1, proc, log)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    stopped = len(read_metrics(run))
+    assert f"stopped by signal at step {stopped}; checkpoint saved" in log.read_text()
+    assert stopped < STEPS - 2 and (ckpts / f"step_{stopped:06d}" / "trainer_state.json").is_file()
+
+    # 2. resumed; the write of checkpoint stopped+2 hangs once all its files are written, just before
+    #    the rename that publishes it; kill -9 there
+    victim = stopped + 2
+    log = tmp_path / "stall.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(WITH_FAULT), f"stall_save={victim}", *args], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    wait_for_text(log, "fault: stalled writing", proc)
+    (tmp,) = ckpts.glob(f".tmp-step_{victim:06d}-*")
+    assert (tmp / "model.safetensors").is_file() and (tmp / "trainer_state.json").is_file()
+    assert not (ckpts / f"step_{victim:06d}").exists()
+    before = tree_digest(ckpts / f"step_{victim - 1:06d}")
+    proc.kill()
+    proc.wait(timeout=60)
+    assert tree_digest(ckpts / f"step_{victim - 1:06d}") == before
+
+    # 3. the same command resumes from the checkpoint before the killed write and ends as the whole run did
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from {ckpts / f'step_{victim - 1:06d}'} (step {victim - 1})" in out.stdout
+    assert stable(read_metrics(run)) == stable(read_metrics(whole))
+    assert sorted(p.name for p in ckpts.iterdir()) == [f"step_{STEPS - 1:06d}", f"step_{STEPS:06d}"]
+    final = ckpts / f"step_{STEPS:06d}"
+    assert (final / "model.safetensors").is_file() and not list(final.glob("*.bin"))  # weights as safetensors only
+    a = load_file(str(final / "model.safetensors"))
+    b = load_file(str(whole / "checkpoints" / f"step_{STEPS:06d}" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 # ----------------------------------------------------------------------------
 # existing run directories
 
@@ -425,3 +521,64 @@ def test_checkpoint_that_cannot_be_written_ends_the_run_cleanly(tmp_path):
     assert "last good checkpoint: none" in lines[0]
     ckpts = tmp_path / "runs" / "run" / "checkpoints"
     assert not list(ckpts.iterdir())  # the half-written temporary is gone
+
+
+# ----------------------------------------------------------------------------
+# an output filesystem without room or write permission
+
+
+def test_a_disk_without_room_for_a_checkpoint_is_refused_before_anything_loads(tmp_path, reference):
+    _, whole = reference  # same student architecture: its checkpoint's real size
+    real = sum(f.stat().st_size for f in (whole / "checkpoints" / f"step_{STEPS:06d}").rglob("*") if f.is_file())
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    out = run_with_fault(f"disk_free={int(1.25 * real)}", ["--config", str(cfg), "--check"])
+    assert out.returncode == 0, out.stderr[-3000:]  # the estimate is not far above the real size
+    lines = error_lines(run_with_fault(f"disk_free={int(0.8 * real)}", ["--config", str(cfg)]))
+    assert len(lines) == 1 and lines[0].startswith("error: train.output_dir: "), lines
+    assert "free on" in lines[0] and "parameters, weights + AdamW state) needs about" in lines[0], lines
+    assert not (tmp_path / "runs").exists()
+
+    # a checkpoint directory's own parameter count comes from its safetensors header
+    student = save_tiny_model(tmp_path / "student")
+    params = sum(t.numel() for t in load_file(str(student / "model.safetensors")).values())
+    lines = error_lines(run_with_fault("disk_free=1000", ["--config", str(cfg), f"model.path={student}",
+                                                          "model.tokenizer=", "--check"]))
+    assert len(lines) == 1 and f"({params:,} parameters, weights + AdamW state)" in lines[0], lines
+
+
+def as_a_user_without_root_powers():
+    """preexec_fn: as root, drop CAP_DAC_OVERRIDE so directory permissions apply (as for any other user)."""
+    if os.geteuid() == 0:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(24, 1, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_DAC_OVERRIDE
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) refused")
+
+
+def test_output_directory_that_is_not_writable_is_refused(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def lines_of(args):
+        try:
+            out = subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
+                                 timeout=300, cwd=REPO, env=env, preexec_fn=as_a_user_without_root_powers)
+        except subprocess.SubprocessError as exc:
+            pytest.skip(f"cannot run without root's file permissions here ({exc})")
+        return error_lines(out)
+
+    try:
+        runs.chmod(0o555)
+        assert lines_of(["--config", str(cfg)]) == [f"error: train.output_dir: {runs} is not writable"]
+        assert lines_of(["--config", str(cfg), f"train.output_dir={runs / 'sub' / 'dir'}"]) == [
+            f"error: train.output_dir: {runs / 'sub' / 'dir'} cannot be created: {runs} is not writable"]
+        runs.chmod(0o755)
+        (runs / "run").mkdir(mode=0o555)
+        assert lines_of(["--config", str(cfg)]) == [f"error: train.run_name: run directory {runs / 'run'} is not writable"]
+    finally:
+        runs.chmod(0o755)
+        if (runs / "run").exists():
+            (runs / "run").chmod(0o755)
+    assert list(runs.rglob("*")) == [runs / "run"]  # nothing was written anywhere
