@@ -257,6 +257,29 @@ def test_selector_that_keeps_nothing_skips_the_update(tmp_path):
     assert {int(s["step"]) for s in optim["state"].values()} == {16 - empty}
 
 
+def test_rollouts_with_zero_response_tokens(tmp_path):
+    # step 1: all 8 rollouts come back empty (nothing to learn from: the update is skipped, no division
+    # by zero); step 2: the first 4, one whole micro-batch, are empty; step 3: none
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(
+        tmp_path, tip={"selector": "soft_or", "ratio": 0.5, "normalize": "running", "dump_tokens": 4},
+        train={"steps": 3, "save_every": 1, "keep_last": 3}))
+    out = run_with_fault("empty_rollouts=8,4", ["--config", str(cfg)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "run"
+    metrics = read_metrics(run)
+    assert [(m["opd/num_tokens"], m["opd/empty_updates"], m["opd/empty_microbatches"]) for m in metrics] == [
+        (0, 1, 2), (metrics[1]["opd/num_tokens"], 0, 1), (metrics[2]["opd/num_tokens"], 0, 0)]
+    assert 0 < metrics[1]["opd/num_tokens"] < metrics[2]["opd/num_tokens"]
+    assert metrics[0]["opd/loss"] == 0.0 and metrics[0]["opd/grad_norm"] == 0.0
+    assert all(m["opd/skipped_updates"] == 0 and math.isfinite(m["opd/loss"]) for m in metrics)
+    # the empty step moved nothing: no AdamW step, no running min/max yet
+    steps = lambda s: {int(v["step"]) for v in torch.load(run / "checkpoints" / f"step_{s:06d}" / "optimizer.pt",
+                                                             weights_only=True)["state"].values()}
+    assert steps(1) == set() and steps(2) == {1} and steps(3) == {2}
+    state = lambda s: json.loads((run / "checkpoints" / f"step_{s:06d}" / "trainer_state.json").read_text())
+    assert not state(1)["selector_state"]["lo"] and state(2)["selector_state"]["lo"]
+
+
 def test_micro_batches_that_keep_nothing_add_nothing_and_the_update_goes_on(tmp_path):
     # One update of 8 one-rollout micro-batches; Poisson sampling with k = 1 keeps no token of a
     # micro-batch with probability about 1/e, so some micro-batches are empty and others are not.
