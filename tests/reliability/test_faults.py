@@ -366,6 +366,20 @@ def test_nan_teacher_skips_steps_then_stops_with_the_last_good_checkpoint(tmp_pa
     assert state_a == state_b and state_a["lo"], (state_a, state_b)
 
 
+def test_nan_student_samples_without_crashing_and_stops_after_the_skips(tmp_path):
+    def poison(model, tok):
+        model.get_output_embeddings().weight[7, 3] = float("nan")  # every logit row of the student is NaN
+
+    student = save_tiny_model(tmp_path / "student", poison)
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(
+        tmp_path, model={"path": str(student), "tokenizer": ""}, train={"steps": 6, "save_every": 0,
+                                                                           "max_consecutive_skips": 2}))
+    lines = error_lines(run_cli(["--config", str(cfg)]))
+    assert len(lines) == 1 and "2 consecutive steps skipped" in lines[0] and "last good checkpoint: none" in lines[0]
+    metrics = read_metrics(tmp_path / "runs" / "run")
+    assert [(m["step"], m["opd/skipped_updates"], m["opd/loss"]) for m in metrics] == [(1, 1, "nan"), (2, 1, "nan")]
+
+
 # ----------------------------------------------------------------------------
 # interruption
 
