@@ -303,7 +303,11 @@ def check_run_dir(cfg: Config, config_paths=(), ignore=()) -> list[str]:
     """Starting into an existing run directory resumes it or refuses; it never writes over something else.
 
     `ignore`: keys left out of the saved-config comparison (ones already reported as config errors).
+    Only the main process of a multi-process launch judges: the others could find the directory
+    half-made by it (the trainer tells them when the main process refuses).
     """
+    if int(os.environ.get("RANK", "0")) > 0:
+        return []
     run_dir = run_directory(cfg, config_paths)
     saved = run_dir / "config.yaml"
     if run_dir.exists() and not run_dir.is_dir():

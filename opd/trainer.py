@@ -56,7 +56,7 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
         reset_peak_memory(acc.device)
         # 1. rollout: this process's share of the step's prompts, sampled by the student
         batch = run.sampler.next_batch(tc.prompts_per_step)
-        places = shard_places(len(batch), run.updates_per_step, acc.process_index, acc.num_processes)
+        places = shard_places(len(batch), tc.mini_batch_size or len(batch), acc.process_index, acc.num_processes)
         prompts = [batch[i] for i in places]
         t0 = time.perf_counter()
         # Seeded per prompt by its place in the global step batch, not by process: the rollouts are
@@ -231,13 +231,19 @@ def setup(cfg: Config, config_paths=()) -> Run:
                                                       need_answers=cfg.opd.reward_beta > 0)
     acc.print(f"data: {report.summary()}; {len(val_prompts)} held out")
     device = acc.device
+
+    def build(mc, tok, trainable: bool, sharded: bool):
+        # With zero3_init_flag models are loaded already sharded (zero.Init); a replicated teacher must not be.
+        # A random-init model (no path: tests, benchmarks) is built whole and sharded by DeepSpeed after:
+        # zero.Init would draw other initial weights than a single process does.
+        whole = zero3 and not (sharded and mc.path)
+        with built_whole(ds_plugin) if whole else contextlib.nullcontext():
+            return load_model(mc, tok, device, trainable=trainable)
+
     # The student trains in float32 under bf16 autocast on GPU ('auto'); the teacher is stored in bf16.
-    student_lm = load_model(cfg.model if cfg.model.dtype != "auto" else _with(cfg.model, dtype="float32"),
-                            tokenizer, device, trainable=True)
-    # With zero3_init_flag models are built already sharded; a replicated teacher must not be.
-    replicated = zero3 and not cfg.opd.teacher_zero3
-    with ds_plugin.zero3_init_context_manager(enable=False) if replicated else contextlib.nullcontext():
-        teacher = load_model(cfg.teacher, teacher_tok, device, trainable=False)
+    student_lm = build(cfg.model if cfg.model.dtype != "auto" else _with(cfg.model, dtype="float32"),
+                       tokenizer, trainable=True, sharded=True)
+    teacher = build(cfg.teacher, teacher_tok, trainable=False, sharded=cfg.opd.teacher_zero3)
     try:
         check_tokenizers(tokenizer, teacher_tok, rows(student_lm.get_output_embeddings().weight),
                          rows(teacher.get_output_embeddings().weight))
@@ -298,9 +304,9 @@ def prepare_run_dir(cfg: Config, config_paths, acc) -> Path:
     """The run directory: new, or an existing run with a compatible config (rules in opd.preflight.check_run_dir)."""
     from opd.preflight import check_run_dir, run_directory
 
-    problems = check_run_dir(cfg, config_paths)
-    if problems:
-        raise RunError(problems[0])
+    problems = check_run_dir(cfg, config_paths)  # [] on all but the main process
+    if global_sum(acc, float(bool(problems))) > 0:
+        raise RunError(problems[0] if problems else "the main process refused the run directory (its error says why)")
     run_dir = run_directory(cfg, config_paths)
     saved = run_dir / "config.yaml"
     if acc.is_main_process:
@@ -389,6 +395,19 @@ def check_even_split(cfg: Config, world: int) -> None:
             raise RunError(f"{key} = {value} must be divisible by the {world} processes (each takes an equal share)")
 
 
+@contextlib.contextmanager
+def built_whole(ds_plugin):
+    """Models built inside are whole, not sharded by zero.Init. accelerate's own
+    zero3_init_context_manager(enable=False) leaves transformers' DeepSpeed config, and so zero.Init, on."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(ds_plugin.dschf)
+
+
 def deepspeed_engine(acc):
     """The student's DeepSpeed engine, or None without DeepSpeed."""
     wrapped = getattr(acc, "deepspeed_engine_wrapped", None)
@@ -457,6 +476,15 @@ def derive_seed(*parts) -> int:
     """A 63-bit seed from any parts, stable across runs and Python versions."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def shard_places(n: int, mini: int, rank: int, world: int) -> list[int]:
+    """This process's places in the step's batch of `n` prompts: every update's `mini` prompts split into
+    `world` contiguous blocks, block `rank` of each. The updates then hold the prompts a single process
+    would use, and, when a block is a whole number of micro-batches, so do the micro-batches (which
+    micro-batch-scoped selection ranks together), whatever the process count."""
+    share = mini // world
+    return [u * mini + rank * share + i for u in range(n // mini) for i in range(share)]
 
 
 def split_updates(rollouts: Rollouts, weights: torch.Tensor, step: int, cfg: Config, acc) -> list[list[MicroBatch]]:
