@@ -341,7 +341,8 @@ def build_optimizer(policy, cfg: Config):
     decay, no_decay = [], []
     for name, p in policy.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)  # no decay on norms and biases
+            # no decay on norms and biases; ds_shape: a ZeRO-3 shard built by zero.Init is a flat (n,) tensor
+            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
