@@ -37,14 +37,16 @@ WEIGHT_ATOL = 1e-6
 VOLATILE = ("timing/", "perf/")  # wall-clock and memory readings differ between any two runs
 STEPS = 3
 
-# mode -> (accelerate config file, extra environment, run overrides)
+# mode -> (accelerate config file, extra environment, run overrides); {models}: the saved tiny pair
 LAUNCHES = {
     # accelerate's MULTI_GPU launch on CPUs; the trainer then asks for gloo (NOTES.md)
     "ddp": ("ddp.yaml", {"ACCELERATE_USE_CPU": "true"}, []),
     # DeepSpeed runs on CPUs as it is; ACCELERATE_USE_CPU would switch it off
     "zero2": ("zero2.yaml", {}, []),
-    "zero3": ("zero3.yaml", {}, []),  # teacher sharded as a ZeRO-3 inference engine
-    "zero3_replicated_teacher": ("zero3.yaml", {}, ["opd.teacher_zero3=false"]),
+    # both models loaded from HF folders under zero.Init (built sharded), the teacher a ZeRO-3 inference engine
+    "zero3": ("zero3.yaml", {}, ["model.path={models}/student", "teacher.path={models}/teacher"]),
+    # the random-init student built whole and sharded by its engine; a full teacher loaded per process
+    "zero3_replicated_teacher": ("zero3.yaml", {}, ["opd.teacher_zero3=false", "teacher.path={models}/teacher"]),
     "zero3_offload": ("zero3_offload.yaml", {}, []),
 }
 
@@ -65,7 +67,8 @@ def launch(mode: str, config: Path, run_name: str, *overrides: str) -> subproces
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "configs" / "accelerate" / file), "--num_processes", "2",
                "--main_process_port", str(free_port()), str(REPO / "train.py"),
-               "--config", str(config), f"train.run_name={run_name}", *mode_overrides, *overrides]
+               "--config", str(config), f"train.run_name={run_name}",
+               *(o.format(models=config.parent / "models") for o in mode_overrides), *overrides]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
 
 
@@ -100,7 +103,21 @@ def workspace(tmp_path_factory) -> Path:
     cfg = tiny_config(tmp, rollout={"max_new_tokens": 24}, train={"steps": STEPS, "save_every": 0},
                       tip={"selector": "entropy_sample", "ratio": 0.5})
     write_config(tmp / "c.yaml", cfg)
+    save_pair(tmp / "c.yaml", tmp / "models")
     return tmp
+
+
+def save_pair(config: Path, folder: Path) -> None:
+    """The config's random-init student and teacher as HF folders: loaded from there, they are the same models."""
+    import torch
+
+    from opd.config import load_config
+    from opd.models import load_model, load_tokenizer, save_pretrained
+
+    cfg = load_config([str(config)], [])
+    for side, mc in (("student", cfg.model), ("teacher", cfg.teacher)):
+        tokenizer = load_tokenizer(mc)
+        save_pretrained(load_model(mc, tokenizer, torch.device("cpu"), trainable=False), tokenizer, folder / side)
 
 
 @pytest.fixture(scope="module")
