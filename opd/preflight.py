@@ -197,7 +197,7 @@ def _peek_fields(key: str, path: Path, cfg: Config) -> list[str]:
 def run_directory(cfg: Config, config_paths=()) -> Path:
     """<output_dir>/<run_name>; the run name defaults to the last config file's stem."""
     name = cfg.train.run_name or (Path(config_paths[-1]).stem if config_paths else "run")
-    return Path(cfg.train.output_dir) / name
+    return Path(cfg.train.output_dir).expanduser() / name
 
 
 def check_output(cfg: Config, config_paths=()) -> list[str]:
