@@ -36,7 +36,8 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
 
 
-def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+def log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dimension, in x's own storage."""
     return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
 
 
@@ -56,7 +57,7 @@ def divergence_kernel(s: torch.Tensor, t: torch.Tensor, loss_type: str, beta: fl
     (overwritten in place, to keep the chunk's temporaries few): pass copies.
     Returns (D (C,) nats, dD/ds (C, V) or None, row_stats(...) or None).
     """
-    ls, lt = _log_softmax_(s), _log_softmax_(t)
+    ls, lt = log_softmax_(s), log_softmax_(t)
     stats = row_stats(ls, lt) if with_stats else None
     if loss_type == "reverse_kl":
         p = ls.exp()

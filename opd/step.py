@@ -29,7 +29,7 @@ import torch
 
 import tip
 from tip.stats import TokenStats, token_stats
-from opd.losses import fused_head_divergence, token_divergence
+from opd.losses import fused_head_divergence, log_softmax_, row_stats, token_divergence
 from opd.models import backbone
 
 
@@ -84,10 +84,15 @@ def teacher_side(teacher, mb: MicroBatch, loss_impl: str, cache_device) -> torch
 def chunked_stats(hidden, weight, teacher_hidden, teacher_weight, sequence_ids, chunk_size, topk=0) -> TokenStats:
     """Token statistics with the LM heads applied chunk by chunk (never (N, V) at once)."""
     parts = []
+    vocab = min(weight.shape[0], teacher_weight.shape[0])
     for i in range(0, hidden.shape[0], chunk_size):
-        s = hidden[i:i + chunk_size] @ weight.T
-        t = teacher_hidden[i:i + chunk_size] @ teacher_weight.T
-        parts.append(token_stats(s, t, sequence_ids[i:i + chunk_size], chunk_size, topk=topk))
+        s = hidden[i:i + chunk_size] @ weight[:vocab].T
+        t = teacher_hidden[i:i + chunk_size] @ teacher_weight[:vocab].T
+        if topk:  # the token dump's top-k distributions come with tip's statistics
+            parts.append(token_stats(s, t, sequence_ids[i:i + chunk_size], chunk_size, topk=topk))
+        else:  # the lean form (log-softmax in place, row dots): fewer (chunk, V) temporaries
+            rows = row_stats(log_softmax_(s.float()), log_softmax_(t.float()))
+            parts.append(stats_from_rows(rows, sequence_ids[i:i + chunk_size], vocab))
     if not parts:
         empty = torch.zeros(0, device=hidden.device)
         return token_stats(empty.view(0, 1), empty.view(0, 1), sequence_ids[:0], chunk_size)

@@ -401,6 +401,19 @@ def reference(tmp_path_factory):
     return cfg, tmp / "runs" / "whole"
 
 
+def stop_with_signal(args: list[str], run: Path, sig: int, log: Path) -> int:
+    """Start a run, send `sig` after its first step; it must finish that step, checkpoint and exit 0.
+    Returns the step it stopped at."""
+    proc = start_cli(args, log)
+    wait_for_steps(run, 1, proc, log)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    stopped = len(read_metrics(run))
+    assert f"stopped by signal at step {stopped}; checkpoint saved" in log.read_text()
+    assert (run / "checkpoints" / f"step_{stopped:06d}" / "trainer_state.json").is_file()
+    return stopped
+
+
 def test_sigterm_then_kill_9_then_resume_matches_the_uninterrupted_run(tmp_path, reference):
     cfg, whole = reference
     args = ["--config", str(cfg), f"train.output_dir={tmp_path / 'runs'}", "train.run_name=parts"]
@@ -408,14 +421,8 @@ def test_sigterm_then_kill_9_then_resume_matches_the_uninterrupted_run(tmp_path,
     ckpts = run / "checkpoints"
 
     # 1. SIGTERM (preemption): the step in flight finishes, a checkpoint is written, exit 0
-    log = tmp_path / "term.log"
-    proc = start_cli(args, log)
-    wait_for_steps(run, 1, proc, log)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
-    stopped = len(read_metrics(run))
-    assert f"stopped by signal at step {stopped}; checkpoint saved" in log.read_text()
-    assert stopped < STEPS and (ckpts / f"step_{stopped:06d}" / "trainer_state.json").is_file()
+    stopped = stop_with_signal(args, run, signal.SIGTERM, tmp_path / "term.log")
+    assert stopped < STEPS
 
     # 2. resumed, then kill -9 at a random moment (saves happen every step, so often mid-save)
     log = tmp_path / "kill.log"
@@ -473,14 +480,8 @@ def test_sigint_then_kill_9_inside_a_checkpoint_write_then_resume(tmp_path, refe
     ckpts = run / "checkpoints"
 
     # 1. one Ctrl-C behaves like SIGTERM: the step finishes, a checkpoint is written, exit 0
-    log = tmp_path / "int.log"
-    proc = start_cli(args, log)
-    wait_for_steps(run, 1, proc, log)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
-    stopped = len(read_metrics(run))
-    assert f"stopped by signal at step {stopped}; checkpoint saved" in log.read_text()
-    assert stopped < STEPS - 2 and (ckpts / f"step_{stopped:06d}" / "trainer_state.json").is_file()
+    stopped = stop_with_signal(args, run, signal.SIGINT, tmp_path / "int.log")
+    assert stopped < STEPS - 2
 
     # 2. resumed; the write of checkpoint stopped+2 hangs once all its files are written, just before
     #    the rename that publishes it; kill -9 there
