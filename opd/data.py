@@ -39,7 +39,7 @@ class LoadReport:
         return f"{self.records} prompts (skipped: {parts})"
 
 
-def _field(record: dict, key: str):
+def field_value(record: dict, key: str):
     """`a.b` looks up nested fields (DAPO keeps its answer in reward_model.ground_truth)."""
     node = record
     for part in key.split("."):
@@ -152,8 +152,8 @@ def load_prompts(dc: DataConfig, tokenizer, *, seed: int, need_answers: bool = F
 def _encode_all(path, split, dc: DataConfig, tokenizer, report, seed, need_answers) -> list[Prompt]:
     out: list[Prompt] = []
     for rec, source in read_records(path, split, dc.bad_records, report, seed=seed, n=dc.max_samples):
-        prompt = _field(rec, dc.prompt_key)
-        answer = _field(rec, dc.answer_key) if dc.answer_key else ""
+        prompt = field_value(rec, dc.prompt_key)
+        answer = field_value(rec, dc.answer_key) if dc.answer_key else ""
         problem = None
         if prompt is None:
             problem = f"missing field `{dc.prompt_key}`"

@@ -41,10 +41,12 @@ def log_softmax_(x: torch.Tensor) -> torch.Tensor:
     return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
 
 
-def row_stats(ls: torch.Tensor, lt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def row_stats(ls: torch.Tensor, lt: torch.Tensor, p: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(student entropy, teacher entropy, KL(p||q), KL(q||p)) per row, in nats, from finite
-    log-probabilities (C, V): two exponentials and four row dot products, no other (C, V) temporary."""
-    p, q = ls.exp(), lt.exp()
+    log-probabilities (C, V): two exponentials (p = exp(ls) may be passed in) and four row dot
+    products, no other (C, V) temporary."""
+    p = ls.exp() if p is None else p
+    q = lt.exp()
     hs, ht = -_rowdot(p, ls), -_rowdot(q, lt)
     return hs, ht, -hs - _rowdot(p, lt), -ht - _rowdot(q, ls)
 
@@ -58,19 +60,20 @@ def divergence_kernel(s: torch.Tensor, t: torch.Tensor, loss_type: str, beta: fl
     Returns (D (C,) nats, dD/ds (C, V) or None, row_stats(...) or None).
     """
     ls, lt = log_softmax_(s), log_softmax_(t)
-    stats = row_stats(ls, lt) if with_stats else None
+    p = ls.exp() if with_stats or loss_type != "forward_kl" else None  # the statistics and most losses share it
+    stats = row_stats(ls, lt, p) if with_stats else None
     if loss_type == "reverse_kl":
-        p = ls.exp()
         diff = lt.neg_().add_(ls)  # log p - log q, in lt's storage
         d = _rowdot(p, diff)
         grad = diff.sub_(d[:, None]).mul_(p) if with_grad else None
     elif loss_type == "forward_kl":
         q = lt.exp()
-        p = ls.exp() if with_grad else None
+        if with_grad and p is None:
+            p = ls.exp()
         d = _rowdot(q, lt.sub_(ls))  # sum q (log q - log p)
         grad = p.sub_(q) if with_grad else None
     else:  # jsd with 0 < beta < 1
-        p, q = ls.exp(), lt.exp()
+        q = lt.exp()
         lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
         s_term = ls.sub_(lm)  # log p - log m
         d = beta * _rowdot(q, lt.sub_(lm)) + (1.0 - beta) * _rowdot(p, s_term)

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from opd.config import Config, ModelConfig, to_dict
+from opd.data import field_value
 
 PEEK_RECORDS = 200  # records read from the head of a data file to catch misnamed fields early
 CHARS_VOCAB = 102  # ids of the built-in character tokenizer (opd.models.char_tokenizer), for size estimates
@@ -154,15 +155,6 @@ def _head_records(file: Path) -> tuple[list[dict], int]:
     return records, bad
 
 
-def _has_field(record: dict, key: str) -> bool:
-    node = record
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
 def _peek_fields(key: str, path: Path, cfg: Config) -> list[str]:
     dc = cfg.data
     files = _data_files(path)
@@ -181,7 +173,7 @@ def _peek_fields(key: str, path: Path, cfg: Config) -> list[str]:
     if dc.answer_key and cfg.opd.reward_beta > 0:
         wanted.append(("answer_key", dc.answer_key))
     for name, field in wanted:
-        if not any(_has_field(r, field) for r in records):
+        if not any(field_value(r, field) is not None for r in records):
             fields = sorted({k for r in records for k in r})
             problems.append(
                 f"data.{name}: no record among the first {len(records)} of {files[0]} has field `{field}` "
