@@ -1,6 +1,6 @@
 """Teacher and student of the demo task, trained here in a few CPU minutes and cached.
 
-`prepare_pair(settings, cache_dir)` trains a teacher (supervised on worked
+`prepare_pair(settings)` trains a teacher (supervised on worked
 solutions, loss on response tokens only) and a smaller, under-trained student,
 and saves both as ordinary Hugging Face checkpoints:
 
@@ -29,101 +29,45 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
+import lm.chat
 from demo import task
+from demo.config import DemoConfig, check_demo, pair_fields
+from lm.config import ModelConfig
+from lm.models import random_model_config
+from lm.rollout import sample
+from lm.typed import apply, parse_value
 
 FORMAT = 1
 """Part of the cache key: bump it when a change here makes the same settings train a different pair."""
 
-DEFAULT_CACHE = Path(".cache") / "demo"
 
-
-@dataclass
-class PairSettings:
-    arch: str = field(default="llama", metadata={"help": "transformers architecture of both models: llama, qwen3 or qwen2"})
-    teacher_layers: int = field(default=2, metadata={"help": "teacher decoder layers"})
-    teacher_hidden: int = field(default=128, metadata={"help": "teacher hidden size (MLP is 4x)"})
-    teacher_heads: int = field(default=4, metadata={"help": "teacher attention heads"})
-    teacher_steps: int = field(default=600, metadata={"help": "teacher supervised optimiser steps"})
-    teacher_lr: float = field(default=3e-3, metadata={"help": "teacher peak learning rate"})
-    student_layers: int = field(default=2, metadata={"help": "student decoder layers"})
-    student_hidden: int = field(default=64, metadata={"help": "student hidden size (MLP is 4x)"})
-    student_heads: int = field(default=4, metadata={"help": "student attention heads"})
-    student_steps: int = field(default=280, metadata={"help": "student supervised optimiser steps (stopped early on purpose)"})
-    student_lr: float = field(default=3e-3, metadata={"help": "student peak learning rate"})
-    batch_size: int = field(default=64, metadata={"help": "worked solutions per supervised step"})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps before the cosine decay"})
-    eval_problems: int = field(default=512, metadata={"help": "held-out problems for the accuracies in pair.json"})
-    seed: int = field(default=0, metadata={"help": "seed of weights, data order and evaluation samples"})
-    num_threads: int = field(default=0, metadata={"help": "torch CPU threads while preparing; 0 = leave as is (not part of the cache key)"})
-
-
-_NOT_IN_KEY = ("num_threads",)
-
-
-def pair_settings(settings: dict | PairSettings | None = None) -> PairSettings:
-    """Validated settings from a dict (unknown keys and bad values are errors naming the key)."""
-    if isinstance(settings, PairSettings):
+def pair_settings(settings: dict | DemoConfig | None = None) -> DemoConfig:
+    """Validated settings from a dict (YAML-typed or command-line text values); ValueError names every bad key."""
+    if isinstance(settings, DemoConfig):
         settings = dataclasses.asdict(settings)
-    settings = dict(settings or {})
-    fields = {f.name: f for f in dataclasses.fields(PairSettings)}
-    for key in settings:
-        if key not in fields:
-            raise ValueError(f"unknown demo setting {key!r} (known: {', '.join(fields)})")
-    values = {}
-    for key, value in settings.items():
-        kind = fields[key].type if isinstance(fields[key].type, type) else {"int": int, "float": float, "str": str}[fields[key].type]
-        values[key] = _coerce(key, value, kind)
-    s = PairSettings(**values)
-    for key in fields:
-        value = getattr(s, key)
-        if isinstance(value, (int, float)) and key != "seed" and value < 0:
-            raise ValueError(f"demo setting {key} = {value} must not be negative")
-    if s.arch not in ("llama", "qwen3", "qwen2"):
-        raise ValueError(f"demo setting arch = {s.arch!r} is not one of: llama, qwen3, qwen2")
-    for side in ("teacher", "student"):
-        hidden, heads = getattr(s, f"{side}_hidden"), getattr(s, f"{side}_heads")
-        if min(hidden, heads, getattr(s, f"{side}_layers")) < 1 or hidden % heads:
-            raise ValueError(f"demo setting {side}_hidden = {hidden} must be a positive multiple of {side}_heads = {heads}")
-    if s.batch_size < 1 or s.eval_problems < 1:
-        raise ValueError("demo settings batch_size and eval_problems must be at least 1")
+    values = {k: parse_value(v) if isinstance(v, str) else v for k, v in dict(settings or {}).items()}
+    s, problems = DemoConfig(), []
+    apply(s, values, "", {k: "demo settings" for k in values}, problems)
+    problems += [] if problems else check_demo(s, prefix="")
+    if problems:
+        raise ValueError("; ".join(problems))
     return s
 
 
-def _coerce(key: str, value, kind: type):
-    if kind is str:
-        return str(value)
-    if isinstance(value, bool):
-        raise ValueError(f"demo setting {key} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"demo setting {key} must be a number, got {value!r}") from None
-    if kind is int:
-        if not number.is_integer():
-            raise ValueError(f"demo setting {key} must be an integer, got {value!r}")
-        return int(number)
-    return number
-
-
-def settings_key(s: PairSettings) -> str:
+def settings_key(s: DemoConfig) -> str:
     """Hash of everything that changes the trained pair (12 hex digits)."""
-    data = {k: v for k, v in dataclasses.asdict(s).items() if k not in _NOT_IN_KEY}
+    data = pair_fields(s)
     data["format"], data["digits"] = FORMAT, task.DIGITS
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def build_model(s: PairSettings, side: str, tokenizer):
+def build_model(s: DemoConfig, side: str, tokenizer):
     """A randomly initialised causal LM of the given side ("teacher" or "student"), fp32."""
-    from transformers import AutoModelForCausalLM
-
-    from opd.config import ModelConfig
-    from opd.models import random_model_config
-
     hidden, heads = getattr(s, f"{side}_hidden"), getattr(s, f"{side}_heads")
     mc = ModelConfig(arch=s.arch, hidden_size=hidden, num_layers=getattr(s, f"{side}_layers"), num_heads=heads,
                      num_kv_heads=heads, intermediate_size=4 * hidden)
@@ -135,8 +79,8 @@ def build_model(s: PairSettings, side: str, tokenizer):
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Prompt ids: the problem as a user message, chat template, assistant turn opened."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return lm.chat.encode_prompt(tokenizer, prompt, instruction="", separator="", system_prompt="", chat_template=True,
+                                 enable_thinking=False)
 
 
 def supervised_batch(tokenizer, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,7 +104,7 @@ def supervised_batch(tokenizer, records: list[dict]) -> tuple[torch.Tensor, torc
     return input_ids, attention, labels
 
 
-def supervised_train(model, tokenizer, s: PairSettings, steps: int, lr: float, seed: int, log=print, name: str = "") -> float:
+def supervised_train(model, tokenizer, s: DemoConfig, steps: int, lr: float, seed: int, log=print, name: str = "") -> float:
     """Train on worked solutions for `steps` AdamW steps (warm-up, then cosine to 5% of lr).
 
     Returns the wall-clock seconds spent.
@@ -195,19 +139,18 @@ def max_response_tokens(digits: int) -> int:
 
 def accuracy(model, tokenizer, problems: list[dict], *, temperature: float = 1.0, seed: int = 0) -> float:
     """Share of `problems` answered correctly, one sample each at `temperature` (0 = greedy)."""
-    from opd.rollout import sample
-
     prompts = [encode_prompt(tokenizer, p["prompt"]) for p in problems]
     rollouts = sample(model, prompts, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      temperature=temperature, max_new_tokens=max_response_tokens(task.DIGITS), batch_size=256, seed=seed)
+                      temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max_response_tokens(task.DIGITS), n=1,
+                      batch_size=256, seed=seed)
     texts = tokenizer.batch_decode(rollouts.response_ids(), skip_special_tokens=True)
     return sum(task.grade(t, p["answer"]) for t, p in zip(texts, problems)) / len(problems)
 
 
-def prepare_pair(settings: dict | PairSettings | None, cache_dir: str | Path, log=print) -> tuple[Path, Path]:
-    """Train (or reuse from `cache_dir`) the demo teacher and student; returns (teacher_dir, student_dir)."""
+def prepare_pair(settings: dict | DemoConfig | None, log=print) -> tuple[Path, Path]:
+    """Train (or reuse from `settings.cache_dir`) the demo teacher and student; returns (teacher_dir, student_dir)."""
     s = pair_settings(settings)
-    cache_dir = Path(cache_dir)
+    cache_dir = Path(s.cache_dir).expanduser()
     final = cache_dir / f"pair-{settings_key(s)}"
     if (final / "pair.json").is_file():
         log(f"demo: reusing the prepared pair in {final}")
@@ -234,7 +177,7 @@ def prepare_pair(settings: dict | PairSettings | None, cache_dir: str | Path, lo
     return final / "teacher", final / "student"
 
 
-def _train_pair(s: PairSettings, out: Path, log) -> dict:
+def _train_pair(s: DemoConfig, out: Path, log) -> dict:
     tokenizer = task.tokenizer()
     problems = task.eval_problems(s.eval_problems, s.seed)
     info: dict = {"settings": dataclasses.asdict(s), "task": "multiplication", "eval_problems": len(problems),
@@ -259,9 +202,9 @@ def _train_pair(s: PairSettings, out: Path, log) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help=f"cache directory (default {DEFAULT_CACHE})")
+    parser.add_argument("--cache", default=None, help=f"cache directory (default {DemoConfig.cache_dir}; same as cache_dir=DIR)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="settings: " + ", ".join(f.name for f in dataclasses.fields(PairSettings)))
+                        help="settings: " + ", ".join(f.name for f in dataclasses.fields(DemoConfig)))
     args = parser.parse_args(argv)
     settings = {}
     for text in args.overrides:
@@ -270,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         key, value = text.split("=", 1)
         settings[key.strip()] = value
     try:
-        teacher_dir, _ = prepare_pair(settings, args.cache)
+        if args.cache is not None:
+            settings["cache_dir"] = args.cache
+        teacher_dir, _ = prepare_pair(settings)
     except ValueError as exc:
         parser.error(str(exc))
     info = json.loads((teacher_dir.parent / "pair.json").read_text())

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from opd.models import char_tokenizer
+from lm.tokenizers import char_tokenizer
 
 NAME = "multiplication"
 """`data.train_path: demo:multiplication` names this task."""

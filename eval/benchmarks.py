@@ -24,7 +24,6 @@ on either can be compared problem by problem.
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import os
 import re
@@ -32,6 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+
+from demo import task as demo_task
 from eval import grader
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -57,6 +59,7 @@ class Problem:
     id: str
     prompt: str  # the user message, instruction included
     answer: str  # gold answer, as the judge expects it
+    ids: tuple[int, ...] | None = None  # the prompt already formatted and tokenized (e.g. held-out training prompts)
 
 
 @dataclass(frozen=True)
@@ -182,8 +185,6 @@ def _read_jsonl(path: Path, name: str) -> list[tuple[str, str, str]]:
 
 def _hub(name: str, hub_id: str, split: str):
     try:
-        import datasets
-
         return datasets.load_dataset(hub_id, split=split)
     except Exception as exc:  # offline, renamed, gated: the user needs the one-line reason
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -243,16 +244,10 @@ def _dapo(name: str, max_problems: int) -> Benchmark:
 
 @register("demo")
 def _demo(name: str, max_problems: int) -> Benchmark:
-    try:
-        task = importlib.import_module("demo.task")
-    except ImportError as exc:
-        raise BenchmarkError(f"benchmark 'demo' needs the module demo.task, which did not import ({exc})") from None
-    records = task.eval_problems(max_problems or DEMO_PROBLEMS, DEMO_SEED)
+    records = demo_task.eval_problems(max_problems or DEMO_PROBLEMS, DEMO_SEED)
     problems = tuple(Problem(str(r["id"]), str(r["prompt"]), str(r["answer"])) for r in records)
 
     def grade(response_text: str, answer: str, timeout_s: float) -> bool:
-        return bool(task.grade(response_text, answer))
+        return bool(demo_task.grade(response_text, answer))
 
-    # Without the task's own extractor, a sample's whole text is its vote.
-    extract = getattr(task, "extract_answer", None) or (lambda text: text.strip() or None)
-    return Benchmark(name, problems, grade=grade, extract=extract)
+    return Benchmark(name, problems, grade=grade, extract=demo_task.extract_answer)

@@ -17,8 +17,14 @@ import re
 import sys
 from pathlib import Path
 
+import torch
+
 from eval.benchmarks import BenchmarkError, load_benchmark, parse_spec
-from opd.config import EvalConfig
+from eval.config import EvalConfig
+from eval.runner import evaluate
+from lm.config import ModelConfig
+from lm.models import load_model
+from lm.tokenizers import load_tokenizer
 
 # command-line flag -> EvalConfig field
 _CFG_FLAGS = {
@@ -94,12 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    import torch
-
-    from eval.runner import evaluate
-    from opd.config import ModelConfig
-    from opd.models import load_model, load_tokenizer
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)

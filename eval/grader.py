@@ -35,11 +35,17 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import logging
+import os
+import queue
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\b")
 # Spacing and sizing commands that never change a value; dropped before string comparison.
@@ -130,7 +136,7 @@ def normalize_answer(answer: str) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(gold: str):
-    from math_verify import LatexExtractionConfig, parse
+    from math_verify import LatexExtractionConfig, parse  # heavy (sympy, antlr): loaded on first grade
 
     # The gold answer is LaTeX by construction; boxing it makes math-verify take all of it.
     return parse("\\boxed{" + gold + "}", extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
@@ -138,7 +144,7 @@ def _parse_gold(gold: str):
 
 def _equivalent_unbounded(answer: str, gold: str) -> bool:
     """math-verify's judgement with no time limit (call through `is_equivalent`)."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify  # heavy: on first grade
 
     predicted = parse(
         "\\boxed{" + answer + "}",
@@ -223,11 +229,7 @@ def serve_worker() -> None:
     stdout (a stray print deep in a library) is sent to stderr instead, so it
     cannot corrupt the protocol.
     """
-    import json
-    import os
-    import sys
-
-    import math_verify  # noqa: F401  (imported before "ready" so start-up is not billed to an answer)
+    import math_verify  # noqa: F401  heavy; imported before "ready" so start-up is not billed to an answer
 
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
@@ -246,12 +248,6 @@ def _start_worker():
     # methods re-import the caller's __main__ (a training script without a
     # __main__ guard would start again), and fork is unsafe once CUDA or
     # threads are running.
-    import os
-    import queue
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -294,9 +290,6 @@ def _stop_worker() -> None:
 
 
 def _in_worker(answer: str, gold: str, timeout_s: float) -> bool:
-    import json
-    import queue
-
     global _worker
     with _worker_lock:
         if _worker is None or _worker[0].poll() is not None:

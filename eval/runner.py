@@ -13,17 +13,20 @@ once. Output directory:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 import zlib
 from pathlib import Path
 
+import torch.distributed as dist
+
 from eval import metrics
 from eval.benchmarks import Benchmark, load_benchmark
 from eval.grader import normalize_answer
-from opd.config import EvalConfig
-from opd.rollout import sample
+from eval.config import EvalConfig
+from lm.rollout import sample
 
 SUMMARY_KEYS = ("mean@k", "std@k", "pass@k", "maj@k", "n_problems", "mean_length", "truncation_rate")
 
@@ -31,7 +34,7 @@ SUMMARY_KEYS = ("mean@k", "std@k", "pass@k", "maj@k", "n_problems", "mean_length
 def evaluate(
     model,
     tokenizer,
-    benchmarks: list[str],
+    benchmarks: list[str | Benchmark],
     cfg: EvalConfig,
     out_dir,
     *,
@@ -43,7 +46,7 @@ def evaluate(
     shard: tuple[int, int] = (0, 1),
     gather=None,
 ) -> dict:
-    """Evaluate `model` on each benchmark spec (see eval.benchmarks) and return the summary.
+    """Evaluate `model` on each benchmark (a spec, see eval.benchmarks, or a loaded Benchmark) and return the summary.
 
     Every problem gets `cfg.k` samples at `cfg.temperature` / `cfg.top_p`, at
     most `cfg.max_new_tokens` tokens each, `cfg.batch_size` sequences per
@@ -66,7 +69,8 @@ def evaluate(
         raise ValueError(f"shard={shard} splits the problems over processes: pass `gather` to combine them")
     if not benchmarks:
         raise ValueError("no benchmarks to evaluate (eval.benchmarks is empty)")
-    loaded = [load_benchmark(spec, cfg.max_problems) for spec in benchmarks]
+    loaded = [spec if isinstance(spec, Benchmark) else load_benchmark(spec, cfg.max_problems) for spec in benchmarks]
+    loaded = [dataclasses.replace(b, problems=b.problems[:cfg.max_problems]) if cfg.max_problems else b for b in loaded]
     names = [b.name for b in loaded]
     if len(set(names)) != len(names):
         raise ValueError(f"benchmark names must be distinct, got {names}")
@@ -179,8 +183,6 @@ def _chunk_seed(seed: int, name: str, rank: int, chunk: int) -> int:
 def _run_benchmark(model, tokenizer, bench: Benchmark, cfg: EvalConfig, *, seed: int, rank: int, world: int,
                    chat_template: bool, enable_thinking: bool, system_prompt: str) -> list[dict]:
     """This process's share of a benchmark, sampled and graded: one dict per problem."""
-    import torch.distributed as dist
-
     mine = list(range(rank, len(bench.problems), world))
     if world > 1:
         # Pad to the longest shard with a repeat whose results are dropped, so every
@@ -188,8 +190,9 @@ def _run_benchmark(model, tokenizer, bench: Benchmark, cfg: EvalConfig, *, seed:
         share = -(-len(bench.problems) // world)
         mine += [-1] * (share - len(mine))
     ids = {
-        i: build_prompt_ids(tokenizer, bench.problems[max(i, 0)].prompt, chat_template=chat_template,
-                            enable_thinking=enable_thinking, system_prompt=system_prompt)
+        i: list(bench.problems[max(i, 0)].ids) if bench.problems[max(i, 0)].ids is not None else
+        build_prompt_ids(tokenizer, bench.problems[max(i, 0)].prompt, chat_template=chat_template,
+                         enable_thinking=enable_thinking, system_prompt=system_prompt)
         for i in mine
     }
     # Similar lengths share a batch (less padding); longest first, so memory trouble shows early.

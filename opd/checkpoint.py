@@ -12,9 +12,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+
+from lm.models import save_pretrained
+from opd.distributed import deepspeed_engine, global_sum
+from opd.errors import RunError
+from opd.tracking import truncate_jsonl
 
 PREFIX = "step_"
 
@@ -100,3 +107,106 @@ def load_trainer_state(path: Path) -> dict:
 def load_torch_state(path: Path, name: str):
     file = Path(path) / name
     return torch.load(file, map_location="cpu", weights_only=True) if file.is_file() else None
+
+
+# ----------------------------------------------------------------------------
+# a run's checkpoints: save and resume (weights, optimizer, scheduler, sampler, selector state)
+
+# A DeepSpeed run's checkpoint also holds the engine state (every process's shard of the optimizer
+# state and fp32 master weights) in this folder, as DeepSpeed's save_checkpoint writes it.
+ENGINE_DIR, ENGINE_TAG = "deepspeed", "state"
+
+
+def save(run) -> None:
+    """Checkpoint `run` (an opd.setup.Run) at its current step, on every process; RunError if it cannot be written."""
+    acc = run.accelerator
+    engine = deepspeed_engine(acc)
+    failed = None
+    acc.wait_for_everyone()
+    # Every process first: ZeRO-3 gathers the full weights onto the main process, and each DeepSpeed
+    # process writes its shard of the engine state into a staging folder the main process then moves in.
+    weights = acc.get_state_dict(run.student)
+    staged = checkpoint_dir(run.run_dir) / f".tmp-engine-{PREFIX}{run.step:06d}"
+    if engine is not None:
+        if acc.is_main_process and staged.exists():
+            shutil.rmtree(staged)
+        acc.wait_for_everyone()
+        engine.save_checkpoint(str(staged), tag=ENGINE_TAG, save_latest=False)
+        acc.wait_for_everyone()
+    if acc.is_main_process:
+        state = {
+            "step": run.step, "sampler": run.sampler.state_dict(),
+            "selector_state": run.selector_state.state_dict(), "torch_rng": None,
+            "wall_time_s": time.time() - run.started,
+            "num_processes": acc.num_processes, "deepspeed": engine is not None,
+        }
+        lm_weights = {k.removeprefix("lm."): v for k, v in weights.items()}  # PolicyModel keys -> the HF model's
+
+        def write(d: Path) -> None:
+            save_pretrained(acc.unwrap_model(run.student).lm, run.tokenizer, d, state_dict=lm_weights)
+            if engine is not None:
+                staged.rename(d / ENGINE_DIR)
+
+        try:
+            save_checkpoint(
+                run.run_dir, run.step, write, None if engine is not None else run.optimizer.state_dict(),
+                run.scheduler.state_dict(), state, run.cfg.train.keep_last,
+            )
+        except Exception as exc:  # disk full, quota, permissions: whatever the writer raised
+            failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    acc.wait_for_everyone()
+    if global_sum(acc, float(failed is not None)) > 0:
+        raise RunError(f"checkpoint at step {run.step} could not be written ({failed or 'on the main process'}); "
+                       f"last good checkpoint: {latest_checkpoint(run.run_dir) or 'none'}")
+
+
+def resume(run) -> None:
+    """Continue `run` from its newest complete checkpoint (train.resume=auto), or start its logs afresh."""
+    if run.cfg.train.resume != "auto":
+        return
+    latest = latest_checkpoint(run.run_dir)
+    if latest is None:
+        run.log.truncate_after(0)
+        if run.accelerator.is_main_process:
+            truncate_jsonl(run.run_dir / "tokens.jsonl", 0)
+        return
+    state = load_trainer_state(latest)
+    engine = deepspeed_engine(run.accelerator)
+    if engine is not None or (latest / ENGINE_DIR).is_dir():
+        resume_engine(run, engine, latest, state)
+    else:
+        weights = {}
+        for file in sorted(latest.glob("*.safetensors")):
+            weights.update(load_file(str(file)))
+        missing, unexpected = run.policy.lm.load_state_dict(weights, strict=False)
+        missing = [m for m in missing if not (run.policy.lm.config.tie_word_embeddings and "lm_head" in m)]
+        if missing or unexpected:
+            raise RunError(f"checkpoint {latest} does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        run.optimizer.load_state_dict(load_torch_state(latest, "optimizer.pt"))
+    run.scheduler.load_state_dict(load_torch_state(latest, "scheduler.pt"))
+    run.sampler.load_state_dict(state["sampler"])
+    run.selector_state.load_state_dict(state["selector_state"])
+    run.step = state["step"]
+    run.started = time.time() - state.get("wall_time_s", 0.0)
+    run.log.truncate_after(run.step)
+    if run.accelerator.is_main_process:
+        truncate_jsonl(run.run_dir / "tokens.jsonl", run.step)
+    run.accelerator.print(f"resumed from {latest} (step {run.step})")
+
+
+def resume_engine(run, engine, latest: Path, state: dict) -> None:
+    """Weights, fp32 master weights and optimizer state from a DeepSpeed checkpoint (same process count)."""
+    saved_world = state.get("num_processes", 1)
+    if engine is None:
+        raise RunError(f"checkpoint {latest} was written under DeepSpeed by {saved_world} processes: resume it with the "
+                       f"same DeepSpeed accelerate config and process count (its weights alone load with from_pretrained)")
+    if not (latest / ENGINE_DIR).is_dir():
+        raise RunError(f"checkpoint {latest} was written without DeepSpeed: resume it without DeepSpeed, "
+                       f"or choose another train.run_name to start a new run")
+    if saved_world != run.accelerator.num_processes:
+        raise RunError(f"checkpoint {latest} holds the DeepSpeed state of {saved_world} processes, this run has "
+                       f"{run.accelerator.num_processes}: resume with --num_processes {saved_world}")
+    path, _ = engine.load_checkpoint(str(latest / ENGINE_DIR), tag=ENGINE_TAG, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise RunError(f"DeepSpeed found no engine state in {latest / ENGINE_DIR}")

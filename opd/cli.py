@@ -12,7 +12,12 @@ from pathlib import Path
 
 import yaml
 
-from opd.config import ConfigError, load_config, to_dict
+from lm.typed import ConfigError
+from opd.config import load_config, to_dict
+from opd.data import DataError
+from opd.errors import RunError
+from opd.preflight import config_keys, preflight
+from opd.trainer import train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -44,15 +49,11 @@ def main(argv) -> int:
     except ConfigError as exc:
         if exc.config is None or args.print_config:
             return fail(exc.problems)
-        from opd.preflight import config_keys, preflight
-
         # the valid part of the config is checked too, so the user fixes everything in one round
         return fail(exc.problems + preflight(exc.config, paths, ignore=config_keys(exc.problems)))
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    from opd.preflight import preflight
-
     notes: list[str] = []
     problems = preflight(cfg, paths, deep=args.check, notes=notes)
     if problems:
@@ -62,9 +63,6 @@ def main(argv) -> int:
             print(line)
         print("check passed: config, paths, data, models and output directory look fine")
         return 0
-    from opd.data import DataError
-    from opd.trainer import RunError, train
-
     try:
         run_dir = train(cfg, paths)
     except (RunError, DataError) as exc:

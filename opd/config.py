@@ -13,41 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(Exception):
-    """One or more configuration problems; `problems` holds one line each."""
-
-    def __init__(self, problems: list[str], config: "Config | None" = None):
-        self.problems = list(problems)
-        self.config = config  # what could be built with the valid keys applied (None when nothing could)
-        super().__init__("\n".join(self.problems))
-
-
-@dataclass
-class ModelConfig:
-    path: str = field(default="", metadata={"help": "local directory or hub id of a causal LM; empty = build from `arch` with random weights"})
-    arch: Literal["", "qwen3", "qwen2", "llama"] = field(default="", metadata={"help": "architecture for a randomly initialised model (tests, benchmarks)"})
-    hidden_size: int = field(default=64, metadata={"help": "random init: hidden size", "min": 1})
-    num_layers: int = field(default=2, metadata={"help": "random init: decoder layers", "min": 1})
-    num_heads: int = field(default=4, metadata={"help": "random init: attention heads", "min": 1})
-    num_kv_heads: int = field(default=2, metadata={"help": "random init: key/value heads", "min": 1})
-    intermediate_size: int = field(default=128, metadata={"help": "random init: MLP width", "min": 1})
-    vocab_size: int = field(default=0, metadata={"help": "random init: embedding rows; 0 = len(tokenizer)", "min": 0})
-    tie_word_embeddings: bool = field(default=False, metadata={"help": "random init: tie input and output embeddings"})
-    init_seed: int = field(default=0, metadata={"help": "random init: seed of the weights"})
-    tokenizer: str = field(default="", metadata={"help": "tokenizer path or hub id; empty = `path`; 'chars' = the built-in character tokenizer"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype; auto = bfloat16 on a GPU that supports it, else float32"})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "transformers attention implementation (sdpa, eager, flash_attention_2, ...)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing of the decoder layers (student only)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow a checkpoint's own Python code to run; off unless you trust it"})
+from demo.config import DemoConfig, check_demo
+from eval.config import EvalConfig
+from lm.config import ModelConfig, RolloutConfig
+from lm.typed import ConfigError, apply, parse_value
 
 
 @dataclass
@@ -59,6 +34,7 @@ class DataConfig:
     prompt_key: str = field(default="prompt", metadata={"help": "field holding the prompt text (or a list of chat messages)"})
     answer_key: str = field(default="answer", metadata={"help": "field holding the verifiable answer (used by rewards); empty = none"})
     instruction: str = field(default="", metadata={"help": "text appended to every prompt (e.g. the boxed-answer instruction)"})
+    instruction_separator: str = field(default="\n", metadata={"help": "text between a prompt and `instruction`"})
     system_prompt: str = field(default="", metadata={"help": "optional system message"})
     chat_template: bool = field(default=True, metadata={"help": "wrap prompts with the tokenizer's chat template"})
     enable_thinking: bool = field(default=False, metadata={"help": "passed to chat templates that understand it (Qwen3)"})
@@ -67,16 +43,6 @@ class DataConfig:
     bad_records: Literal["skip", "error"] = field(default="skip", metadata={"help": "malformed/empty records: skip with a count, or refuse naming file and line"})
     max_samples: int = field(default=0, metadata={"help": "use at most this many prompts; 0 = all", "min": 0})
     dedup: bool = field(default=False, metadata={"help": "drop repeated prompts (same token ids) before the split; DAPO-Math-17k on the hub repeats each prompt ~100 times"})
-
-
-@dataclass
-class RolloutConfig:
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "min": 0.0})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling", "min": 0.0, "max": 1.0})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off", "min": 0})
-    max_new_tokens: int = field(default=8192, metadata={"help": "response tokens at most", "min": 1})
-    n: int = field(default=1, metadata={"help": "rollouts per prompt", "min": 1})
-    batch_size: int = field(default=0, metadata={"help": "prompts per generate call; 0 = all prompts of the step at once", "min": 0})
 
 
 @dataclass
@@ -122,23 +88,8 @@ class TrainConfig:
     max_steps_per_run: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this many steps in one invocation, for wall-time-limited jobs; 0 = no limit", "min": 0})
     max_consecutive_skips: int = field(default=5, metadata={"help": "stop after this many skipped (non-finite) steps in a row", "min": 1})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto = cuda when available"})
+    mixed_precision: Literal["auto", "no", "bf16"] = field(default="auto", metadata={"help": "bf16 autocast of the models' forward passes (token statistics and divergences stay float32); auto = bf16 on a bf16-capable GPU when model.dtype is auto, no elsewhere; bf16 also runs on CPUs"})
     num_threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0 = torch default", "min": 0})
-
-
-@dataclass
-class EvalConfig:
-    every: int = field(default=5, metadata={"help": "evaluate every N steps; 0 = only before/after", "min": 0})
-    at_start: bool = field(default=False, metadata={"help": "evaluate before the first step"})
-    at_end: bool = field(default=True, metadata={"help": "evaluate after the last step"})
-    teacher: bool = field(default=False, metadata={"help": "also evaluate the teacher once at the start (the upper bound)"})
-    benchmarks: list[str] = field(default_factory=list, metadata={"help": "benchmark names or paths (see eval.benchmarks)"})
-    k: int = field(default=16, metadata={"help": "samples per problem", "min": 1})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "min": 0.0})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling", "min": 0.0, "max": 1.0})
-    max_new_tokens: int = field(default=8192, metadata={"help": "response tokens at most", "min": 1})
-    max_problems: int = field(default=0, metadata={"help": "evaluate at most this many problems per benchmark; 0 = all", "min": 0})
-    batch_size: int = field(default=64, metadata={"help": "sequences per generate call", "min": 1})
-    grade_timeout_s: float = field(default=5.0, metadata={"help": "per-answer grading time limit", "min": 0.1})
 
 
 @dataclass
@@ -162,6 +113,7 @@ class TipConfig:
     entropy_threshold: float = field(default=0.5, metadata={"help": "taxonomy: high-entropy threshold (quantile or normalised entropy)", "min": 0.0})
     divergence_threshold: float = field(default=0.5, metadata={"help": "taxonomy: high-divergence threshold (quantile or nats)", "min": 0.0})
     dump_tokens: int = field(default=0, metadata={"help": "tokens per step written to tokens.jsonl for inspection", "min": 0})
+    dump_topk: int = field(default=5, metadata={"help": "the token dump's top-k tokens of each side, with probabilities", "min": 1})
     plots: bool = field(default=True, metadata={"help": "render the tip pictures at the end of training"})
 
 
@@ -177,7 +129,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tip: TipConfig = field(default_factory=TipConfig)
-    demo: dict = field(default_factory=dict, metadata={"help": "settings of the demo task's pair preparation (see opd/demo)"})
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 # ----------------------------------------------------------------------------
@@ -214,10 +166,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str,
 
 def _deep_merge(dst: dict, src: dict) -> None:
     for key, value in src.items():
-        if isinstance(value, dict) and isinstance(dst.get(key), dict) and key != "demo":
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
             _deep_merge(dst[key], value)
-        elif isinstance(value, dict) and isinstance(dst.get(key), dict):
-            dst[key] = {**dst[key], **value}
         else:
             dst[key] = value
 
@@ -237,11 +187,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError([f"command line: `{text}` is not of the form section.key=value"])
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
+    return key.strip().split("."), parse_value(raw)
 
 
 def load_config(paths: str | os.PathLike | list | None, overrides: list[str] = ()) -> Config:
@@ -271,95 +217,12 @@ def load_config(paths: str | os.PathLike | list | None, overrides: list[str] = (
         node[keys[-1]] = value
         origin[".".join(keys)] = "command line"
     cfg = Config()
-    _apply(cfg, data, "", origin, problems)
+    apply(cfg, data, "", origin, problems)
     if not problems:
         problems.extend(validate(cfg))
     if problems:
         raise ConfigError(problems, config=cfg)
     return cfg
-
-
-def _where(key: str, origin: dict[str, str]) -> str:
-    return origin.get(key, "defaults")
-
-
-def _apply(obj: Any, data: dict, prefix: str, origin: dict[str, str], problems: list[str]) -> None:
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    hints = typing.get_type_hints(type(obj))
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            problems.append(f"{_where(name, origin)}: unknown config key `{name}` (known here: {known})")
-            continue
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                problems.append(f"{_where(name, origin)}: `{name}` must be a mapping of keys")
-                continue
-            _apply(getattr(obj, key), value, name + ".", origin, problems)
-            continue
-        try:
-            setattr(obj, key, _coerce(value, hint))
-        except ValueError as exc:
-            problems.append(f"{_where(name, origin)}: `{name}` {exc}")
-            continue
-        meta = fields[key].metadata
-        current = getattr(obj, key)
-        if isinstance(current, (int, float)) and not isinstance(current, bool):
-            if "min" in meta and current < meta["min"]:
-                problems.append(f"{_where(name, origin)}: `{name}` = {current} is below the minimum {meta['min']}")
-            if "max" in meta and current > meta["max"]:
-                problems.append(f"{_where(name, origin)}: `{name}` = {current} is above the maximum {meta['max']}")
-            if "min_exclusive" in meta and current <= meta["min_exclusive"]:
-                problems.append(f"{_where(name, origin)}: `{name}` = {current} must be greater than {meta['min_exclusive']}")
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            shown = ", ".join(repr(a) if a == "" else str(a) for a in allowed)
-            raise ValueError(f"= {value!r} is not one of: {shown}")
-        return value
-    if origin in (list, typing.List):
-        (inner,) = typing.get_args(hint)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value else []
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"must be a list, got {value!r}")
-        return [_coerce(v, inner) for v in value]
-    if hint is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"must be a mapping, got {value!r}")
-        return dict(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ValueError(f"must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # PyYAML reads `1e-6` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if isinstance(value, (dict, list)):
-            raise ValueError(f"must be a string, got {value!r}")
-        return "" if value is None else str(value)
-    if isinstance(hint, types.UnionType):
-        raise ValueError("has an unsupported type")
-    return value
 
 
 def validate(cfg: Config) -> list[str]:
@@ -381,6 +244,7 @@ def validate(cfg: Config) -> list[str]:
             problems.append(f"{side}.num_heads = {mc.num_heads} must be divisible by {side}.num_kv_heads = {mc.num_kv_heads}")
     if not cfg.data.train_path:
         problems.append("data.train_path is empty: name a prompt file, hub data set or task")
+    problems += check_demo(cfg.demo)
     return problems
 
 

@@ -7,6 +7,11 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
+import pyarrow.parquet as pq
+
+import lm.chat
+from demo import task as demo_task
 from opd.config import DataConfig
 
 
@@ -52,11 +57,9 @@ def field_value(record: dict, key: str):
 def read_records(path: str, split: str, bad_records: str, report: LoadReport, *, seed: int = 0, n: int = 0):
     """Yield (record dict, source string) from a file, directory, hub id or task."""
     if path.startswith("demo:"):
-        from demo import task  # the demo task generates its prompts
-
-        if path != f"demo:{task.NAME}":
-            raise DataError(f"unknown demo task {path!r} (the demo task is demo:{task.NAME})")
-        for i, rec in enumerate(task.train_records(n or 20000, seed)):
+        if path != f"demo:{demo_task.NAME}":
+            raise DataError(f"unknown demo task {path!r} (the demo task is demo:{demo_task.NAME})")
+        for i, rec in enumerate(demo_task.train_records(n or 20000, seed)):
             yield rec, f"{path}[{i}]"
         return
     local = Path(path)
@@ -67,8 +70,6 @@ def read_records(path: str, split: str, bad_records: str, report: LoadReport, *,
         return
     if path.endswith((".jsonl", ".json", ".parquet")) or path.startswith(("/", "./", "../")):
         raise DataError(f"data file not found: {path}")
-    import datasets
-
     hub_id = path.removeprefix("hub:")
     ds = datasets.load_dataset(hub_id, split=split)
     for i, rec in enumerate(ds):
@@ -77,8 +78,6 @@ def read_records(path: str, split: str, bad_records: str, report: LoadReport, *,
 
 def _read_file(file: Path, bad_records: str, report: LoadReport):
     if file.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         for i, rec in enumerate(pq.read_table(file).to_pylist()):
             yield rec, f"{file}[{i}]"
         return
@@ -100,22 +99,10 @@ def _read_file(file: Path, bad_records: str, report: LoadReport):
 
 
 def encode_prompt(tokenizer, prompt, dc: DataConfig) -> list[int]:
-    """Token ids of one prompt (text, or a list of chat messages), chat template applied."""
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt + (("\n" + dc.instruction) if dc.instruction else "")}]
-    else:
-        messages = [dict(m) for m in prompt]
-        if dc.instruction and messages:
-            messages[-1]["content"] = messages[-1]["content"] + "\n" + dc.instruction
-    if dc.system_prompt and messages[0].get("role") != "system":
-        messages = [{"role": "system", "content": dc.system_prompt}] + messages
-    if dc.chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, enable_thinking=dc.enable_thinking
-        )
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    text = "\n".join(m["content"] for m in messages)
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+    """Token ids of one prompt (text, or a list of chat messages) as the data section formats it."""
+    return lm.chat.encode_prompt(tokenizer, prompt, instruction=dc.instruction, separator=dc.instruction_separator,
+                                 system_prompt=dc.system_prompt, chat_template=dc.chat_template,
+                                 enable_thinking=dc.enable_thinking)
 
 
 def _is_prompt(prompt) -> bool:

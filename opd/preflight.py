@@ -13,16 +13,25 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import yaml
+from huggingface_hub import try_to_load_from_cache
+from transformers import CONFIG_MAPPING
 
-from opd.config import Config, ModelConfig, to_dict
-from opd.data import field_value
+from demo import task as demo_task
+from eval.benchmarks import BenchmarkError, parse_spec
+from lm.config import ModelConfig
+from lm.tokenizers import check_tokenizers, load_tokenizer
+from opd.config import Config, to_dict
+from opd.data import DataError, field_value, load_prompts
+from opd.step import known_selectors
 
 PEEK_RECORDS = 200  # records read from the head of a data file to catch misnamed fields early
-CHARS_VOCAB = 102  # ids of the built-in character tokenizer (opd.models.char_tokenizer), for size estimates
+CHARS_VOCAB = 102  # ids of the built-in character tokenizer (lm.tokenizers.char_tokenizer), for size estimates
 
 # Keys that may change when a run is resumed; anything else must match the run's saved config.
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.save_every", "train.keep_last", "train.on_existing",
@@ -77,8 +86,6 @@ def check_model(side: str, mc: ModelConfig) -> list[str]:
 
 
 def _known_model_type(model_type) -> bool:
-    from transformers import CONFIG_MAPPING
-
     return model_type in CONFIG_MAPPING
 
 
@@ -86,8 +93,6 @@ def _check_hub_model(side: str, repo_id: str) -> list[str]:
     # Without network access the only thing to check is the local cache, and only when the hub is off.
     if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
         return []
-    from huggingface_hub import try_to_load_from_cache
-
     if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
         return [f"{side}.path: {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"]
     return []
@@ -131,8 +136,6 @@ def _data_files(path: Path) -> list[Path]:
 def _head_records(file: Path) -> tuple[list[dict], int]:
     """Up to PEEK_RECORDS records from the start of a file, and how many lines were not JSON objects."""
     if file.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         table = pq.ParquetFile(file).iter_batches(batch_size=PEEK_RECORDS)
         first = next(table, None)
         return (first.to_pylist() if first is not None else []), 0
@@ -335,8 +338,6 @@ def check_run_dir(cfg: Config, config_paths=(), ignore=()) -> list[str]:
 
 
 def check_selector(cfg: Config) -> list[str]:
-    from opd.step import known_selectors
-
     known = known_selectors()
     if cfg.tip.selector not in known:
         return [f"tip.selector: unknown selector {cfg.tip.selector!r} (known: {', '.join(known)})"]
@@ -347,8 +348,6 @@ def check_eval(cfg: Config) -> list[str]:
     """Benchmark names and files: a typo must not surface at the first evaluation, hours in."""
     if not cfg.eval.benchmarks:
         return []
-    from eval.benchmarks import BenchmarkError, parse_spec
-
     problems = []
     for spec in cfg.eval.benchmarks:
         try:
@@ -359,23 +358,14 @@ def check_eval(cfg: Config) -> list[str]:
 
 
 def check_demo(cfg: Config) -> list[str]:
-    """The demo pair's settings (`demo.*`) and task name, checked before anything is trained."""
-    uses_demo = any(p.startswith("demo:") for p in (cfg.model.path, cfg.teacher.path, cfg.data.train_path))
-    if not uses_demo and not cfg.demo:
-        return []
-    from demo import task
-    from demo.prepare import pair_settings
-
+    """The demo task and model names, checked before anything is trained (the demo.* settings are typed config)."""
     problems = []
-    if cfg.data.train_path.startswith("demo:") and cfg.data.train_path != f"demo:{task.NAME}":
-        problems.append(f"data.train_path: unknown demo task {cfg.data.train_path!r} (the demo task is demo:{task.NAME})")
+    if cfg.data.train_path.startswith("demo:") and cfg.data.train_path != f"demo:{demo_task.NAME}":
+        problems.append(f"data.train_path: unknown demo task {cfg.data.train_path!r} "
+                        f"(the demo task is demo:{demo_task.NAME})")
     for side, mc in (("model", cfg.model), ("teacher", cfg.teacher)):
         if mc.path.startswith("demo:") and mc.path not in ("demo:teacher", "demo:student"):
             problems.append(f"{side}.path: unknown demo model {mc.path!r} (known: demo:teacher, demo:student)")
-    try:
-        pair_settings({k: v for k, v in cfg.demo.items() if k != "cache_dir"})
-    except ValueError as exc:
-        problems.append(f"demo: {exc}")
     return problems
 
 
@@ -384,9 +374,6 @@ def check_deep(cfg: Config, models_ok: bool = True, data_ok: bool = True, notes:
 
     No model weights are loaded. `notes` receives the data summary line.
     """
-    from opd.data import DataError, load_prompts
-    from opd.models import check_tokenizers, load_tokenizer
-
     if not models_ok:
         return []
     try:
@@ -407,7 +394,7 @@ def check_deep(cfg: Config, models_ok: bool = True, data_ok: bool = True, notes:
         try:
             train, val, report = load_prompts(cfg.data, s_tok, seed=cfg.train.seed, need_answers=cfg.opd.reward_beta > 0)
             if notes is not None:
-                notes.append(f"data: {report.summary()}; {len(val)} held out")
+                notes.append(f"data: {report.summary()}: {len(train)} for training, {len(val)} held out")
         except DataError as exc:
             problems.append(f"data.train_path: {exc}")
         except Exception as exc:
@@ -417,8 +404,6 @@ def check_deep(cfg: Config, models_ok: bool = True, data_ok: bool = True, notes:
 
 def config_keys(problems: list[str]) -> set[str]:
     """The `section.key` names that config problems mention (so preflight does not report them twice)."""
-    import re
-
     return {m for p in problems for m in re.findall(r"`([A-Za-z_]+\.[A-Za-z_.]+)`", p)}
 
 

@@ -11,15 +11,29 @@ import importlib
 
 import torch
 
-BUILTIN = {"math": "eval.grader:grade", "demo": "demo.task:grade"}
+from demo import task as demo_task
+from eval import grader
+
+BUILTIN = {"math": grader.grade, "demo": demo_task.grade}
 
 
 def load_reward(name: str):
-    target = BUILTIN.get(name, name)
-    if ":" not in target:
+    """A built-in reward by name, or a user's `module:function` (a config naming one runs that module's code)."""
+    if name in BUILTIN:
+        return BUILTIN[name]
+    if ":" not in name:
         raise ValueError(f"unknown reward {name!r} (built in: {', '.join(BUILTIN)}; or give module:function)")
-    module, func = target.split(":", 1)
+    module, func = name.split(":", 1)
     return getattr(importlib.import_module(module), func)
+
+
+def benchmark_grader(name: str):
+    """The reward as an evaluation grader: grade(response_text, answer, timeout_s) -> bool, and its answer extractor."""
+    grade = load_reward(name)
+    if name == "math":
+        return (lambda text, answer, timeout_s: bool(grade(text, answer, timeout_s=timeout_s))), grader.extract_answer
+    extract = demo_task.extract_answer if name == "demo" else (lambda text: text.strip() or None)
+    return (lambda text, answer, timeout_s: bool(grade(text, answer))), extract
 
 
 def reward_fn(name: str, timeout_s: float):

@@ -21,16 +21,19 @@ mean, however tokens are split across micro-batches and processes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 import tip
-from tip.stats import TokenStats, token_stats
+import tip.plots
+from lm.models import backbone
+from opd.distributed import gathered
 from opd.losses import fused_head_divergence, log_softmax_, row_stats, token_divergence
-from opd.models import backbone
+from tip.stats import TokenStats, token_stats
 
 
 @dataclass
@@ -68,16 +71,24 @@ def head_weight(model) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_side(teacher, mb: MicroBatch, loss_impl: str, cache_device) -> torch.Tensor:
-    """Phase 1 for one micro-batch: teacher logits (N, V_T) [reference] or final hidden states (N, d_T) [fused]."""
-    pos = mb.positions()
-    if loss_impl == "reference":
-        logits = teacher(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
-        out = logits[:, :-1][pos]
-    else:
-        hidden = backbone(teacher)(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
-        out = hidden.last_hidden_state[:, :-1][pos]
-    return out.to(cache_device)
+def _teacher_logits(teacher, mb: MicroBatch, cache_device) -> torch.Tensor:
+    """Phase 1, reference: the teacher's float32 logits (N, V_T) at the response positions.
+
+    Formed as the fused path forms them (float32 products of the final hidden states and the
+    head, autocast off), so both paths score from the same numbers.
+    """
+    hidden = backbone(teacher)(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+    states = hidden.last_hidden_state[:, :-1][mb.positions()]
+    head = head_weight(teacher)
+    with gathered(head), torch.autocast(device_type=states.device.type, enabled=False):
+        return torch.nn.functional.linear(states.float(), head.float()).to(cache_device)
+
+
+@torch.no_grad()
+def _teacher_hidden(teacher, mb: MicroBatch, cache_device) -> torch.Tensor:
+    """Phase 1, fused: the teacher's final hidden states (N, d_T) at the response positions."""
+    hidden = backbone(teacher)(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+    return hidden.last_hidden_state[:, :-1][mb.positions()].to(cache_device)
 
 
 @torch.no_grad()
@@ -153,56 +164,13 @@ def student_microbatch(student, student_weight, teacher_weight, mb: MicroBatch, 
                        loss_scale: float, generator: torch.Generator, state, backward):
     """Forward, select and backward one micro-batch. Returns (stats, selection, sum_kept w*D as float).
 
-    `student` is an opd.models.PolicyModel (possibly wrapped by DDP/DeepSpeed);
-    `student_weight` / `teacher_weight` are the LM head matrices (V, d) (fused only).
-
+    `student` is an opd.policy.PolicyModel (possibly wrapped by DDP/DeepSpeed);
+    `student_weight` / `teacher_weight` are the LM head matrices (V, d) (read by the fused loss only).
     `backward(loss)` runs the backward pass (accelerator.backward in training).
     `loss_scale` is 1/Z times whatever the gradient reduction divides by.
     """
-    pos = mb.positions()
-    seq_ids = mb.sequence_ids[:, None].expand_as(pos)[pos]
-    sample_w = mb.sample_weight[:, None].expand_as(pos)[pos].float()
-    if st.loss_impl == "reference":
-        logits = student(mb.input_ids, mb.attention_mask, hidden=False)[:, :-1][pos]
-        teacher_logits = cached.to(logits.device)
-        stats = token_stats(logits.detach(), teacher_logits, seq_ids, st.chunk_size, topk=st.topk)
-        selection = tip.select(st.selector, finite_stats(stats), st.ratio, scope=st.scope, generator=generator,
-                               state=state, **st.select_options)
-        keep = selection.mask.nonzero().squeeze(1).to(logits.device)
-        d = token_divergence(logits[keep], teacher_logits[keep], st.loss_type, st.beta, st.chunk_size)
-        loss_sum = (selection.weights.to(d.device)[keep] * sample_w[keep] * d).sum()
-    else:
-        hidden = student(mb.input_ids, mb.attention_mask, hidden=True)[:, :-1][pos]
-        weight = student_weight
-        teacher_hidden = cached.to(hidden.device)
-        observe, kernel_stats = None, None
-        if tip.reads_stats(st.selector):
-            stats = chunked_stats(hidden.detach(), weight.detach(), teacher_hidden, teacher_weight, seq_ids,
-                                  st.chunk_size, topk=st.topk)
-            selection = tip.select(st.selector, finite_stats(stats), st.ratio, scope=st.scope, generator=generator,
-                                   state=state, **st.select_options)
-        else:
-            # The choice ignores the statistics: choose first, then form the kept tokens'
-            # statistics from the logits the loss pass computes anyway (no second LM-head pass).
-            selection = tip.select(st.selector, placeholder_stats(seq_ids), st.ratio, scope=st.scope,
-                                   generator=generator, state=state, **st.select_options)
-            kept_parts: list[TokenStats] = []
-            kept_ids = seq_ids[selection.mask.to(seq_ids.device)]
-            if st.topk:  # the token dump also wants top-k distributions: statistics from the logits
-                observe = lambda i, s, t: kept_parts.append(
-                    token_stats(s, t, kept_ids[i:i + s.shape[0]], st.chunk_size, topk=st.topk))
-            else:  # from the loss kernel's own log-probabilities
-                kernel_stats = []
-        keep = selection.mask.nonzero().squeeze(1).to(hidden.device)
-        weights = selection.weights.to(hidden.device)[keep] * sample_w[keep]
-        loss_sum = fused_head_divergence(hidden[keep], weight, teacher_hidden[keep], teacher_weight, weights,
-                                         st.loss_type, st.beta, st.chunk_size, observe=observe, stats_out=kernel_stats)
-        if not tip.reads_stats(st.selector):
-            if kernel_stats is not None:
-                vocab = min(weight.shape[0], teacher_weight.shape[0])
-                kept_parts = [stats_from_rows(r, kept_ids[i * st.chunk_size:], vocab) for i, r in enumerate(kernel_stats)]
-            stats = merge_kept_stats(kept_parts, selection.mask, hidden.detach(), weight.detach(), teacher_hidden,
-                                     teacher_weight, seq_ids, st)
+    stats, selection, loss_sum = LOSS_IMPLS[st.loss_impl].student_side(
+        student, student_weight, teacher_weight, mb, cached, st, generator, state)
     # Backward always runs, also for an empty or non-finite micro-batch: every process
     # must take part in the gradient reduction; a non-finite gradient norm then skips
     # the update on all processes at once.
@@ -210,6 +178,89 @@ def student_microbatch(student, student_weight, teacher_weight, mb: MicroBatch, 
     # NaN/Inf in the statistics means a broken teacher or student: the micro-batch reports a non-finite
     # loss so the update is skipped, even where the kept tokens' own loss happens to be finite.
     return stats, selection, float(loss_sum.detach()) if is_finite(stats) else float("nan")
+
+
+def _rows(mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L-1) response positions, and per response token its sequence id and sample weight."""
+    pos = mb.positions()
+    return pos, mb.sequence_ids[:, None].expand_as(pos)[pos], mb.sample_weight[:, None].expand_as(pos)[pos].float()
+
+
+def _select(stats: TokenStats, st: StepSettings, generator, state) -> "tip.Selection":
+    return tip.select(st.selector, finite_stats(stats), st.ratio, scope=st.scope, generator=generator, state=state,
+                      **st.select_options)
+
+
+def _reference_student(student, student_weight, teacher_weight, mb, cached, st, generator, state):
+    """Full student logits (N, V) at the response positions, stats, selection, divergence on kept rows."""
+    pos, seq_ids, sample_w = _rows(mb)
+    logits = student(mb.input_ids, mb.attention_mask, hidden=False)[:, :-1][pos]
+    teacher_logits = cached.to(logits.device)
+    stats = token_stats(logits.detach(), teacher_logits, seq_ids, st.chunk_size, topk=st.topk)
+    selection = _select(stats, st, generator, state)
+    keep = selection.mask.nonzero().squeeze(1).to(logits.device)
+    d = token_divergence(logits[keep], teacher_logits[keep], st.loss_type, st.beta, st.chunk_size)
+    return stats, selection, (selection.weights.to(d.device)[keep] * sample_w[keep] * d).sum()
+
+
+def _fused_student(student, student_weight, teacher_weight, mb, cached, st, generator, state):
+    """Final hidden states (N, d); stats through the LM heads chunk by chunk; LM head + divergence on kept rows."""
+    pos, seq_ids, sample_w = _rows(mb)
+    hidden = student(mb.input_ids, mb.attention_mask, hidden=True)[:, :-1][pos]
+    teacher_hidden = cached.to(hidden.device)
+    observe, kernel_stats, kept_parts = None, None, []
+    stats_first = tip.reads_stats(st.selector)
+    if stats_first:
+        stats = chunked_stats(hidden.detach(), student_weight.detach(), teacher_hidden, teacher_weight, seq_ids,
+                              st.chunk_size, topk=st.topk)
+        selection = _select(stats, st, generator, state)
+    else:
+        # The choice ignores the statistics: choose first, then form the kept tokens'
+        # statistics from the logits the loss pass computes anyway (no second LM-head pass).
+        selection = _select(placeholder_stats(seq_ids), st, generator, state)
+        kept_ids = seq_ids[selection.mask.to(seq_ids.device)]
+        if st.topk:  # the token dump also wants top-k distributions: statistics from the logits
+            observe = lambda i, s, t: kept_parts.append(
+                token_stats(s, t, kept_ids[i:i + s.shape[0]], st.chunk_size, topk=st.topk))
+        else:  # from the loss kernel's own log-probabilities
+            kernel_stats = []
+    keep = selection.mask.nonzero().squeeze(1).to(hidden.device)
+    weights = selection.weights.to(hidden.device)[keep] * sample_w[keep]
+    loss_sum = fused_head_divergence(hidden[keep], student_weight, teacher_hidden[keep], teacher_weight, weights,
+                                     st.loss_type, st.beta, st.chunk_size, observe=observe, stats_out=kernel_stats)
+    if not stats_first:
+        if kernel_stats is not None:
+            vocab = min(student_weight.shape[0], teacher_weight.shape[0])
+            kept_parts = [stats_from_rows(r, kept_ids[i * st.chunk_size:], vocab) for i, r in enumerate(kernel_stats)]
+        stats = merge_kept_stats(kept_parts, selection.mask, hidden.detach(), student_weight.detach(), teacher_hidden,
+                                 teacher_weight, seq_ids, st)
+    return stats, selection, loss_sum
+
+
+@dataclass(frozen=True)
+class LossImpl:
+    """One way of computing the step's loss (`opd.loss_impl`); both compute the same loss and gradients.
+
+    uses_heads: the loss reads the LM head matrices directly (the loop gathers them under ZeRO-3 and
+    keeps the teacher's on the device).
+    teacher_side(teacher, mb, cache_device) -> what phase 1 caches per micro-batch.
+    student_side(student, student_head, teacher_head, mb, cached, st, generator, state) -> (stats, selection, loss_sum).
+    """
+
+    uses_heads: bool
+    teacher_side: Callable
+    student_side: Callable
+
+
+LOSS_IMPLS = {
+    "reference": LossImpl(uses_heads=False, teacher_side=_teacher_logits, student_side=_reference_student),
+    "fused": LossImpl(uses_heads=True, teacher_side=_teacher_hidden, student_side=_fused_student),
+}
+
+
+def teacher_side(teacher, mb: MicroBatch, loss_impl: str, cache_device) -> torch.Tensor:
+    """Phase 1 for one micro-batch: teacher logits (N, V_T) [reference] or final hidden states (N, d_T) [fused]."""
+    return LOSS_IMPLS[loss_impl].teacher_side(teacher, mb, cache_device)
 
 
 _STAT_FIELDS = ("entropy", "divergence", "forward_divergence", "teacher_entropy")
@@ -223,8 +274,6 @@ def finite_stats(stats: TokenStats) -> TokenStats:
     """The statistics a selector sees: NaN/Inf set to 0, so a selector (e.g. a multinomial draw) never crashes on them."""
     if is_finite(stats):
         return stats
-    import dataclasses
-
     return dataclasses.replace(stats, **{f: torch.nan_to_num(getattr(stats, f), nan=0.0, posinf=0.0, neginf=0.0)
                                          for f in _STAT_FIELDS})
 
@@ -237,8 +286,11 @@ def known_selectors() -> list[str]:
     return sorted(tip.SELECTORS)
 
 
-def new_selector_state():
-    """Caller-owned state of running (EMA) normalisation, saved in checkpoints."""
+SelectorState = tip.RunningMinMax
+"""Caller-owned state of running (EMA) normalisation, saved in checkpoints."""
+
+
+def new_selector_state() -> SelectorState:
     return tip.RunningMinMax()
 
 
@@ -264,23 +316,17 @@ def gather_stats(stats: TokenStats, selection, gather) -> tuple[TokenStats, "tip
 
 def diagnostics(stats: TokenStats, selection, tc) -> dict:
     """tip/... metrics of one update (tc: the tip config section)."""
-    from tip.taxonomy import diagnostics as tip_diagnostics
-
-    return tip_diagnostics(stats, selection, mode=tc.threshold_mode, entropy_threshold=tc.entropy_threshold,
+    return tip.diagnostics(stats, selection, mode=tc.threshold_mode, entropy_threshold=tc.entropy_threshold,
                            divergence_threshold=tc.divergence_threshold)
 
 
-def dump_records(stats: TokenStats, selection, token_ids: torch.Tensor, decode, tc, generator, step: int) -> list[dict]:
-    """Token records for tokens.jsonl (paper appendix B.4 style)."""
-    from tip.dump import token_records
-    from tip.taxonomy import quadrants
-
-    quad = quadrants(stats, mode=tc.threshold_mode, entropy_threshold=tc.entropy_threshold,
-                     divergence_threshold=tc.divergence_threshold)
-    return token_records(stats, selection, quad, token_ids, decode, tc.dump_tokens, generator, step=step)
+def dump_tokens(path, stats: TokenStats, selection, token_ids: torch.Tensor, decode, tc, generator, step: int) -> None:
+    """Append `tc.dump_tokens` token records (paper appendix B.4 style) of one update to `path` (tokens.jsonl)."""
+    quad = tip.quadrants(stats, mode=tc.threshold_mode, entropy_threshold=tc.entropy_threshold,
+                         divergence_threshold=tc.divergence_threshold)
+    tip.write_jsonl(path, tip.token_records(stats, selection, quad, token_ids, decode, tc.dump_tokens, generator,
+                                            step=step))
 
 
 def render_pictures(run_dir) -> list:
-    from tip.plots import render
-
-    return render(run_dir)
+    return tip.plots.render(run_dir)

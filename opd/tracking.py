@@ -27,11 +27,11 @@ class MetricsLog:
         if not enabled:
             return
         if lc.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         if lc.wandb:
-            import wandb
+            import wandb  # optional: not a requirement
 
             self.wandb = wandb.init(project=lc.wandb_project, name=Path(run_dir).name, config=config_dict,
                                     dir=str(run_dir), resume="allow")

@@ -69,8 +69,9 @@ def worker(args) -> dict:
     import tip
     import opd.losses as losses
     import opd.step as step
-    from opd.config import ModelConfig
-    from opd.models import PolicyModel, load_model
+    from lm.config import ModelConfig
+    from opd.policy import PolicyModel
+    from lm.models import load_model
     from opd.step import MicroBatch, StepSettings, denominator, head_weight, student_microbatch, teacher_side
 
     impl, ratio = args.worker.split(":")

@@ -23,6 +23,8 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 QUADRANTS = {
     1: ("Q1 high h, high δ", "#d62728"),
     2: ("Q2 high h, low δ", "#ff7f0e"),
@@ -56,10 +58,10 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # on demand: a heavy import that training without pictures never needs
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     return plt
 
@@ -83,10 +85,8 @@ def _thresholds(tokens: list[dict], metrics: list[dict]) -> tuple[float | None, 
 
 
 def _hd_plane(tokens: list[dict], metrics: list[dict], path: Path) -> None:
-    import numpy as np
-
     plt = _pyplot()
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm  # on demand, like _pyplot
 
     h = np.array([r["entropy"] for r in tokens], dtype=float)
     d = np.clip(np.array([r["divergence"] for r in tokens], dtype=float), 0.0, None)

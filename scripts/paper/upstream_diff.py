@@ -45,7 +45,7 @@ DEFAULT_SOURCE_MAP = {
     "HuggingFaceH4/MATH-500": "math500",
     "aime24": "aime24",
     "aime25": "aime25",
-    "math_dapo": "dapo_val",
+    "math_dapo": "heldout",
 }
 
 # Training metrics both implementations log under the same name.

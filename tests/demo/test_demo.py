@@ -60,10 +60,11 @@ def test_tokenizer_round_trips_every_character_of_the_task():
 
 
 def test_settings_are_validated_with_one_line_naming_the_key():
-    for bad, needle in (({"teacher_step": 3}, "unknown demo setting 'teacher_step'"),
-                        ({"teacher_steps": "many"}, "teacher_steps must be a number"),
-                        ({"student_hidden": 10, "student_heads": 4}, "student_hidden = 10"),
-                        ({"arch": "gpt2"}, "arch = 'gpt2'")):
+    for bad, needle in (({"teacher_step": 3}, "unknown config key `teacher_step`"),
+                        ({"teacher_steps": "many"}, "`teacher_steps` must be an integer"),
+                        ({"student_hidden": 10, "student_heads": 4}, "`student_hidden` = 10 must be a multiple"),
+                        ({"arch": "gpt2"}, "`arch` = 'gpt2' is not one of"),
+                        ({"teacher_layers": -1}, "`teacher_layers` = -1 is below the minimum 1")):
         with pytest.raises(ValueError, match=re.escape(needle)):
             prepare.pair_settings(bad)
     assert prepare.pair_settings({"teacher_steps": "7"}).teacher_steps == 7
@@ -75,7 +76,7 @@ def test_settings_are_validated_with_one_line_naming_the_key():
 
 def test_prepared_pair_reloads_with_from_pretrained_and_is_reused(tmp_path):
     logs = []
-    teacher_dir, student_dir = prepare.prepare_pair(TINY, tmp_path, log=logs.append)
+    teacher_dir, student_dir = prepare.prepare_pair({**TINY, "cache_dir": str(tmp_path)}, log=logs.append)
     info = json.loads((teacher_dir.parent / "pair.json").read_text())
     assert info["teacher"]["steps"] == 3 and 0.0 <= info["student"]["accuracy_t1"] <= 1.0
     assert [p.name for p in tmp_path.iterdir()] == [teacher_dir.parent.name]  # no staging debris
@@ -88,7 +89,7 @@ def test_prepared_pair_reloads_with_from_pretrained_and_is_reused(tmp_path):
         assert torch.isfinite(model(input_ids=ids).logits).all()
     weights = (student_dir / "model.safetensors").read_bytes()
     logs.clear()
-    assert prepare.prepare_pair(TINY, tmp_path, log=logs.append) == (teacher_dir, student_dir)
+    assert prepare.prepare_pair({**TINY, "cache_dir": str(tmp_path)}, log=logs.append) == (teacher_dir, student_dir)
     assert any("reusing" in line for line in logs) and not any("training" in line for line in logs)
     assert (student_dir / "model.safetensors").read_bytes() == weights
 
@@ -99,7 +100,7 @@ def test_interrupted_preparation_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare, "accuracy", fail)  # dies after the teacher's training, before anything is final
     with pytest.raises(KeyboardInterrupt):
-        prepare.prepare_pair(TINY, tmp_path, log=lambda *a: None)
+        prepare.prepare_pair({**TINY, "cache_dir": str(tmp_path)}, log=lambda *a: None)
     assert list(tmp_path.iterdir()) == []
 
 

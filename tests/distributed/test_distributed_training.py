@@ -112,7 +112,8 @@ def save_pair(config: Path, folder: Path) -> None:
     import torch
 
     from opd.config import load_config
-    from opd.models import load_model, load_tokenizer, save_pretrained
+    from lm.models import load_model, save_pretrained
+    from lm.tokenizers import load_tokenizer
 
     cfg = load_config([str(config)], [])
     for side, mc in (("student", cfg.model), ("teacher", cfg.teacher)):

@@ -151,31 +151,16 @@ def test_hub_failure_is_one_line_with_the_local_alternative(monkeypatch):
     assert "\n" not in str(info.value)
 
 
-def test_demo_task_is_imported_lazily_and_used_as_is(monkeypatch):
-    task = types.ModuleType("demo.task")
-    seen = {}
-
-    def eval_problems(n, seed):
-        seen["args"] = (n, seed)
-        return [{"id": f"d{i}", "prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(n)]
-
-    task.eval_problems = eval_problems
-    task.grade = lambda response_text, answer: response_text.strip().endswith(answer)
-    package = types.ModuleType("demo")
-    package.task = task
-    monkeypatch.setitem(sys.modules, "demo", package)
-    monkeypatch.setitem(sys.modules, "demo.task", task)
+def test_demo_benchmark_is_the_demo_tasks_held_out_problems_and_grader():
+    from demo import task
 
     bench = load_benchmark("demo", max_problems=4)
-    assert seen["args"] == (4, benchmarks.DEMO_SEED)
-    assert [p.prompt for p in bench.problems] == ["0+0=", "1+1=", "2+2=", "3+3="]  # no boxed instruction
-    assert bench.grade(">6", "6", 5.0) and not bench.grade(">7", "6", 5.0)
-    assert bench.extract("  >6 ") == ">6"  # without the task's extractor, the whole response votes
-    load_benchmark("demo")
-    assert seen["args"] == (benchmarks.DEMO_PROBLEMS, benchmarks.DEMO_SEED)
-
-
-def test_demo_without_the_module_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "demo.task", None)  # makes the import fail
-    with pytest.raises(BenchmarkError, match="demo.task"):
-        load_benchmark("demo")
+    expected = task.eval_problems(4, benchmarks.DEMO_SEED)
+    assert [p.prompt for p in bench.problems] == [r["prompt"] for r in expected]  # no boxed instruction
+    assert [p.answer for p in bench.problems] == [str(r["answer"]) for r in expected]
+    first = expected[0]
+    worked = task.solution(*map(int, first["prompt"].split("*")))
+    assert bench.grade(worked, str(first["answer"]), 5.0)
+    assert not bench.grade(worked[:-1] + ("0" if worked[-1] != "0" else "1"), str(first["answer"]), 5.0)
+    assert bench.extract(worked) == task.extract_answer(worked)
+    assert len(load_benchmark("demo").problems) == benchmarks.DEMO_PROBLEMS

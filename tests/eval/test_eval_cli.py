@@ -24,8 +24,9 @@ def run_module(*args, cwd=REPO):
 def tiny_checkpoint(tmp_path_factory):
     import torch
 
-    from opd.config import ModelConfig
-    from opd.models import char_tokenizer, load_model, save_pretrained
+    from lm.config import ModelConfig
+    from lm.tokenizers import char_tokenizer
+    from lm.models import load_model, save_pretrained
 
     tok = char_tokenizer()
     model = load_model(
@@ -84,7 +85,7 @@ def test_eval_command_bad_input(argv, message, shared_eval, tmp_path, capsys):
 def test_eval_config_keeps_dataclass_defaults():
     args = cli.build_parser().parse_args(["--model", "m", "--benchmarks", "aime24", "--k", "4"])
     cfg = cli.eval_config(args)
-    from opd.config import EvalConfig
+    from eval.config import EvalConfig
 
     defaults = EvalConfig()
     assert cfg.k == 4

@@ -9,8 +9,10 @@ import torch
 
 from eval import grader
 from eval.runner import SUMMARY_KEYS, build_prompt_ids, evaluate, flat_metrics
-from opd.config import EvalConfig, ModelConfig
-from opd.models import char_tokenizer, load_model
+from eval.config import EvalConfig
+from lm.config import ModelConfig
+from lm.tokenizers import char_tokenizer
+from lm.models import load_model
 
 
 SAMPLE_KEYS = {"benchmark", "problem_id", "sample", "response", "extracted", "correct", "length", "truncated", "answer"}
@@ -25,7 +27,7 @@ class ScriptedModel(torch.nn.Module):
     """Stands in for a causal LM: `respond(prompt_ids) -> text` decides each response.
 
     Draws made inside `respond` with torch's global RNG are fixed by the seed
-    `opd.rollout.sample` sets, like real sampling. `calls` records the rows of
+    `lm.rollout.sample` sets, like real sampling. `calls` records the rows of
     every generate call.
     """
 

@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
-from opd.config import DataConfig, ModelConfig
+from opd.config import DataConfig
+from lm.config import ModelConfig
 from opd.data import DataError, PromptSampler, load_prompts
-from opd.models import char_tokenizer, check_tokenizers, load_model
-from opd.rollout import sample
+from lm.tokenizers import char_tokenizer, check_tokenizers
+from lm.models import load_model
+from lm.rollout import sample
 
 
 def test_padded_vocabulary_is_accepted_and_differing_ids_refused():
@@ -26,7 +28,8 @@ def test_rollouts_are_seeded_and_masked():
     model = load_model(ModelConfig(arch="llama", hidden_size=32, num_heads=4, num_kv_heads=2), tok,
                        torch.device("cpu"), trainable=True)
     prompts = [tok("12+34=")["input_ids"], tok("7+8=")["input_ids"]]
-    kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_new_tokens=9, n=3, seed=5)
+    kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_new_tokens=9, n=3, seed=5,
+              temperature=1.0, top_p=1.0, top_k=0, batch_size=0)
     a, b, c = sample(model, prompts, **kw), sample(model, prompts, **kw), sample(model, prompts, **{**kw, "seed": 6})
     assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
     assert a.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
@@ -45,15 +48,16 @@ def test_per_prompt_seeds_make_responses_independent_of_the_batch_and_keep_the_w
     model = load_model(ModelConfig(arch="llama", hidden_size=32, num_heads=4, num_kv_heads=2), tok,
                        torch.device("cpu"), trainable=True)
     p, q = tok("12+34=")["input_ids"], tok("56+78=")["input_ids"]  # same length: no padding difference
-    kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_new_tokens=12, n=2)
-    both = sample(model, [p, q], prompt_seeds=[11, 22], seed=0, **kw).response_ids()
-    alone = sample(model, [q], prompt_seeds=[22], seed=7, **kw).response_ids()
+    kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_new_tokens=12, n=2, batch_size=0)
+    plain = dict(temperature=1.0, top_p=1.0, top_k=0)
+    both = sample(model, [p, q], prompt_seeds=[11, 22], seed=0, **plain, **kw).response_ids()
+    alone = sample(model, [q], prompt_seeds=[22], seed=7, **plain, **kw).response_ids()
     assert both[2:] == alone  # the second prompt's responses, sampled with or without the first
-    assert both[:2] != sample(model, [p], prompt_seeds=[12], **kw).response_ids()  # the seed matters
+    assert both[:2] != sample(model, [p], prompt_seeds=[12], **plain, **kw).response_ids()  # the seed matters
     # temperature, top-k and top-p still apply: each of these leaves only the greedy token
-    greedy = sample(model, [p, q], temperature=0.0, **kw).response_ids()
+    greedy = sample(model, [p, q], **{**plain, "temperature": 0.0}, **kw).response_ids()
     for warp in ({"temperature": 1e-4}, {"top_k": 1}, {"top_p": 1e-6}):
-        assert sample(model, [p, q], prompt_seeds=[11, 22], **warp, **kw).response_ids() == greedy, warp
+        assert sample(model, [p, q], prompt_seeds=[11, 22], **{**plain, **warp}, **kw).response_ids() == greedy, warp
 
 
 def write(path, lines):

@@ -5,8 +5,10 @@ import functools
 import pytest
 import torch
 
-from opd.config import ModelConfig
-from opd.models import PolicyModel, char_tokenizer, load_model
+from lm.config import ModelConfig
+from opd.policy import PolicyModel
+from lm.tokenizers import char_tokenizer
+from lm.models import load_model
 from opd.step import MicroBatch, StepSettings, denominator, head_weight, student_microbatch, teacher_side
 
 import tip

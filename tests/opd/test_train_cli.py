@@ -6,7 +6,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_cli, tiny_config, write_config
+from conftest import REPO, read_metrics, run_cli, tiny_config, write_config
 
 VOLATILE = ("timing/", "perf/")  # wall-clock and memory readings differ between any two runs
 
@@ -92,3 +92,35 @@ def test_print_config_resolves_without_loading(tmp_path):
     assert out.returncode == 0
     assert yaml.safe_load(out.stdout)["tip"]["selector"] == "q3_only"
     assert not (tmp_path / "runs").exists()
+
+
+def test_held_out_prompts_are_evaluated_as_val_heldout(tmp_path):
+    """data.val_ratio holds prompts out of training; they are evaluated, formatted as in training, graded by opd.reward."""
+    base = tiny_config(tmp_path, data={"val_ratio": 0.25, "answer_key": "answer"},
+                       opd={"reward": "tests_rewards:ends_with_answer"},
+                       eval={"at_end": True, "k": 2, "max_new_tokens": 4, "batch_size": 8}, train={"steps": 1})
+    (tmp_path / "tests_rewards.py").write_text(
+        "def ends_with_answer(text, answer):\n    return text.strip().endswith(answer)\n")
+    cfg = write_config(tmp_path / "c.yaml", base)
+    out = run_cli(["--config", str(cfg)], env={"PYTHONPATH": f"{tmp_path}:{REPO}"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "data: 64 prompts: 48 for training, 16 held out" in out.stdout + out.stderr
+    final = json.loads((tmp_path / "runs" / "run" / "eval" / "final" / "summary.json").read_text())
+    assert final["benchmarks"]["heldout"]["n_problems"] == 16
+    samples = (tmp_path / "runs" / "run" / "eval" / "final" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 32 and all(json.loads(s)["benchmark"] == "heldout" for s in samples)
+    assert "val/heldout/mean@2" in read_metrics(tmp_path / "runs" / "run")[-1]
+    off = run_cli(["--config", str(cfg), "eval.heldout=false", "train.run_name=off"],
+                  env={"PYTHONPATH": f"{tmp_path}:{REPO}"})
+    assert off.returncode == 0, off.stderr[-2000:]
+    assert not (tmp_path / "runs" / "off" / "eval" / "final" / "summary.json").exists()
+
+
+def test_student_with_more_embedding_rows_than_the_teacher_samples_only_shared_ids(tmp_path):
+    """Padded rows beyond the teacher's are not tokens: rollouts never sample them (the teacher could not score them)."""
+    base = tiny_config(tmp_path, train={"steps": 2})
+    base["model"]["vocab_size"], base["teacher"]["vocab_size"] = 140, 110  # the tokenizer defines 102 ids
+    cfg = write_config(tmp_path / "c.yaml", base)
+    out = run_cli(["--config", str(cfg)])  # an id >= 110 in a rollout would be an IndexError in the teacher
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(tmp_path / "runs" / "run")] == [1, 2]

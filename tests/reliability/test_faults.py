@@ -90,8 +90,9 @@ def save_tiny_model(path: Path, edit=None, init_seed: int = 1) -> Path:
     """A tiny random Qwen3 checkpoint (char tokenizer) written with save_pretrained; `edit(model)` may change it first."""
     from transformers import AutoModelForCausalLM
 
-    from opd.config import ModelConfig
-    from opd.models import char_tokenizer, random_model_config, save_pretrained
+    from lm.config import ModelConfig
+    from lm.tokenizers import char_tokenizer
+    from lm.models import random_model_config, save_pretrained
 
     tok = char_tokenizer()
     mc = ModelConfig(arch="qwen3", **{k: v for k, v in TINY_MODEL.items() if k != "tokenizer"})
@@ -154,7 +155,7 @@ def test_check_reports_every_problem_and_loads_no_model(tmp_path):
 
 
 def test_teacher_with_another_tokenizer_is_refused_before_any_model_loads(tmp_path):
-    from opd.models import char_tokenizer
+    from lm.tokenizers import char_tokenizer
 
     teacher = tmp_path / "teacher"
     teacher.mkdir()

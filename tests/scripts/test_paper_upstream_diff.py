@@ -79,7 +79,7 @@ def _our_run(run_dir: Path) -> None:
     records = [
         {"step": 1, "opd/loss": 0.3, "opd/entropy": 0.9, "timing/step_s": 100.0, "perf/max_memory_allocated_gb": 40.0},
         {"step": 2, "opd/loss": 0.26, "opd/entropy": 0.8},
-        {"step": 5, "opd/loss": 0.13, "val/math500/mean@16": 60.0, "val/aime24/mean@16": 12.5, "val/dapo_val/mean@16": 31.0},
+        {"step": 5, "opd/loss": 0.13, "val/math500/mean@16": 60.0, "val/aime24/mean@16": 12.5, "val/heldout/mean@16": 31.0},
         {"step": 10, "opd/loss": 0.11, "opd/grad_norm": "nan"},
     ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -110,7 +110,7 @@ def test_diff_table_lines_up_steps_and_final(tmp_path, capsys):
     # step 5: our eval summary (61.0) wins over the metrics.jsonl value (60.0)
     assert rows[("5", "math500/mean@16")] == (62.5, 61.0, -1.5)
     assert rows[("5", "aime24/mean@16")] == (12.5, 12.5, 0.0)
-    assert rows[("5", "dapo_val/mean@16")] == (30.0, 31.0, 1.0)
+    assert rows[("5", "heldout/mean@16")] == (30.0, 31.0, 1.0)
     assert rows[("5", "math500/maj@16")] == (70.0, 72.0, 2.0)
     assert rows[("5", "opd/loss")] == (0.125, 0.13, pytest.approx(0.005))
     # training-only steps are left out unless asked for

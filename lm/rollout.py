@@ -84,6 +84,20 @@ class RowwiseSampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
 
 
+class VocabLimit(LogitsProcessor):
+    """Never samples ids at or beyond `limit`: padded embedding rows that are not tokens (and that a
+    teacher with fewer rows could not score)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[1] > self.limit:
+            scores = scores.clone()
+            scores[:, self.limit:] = float("-inf")
+        return scores
+
+
 def row_seed(prompt_seed: int, j: int) -> int:
     """Seed of the j-th response to a prompt whose seed is `prompt_seed` (63 bits)."""
     digest = hashlib.sha256(f"{prompt_seed}:{j}".encode()).digest()
@@ -103,15 +117,16 @@ def sample(
     *,
     pad_token_id: int,
     eos_token_id: int | list[int],
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    max_new_tokens: int = 256,
-    n: int = 1,
-    batch_size: int = 0,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_new_tokens: int,
+    n: int,
+    batch_size: int,
     seed: int = 0,
     synced_gpus: bool = False,
     prompt_seeds: list[int] | None = None,
+    vocab_limit: int | None = None,
 ) -> Rollouts:
     """Sample `n` responses per prompt (prompts given as token id lists).
 
@@ -123,6 +138,8 @@ def sample(
     over any number of processes samples what a single process would.
     `synced_gpus`: keep generating until every process is done (ZeRO-3, whose
     sharded layers need all processes in every forward).
+    `vocab_limit`: ids >= it are never sampled (a student whose embedding has more
+    rows than the teacher's must not sample ids the teacher cannot score).
     """
     if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
         raise ValueError(f"prompt_seeds has {len(prompt_seeds)} seeds for {len(prompts)} prompts")
@@ -160,10 +177,10 @@ def sample(
                 for r, p in enumerate(chunk):
                     ids[r, width - len(p):] = torch.tensor(p)
                     att[r, width - len(p):] = 1
-                extra = {}
+                processors = [VocabLimit(vocab_limit)] if vocab_limit is not None else []
                 if rowwise:
-                    extra["logits_processor"] = LogitsProcessorList(
-                        [RowwiseSampler(seeds[start:start + batch_size], device, temperature, top_k, top_p)])
+                    processors.append(RowwiseSampler(seeds[start:start + batch_size], device, temperature, top_k, top_p))
+                extra = {"logits_processor": LogitsProcessorList(processors)} if processors else {}
                 out = model.generate(
                     input_ids=ids.to(device), attention_mask=att.to(device),
                     generation_config=gen_cfg, synced_gpus=synced_gpus, **extra,

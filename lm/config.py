@@ -1,0 +1,40 @@
+"""The settings sections of a language model and of its rollouts (`model:`, `teacher:`, `rollout:`).
+
+They live here, in the bottom package, because loading models and sampling
+from them is what `opd`, `eval` and `demo` all need; `opd.config` composes
+them into the run config. Defaults live only here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    path: str = field(default="", metadata={"help": "local directory or hub id of a causal LM; empty = build from `arch` with random weights"})
+    arch: Literal["", "qwen3", "qwen2", "llama"] = field(default="", metadata={"help": "architecture for a randomly initialised model (tests, benchmarks)"})
+    hidden_size: int = field(default=64, metadata={"help": "random init: hidden size", "min": 1})
+    num_layers: int = field(default=2, metadata={"help": "random init: decoder layers", "min": 1})
+    num_heads: int = field(default=4, metadata={"help": "random init: attention heads", "min": 1})
+    num_kv_heads: int = field(default=2, metadata={"help": "random init: key/value heads", "min": 1})
+    intermediate_size: int = field(default=128, metadata={"help": "random init: MLP width", "min": 1})
+    vocab_size: int = field(default=0, metadata={"help": "random init: embedding rows; 0 = len(tokenizer)", "min": 0})
+    tie_word_embeddings: bool = field(default=False, metadata={"help": "random init: tie input and output embeddings"})
+    init_seed: int = field(default=0, metadata={"help": "random init: seed of the weights"})
+    tokenizer: str = field(default="", metadata={"help": "tokenizer path or hub id; empty = `path`; 'chars' = the built-in character tokenizer"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype; auto = bfloat16 on a GPU that supports it, else float32"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "transformers attention implementation (sdpa, eager, flash_attention_2, ...)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing of the decoder layers (student only)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow a checkpoint's own Python code to run; off unless you trust it"})
+
+
+@dataclass
+class RolloutConfig:
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "min": 0.0})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling", "min": 0.0, "max": 1.0})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off", "min": 0})
+    max_new_tokens: int = field(default=8192, metadata={"help": "response tokens at most", "min": 1})
+    n: int = field(default=1, metadata={"help": "rollouts per prompt", "min": 1})
+    batch_size: int = field(default=0, metadata={"help": "prompts per generate call; 0 = all prompts of the step at once", "min": 0})

@@ -1,0 +1,82 @@
+"""Loading student and teacher: real checkpoints, or small random models for tests.
+
+Real checkpoints go through `AutoModelForCausalLM.from_pretrained` exactly as a
+70B run would. Random models are built from a transformers config of the named
+architecture, so tests and benchmarks exercise the same model classes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+from lm.config import ModelConfig
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def random_model_config(mc: ModelConfig, vocab_size: int, tokenizer=None):
+    """A transformers config for a small model of architecture `mc.arch`."""
+    cls = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig}[mc.arch]
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=mc.hidden_size,
+        num_hidden_layers=mc.num_layers,
+        num_attention_heads=mc.num_heads,
+        num_key_value_heads=mc.num_kv_heads,
+        intermediate_size=mc.intermediate_size,
+        max_position_embeddings=32768,
+        tie_word_embeddings=mc.tie_word_embeddings,
+    )
+    if mc.arch == "qwen3":
+        kwargs["head_dim"] = mc.hidden_size // mc.num_heads
+    if tokenizer is not None:
+        kwargs.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      bos_token_id=tokenizer.bos_token_id)
+    return cls(**kwargs)
+
+
+def load_model(mc: ModelConfig, tokenizer, device: torch.device, *, trainable: bool):
+    """Load (or build) a causal LM on `device`. A non-trainable model is frozen and in eval mode."""
+    dtype = resolve_dtype(mc.dtype, device)
+    if mc.path:
+        model = AutoModelForCausalLM.from_pretrained(
+            mc.path, dtype=dtype, attn_implementation=mc.attn_implementation,
+            trust_remote_code=mc.trust_remote_code,
+        )
+    else:
+        vocab = mc.vocab_size or len(tokenizer)
+        cfg = random_model_config(mc, vocab, tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mc.init_seed)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=mc.attn_implementation)
+    model.to(device)
+    if trainable:
+        model.train()
+        if mc.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def backbone(model):
+    """The decoder stack whose `last_hidden_state` (final norm applied) feeds the LM head."""
+    return getattr(model, model.base_model_prefix)
+
+
+def save_pretrained(model, tokenizer, path: str | Path, state_dict: dict | None = None) -> None:
+    """An ordinary HF checkpoint. `state_dict` replaces the model's own tensors (ZeRO-3: the
+    gathered full weights, since the module itself then holds only this process's shard)."""
+    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(path)

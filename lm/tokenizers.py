@@ -1,0 +1,69 @@
+"""Tokenizers: from a checkpoint or hub id, or the built-in character tokenizer (no download)."""
+
+from __future__ import annotations
+
+import string
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from lm.config import ModelConfig
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer built locally (no download), with a chat template.
+
+    Special tokens: <pad>=0, <eos>=1, then role markers; then one id per character.
+    """
+    if alphabet is None:
+        alphabet = string.ascii_letters + string.digits + string.punctuation + " \n"
+    specials = ["<pad>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def load_tokenizer(mc: ModelConfig):
+    name = mc.tokenizer or mc.path
+    if name == "chars" or not name:
+        return char_tokenizer()
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=mc.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_tokenizers(student_tok, teacher_tok, student_vocab: int, teacher_vocab: int) -> None:
+    """Refuse a pair whose tokenizers disagree on any token id (spec §1).
+
+    Embedding matrices may be padded to different sizes; only the ids the
+    tokenizers define must agree, and both models must cover them.
+    """
+    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s_vocab != t_vocab:
+        only_s = sorted(set(s_vocab.items()) - set(t_vocab.items()), key=lambda kv: kv[1])
+        only_t = sorted(set(t_vocab.items()) - set(s_vocab.items()), key=lambda kv: kv[1])
+        example = only_s[0] if only_s else only_t[0]
+        raise ValueError(
+            f"student and teacher tokenizers differ on {max(len(only_s), len(only_t))} token ids "
+            f"(first: {example[0]!r} -> id {example[1]} in one, not the other); OPD needs a shared vocabulary"
+        )
+    for side, special in (("pad", "pad_token_id"), ("eos", "eos_token_id")):
+        if getattr(student_tok, special) != getattr(teacher_tok, special):
+            raise ValueError(f"student and teacher tokenizers have different {side} token ids")
+    needed = len(s_vocab)
+    for name, rows in (("student", student_vocab), ("teacher", teacher_vocab)):
+        if rows < needed:
+            raise ValueError(f"{name} has {rows} embedding rows but its tokenizer defines {needed} ids")

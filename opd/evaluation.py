@@ -1,0 +1,83 @@
+"""Evaluation during training and the run's summary (summary.json and the printed table)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from eval.runner import evaluate, flat_metrics
+from opd.distributed import gather_fn
+from opd.step import render_pictures
+
+
+def run_eval(run, name: str, model=None) -> dict:
+    """Evaluate the student (or `model`) on eval.benchmarks and the held-out prompts into <run>/eval/<name>/;
+    returns the val/... metrics."""
+    cfg, acc = run.cfg, run.accelerator
+    benchmarks = cfg.eval.benchmarks + ([run.heldout] if run.heldout is not None else [])
+    if not benchmarks:
+        return {}
+    summary = evaluate(
+        model if model is not None else run.policy.lm, run.tokenizer, benchmarks, cfg.eval,
+        run.run_dir / "eval" / name, seed=cfg.train.seed, step=run.step, chat_template=cfg.data.chat_template,
+        enable_thinking=cfg.data.enable_thinking, system_prompt=cfg.data.system_prompt,
+        shard=(acc.process_index, acc.num_processes), gather=gather_fn(acc),
+    )
+    run.evals[name] = summary
+    return flat_metrics(summary)
+
+
+def run_initial_evals(run) -> None:
+    """Step 0: the teacher (eval.teacher, logged as val_teacher/...) and the student before training (eval.at_start)."""
+    if run.cfg.eval.teacher:
+        teacher_metrics = run_eval(run, "teacher", model=run.teacher)
+        run.log.log(0, {k.replace("val/", "val_teacher/"): v for k, v in teacher_metrics.items()})
+    if run.cfg.eval.at_start:
+        run.log.log(0, run_eval(run, "step_000000"))
+
+
+def finish(run) -> None:
+    """The end of a finished run: summary.json, the result table, the tip pictures."""
+    acc = run.accelerator
+    if run.bar is not None:
+        run.bar.close()
+    if acc.is_main_process:
+        summary = build_summary(run)
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print_summary(summary)
+        if run.cfg.tip.plots:
+            try:
+                render_pictures(run.run_dir)
+            except Exception as exc:  # pictures are a convenience; never lose a finished run to them
+                acc.print(f"tip plots not written: {exc}")
+    run.log.close()
+
+
+def _first_mean(summary: dict | None) -> float | None:
+    if not summary or not summary.get("benchmarks"):
+        return None
+    return next(iter(summary["benchmarks"].values()))["mean@k"]
+
+
+def build_summary(run) -> dict:
+    evals = run.evals
+    before = evals.get("step_000000")
+    return {
+        "teacher_accuracy": _first_mean(evals.get("teacher")),
+        "student_accuracy_before": _first_mean(before),
+        "student_accuracy_after": _first_mean(evals.get("final")),
+        "wall_time_s": time.time() - run.started,
+        "steps": run.step,
+        "benchmarks": {name: s.get("benchmarks", {}) for name, s in evals.items()},
+    }
+
+
+def print_summary(summary: dict) -> None:
+    rows = [("teacher", summary["teacher_accuracy"]), ("student before", summary["student_accuracy_before"]),
+            ("student after", summary["student_accuracy_after"])]
+    if all(v is None for _, v in rows):
+        return
+    print("\n  model            accuracy (mean@k, %)")
+    for name, value in rows:
+        print(f"  {name:<16} {'—' if value is None else f'{value:6.1f}'}")
+    print(f"  wall time {summary['wall_time_s']:.0f} s\n")

@@ -1,0 +1,242 @@
+"""The set-up of a run: run directory, demo pair, data, models, optimiser and schedule, resumed state.
+
+`setup(cfg)` returns the `Run` that `opd.trainer.train` drives; nothing here
+runs a training step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from demo.prepare import prepare_pair
+from eval.benchmarks import Benchmark, Problem
+from lm.models import load_model
+from lm.tokenizers import check_tokenizers, load_tokenizer
+from opd.checkpoint import resume
+from opd.config import Config, save_config, to_dict
+from opd.data import Prompt, PromptSampler, load_prompts
+from opd.distributed import built_whole, gathered, global_sum, make_accelerator, rows, zero3_inference_engine
+from opd.errors import RunError
+from opd.policy import PolicyModel
+from opd.preflight import check_run_dir, run_directory
+from opd.rewards import benchmark_grader, reward_fn
+from opd.step import LOSS_IMPLS, LossImpl, SelectorState, StepSettings, head_weight, new_selector_state
+from opd.tracking import MetricsLog
+
+
+@dataclass
+class Run:
+    """Everything a running training job holds; `step` is the last finished step."""
+
+    cfg: Config
+    accelerator: Accelerator
+    run_dir: Path
+    tokenizer: PreTrainedTokenizerBase
+    policy: PolicyModel  # the unwrapped student
+    student: torch.nn.Module  # the prepared PolicyModel (wrapped by DDP / DeepSpeed when launched so)
+    teacher: PreTrainedModel
+    teacher_head: torch.Tensor | None  # the teacher's LM head (V_T, d_T) when the loss reads it directly
+    loss: LossImpl
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: PromptSampler
+    heldout: Benchmark | None  # the held-out training prompts, evaluated as val/heldout/... (eval.heldout)
+    log: MetricsLog
+    settings: StepSettings
+    selector_state: SelectorState
+    reward: Callable  # (tokenizer, rollouts, answers) -> list[float] | None
+    eos_ids: list[int]
+    total_steps: int
+    step: int = 0
+    zero3: bool = False  # DeepSpeed ZeRO-3: the student's weights are sharded over the processes
+    teacher_engine: object = None  # the teacher's ZeRO-3 inference engine (owns its sharding hooks), or None
+    bar: tqdm | None = None
+    started: float = field(default_factory=time.time)
+    evals: dict[str, dict] = field(default_factory=dict)  # evaluation name -> eval summary
+
+    def student_head(self) -> torch.Tensor:
+        return head_weight(self.policy.lm)
+
+    def progress(self, metrics: dict) -> None:
+        if self.bar is not None:
+            tokens = metrics.get("opd/num_tokens", 0)
+            self.bar.set_postfix(loss=f"{metrics.get('opd/loss', float('nan')):.4f}",
+                                 tok_s=f"{tokens / max(metrics['timing/step_s'], 1e-9):.0f}")
+            self.bar.update(1)
+
+
+def setup(cfg: Config, config_paths=()) -> Run:
+    """Build the run: accelerator, run directory, demo pair, data, models, optimiser; resume if a checkpoint exists."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    acc, use_cuda = make_accelerator(cfg)
+    ds_plugin = acc.state.deepspeed_plugin
+    zero3 = ds_plugin is not None and ds_plugin.zero_stage == 3
+    run_dir = prepare_run_dir(cfg, config_paths, acc)
+    resolve_demo_paths(cfg, acc)
+
+    tokenizer = load_tokenizer(cfg.model)
+    teacher_tok = load_tokenizer(cfg.teacher)
+    # data before models: a bad record refused with its file and line costs seconds, not a model load
+    train_prompts, val_prompts, report = load_prompts(cfg.data, tokenizer, seed=cfg.train.seed,
+                                                      need_answers=cfg.opd.reward_beta > 0)
+    acc.print(f"data: {report.summary()}: {len(train_prompts)} for training, {len(val_prompts)} held out")
+    student_lm, teacher = load_pair(cfg, tokenizer, teacher_tok, acc, zero3)
+
+    total_steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(train_prompts) / cfg.train.prompts_per_step)
+    updates_per_step = cfg.train.prompts_per_step // (cfg.train.mini_batch_size or cfg.train.prompts_per_step)
+    policy = PolicyModel(student_lm)
+    student, optimizer = acc.prepare(policy, build_optimizer(policy, cfg))
+    # Built on the prepared optimizer and not handed to accelerate: its scheduler wrapper would step
+    # num_processes times per update, and DeepSpeed may replace the optimizer (offload: DeepSpeedCPUAdam).
+    scheduler = build_scheduler(optimizer, cfg, total_steps * updates_per_step)
+    teacher_engine = zero3_inference_engine(teacher, acc) if zero3 and cfg.opd.teacher_zero3 else None
+    loss = LOSS_IMPLS[cfg.opd.loss_impl]
+    run = Run(
+        cfg=cfg, accelerator=acc, run_dir=run_dir, tokenizer=tokenizer, policy=policy, student=student,
+        teacher=teacher, teacher_head=teacher_head_for(teacher, loss, teacher_engine, cfg, use_cuda), loss=loss,
+        optimizer=optimizer, scheduler=scheduler, sampler=PromptSampler(train_prompts, cfg.train.seed),
+        heldout=heldout_benchmark(cfg, val_prompts, acc), log=MetricsLog(run_dir, cfg.logging, to_dict(cfg), enabled=acc.is_main_process),
+        settings=step_settings(cfg), selector_state=new_selector_state(),
+        reward=reward_fn(cfg.opd.reward, cfg.eval.grade_timeout_s), eos_ids=eos_ids(tokenizer, student_lm),
+        total_steps=total_steps, zero3=zero3, teacher_engine=teacher_engine,
+    )
+    resume(run)
+    if cfg.logging.progress_bar and acc.is_main_process:
+        run.bar = tqdm(total=total_steps, initial=run.step, desc="opd", dynamic_ncols=True)
+    return run
+
+
+def load_pair(cfg: Config, tokenizer, teacher_tok, acc: Accelerator, zero3: bool):
+    """(student, teacher) on the run's device; the pair's tokenizers checked against each other."""
+    ds_plugin = acc.state.deepspeed_plugin
+
+    def build(mc, tok, trainable: bool, sharded: bool):
+        # With zero3_init_flag models are loaded already sharded (zero.Init); a replicated teacher must not be.
+        # A random-init model (no path: tests, benchmarks) is built whole and sharded by DeepSpeed after:
+        # zero.Init would draw other initial weights than a single process does.
+        whole = zero3 and not (sharded and mc.path)
+        with built_whole(ds_plugin) if whole else contextlib.nullcontext():
+            return load_model(mc, tok, acc.device, trainable=trainable)
+
+    # The student trains in float32 under bf16 autocast on GPU ('auto'); the teacher is stored in bf16.
+    student_mc = cfg.model if cfg.model.dtype != "auto" else dataclasses.replace(cfg.model, dtype="float32")
+    student_lm = build(student_mc, tokenizer, trainable=True, sharded=True)
+    teacher = build(cfg.teacher, teacher_tok, trainable=False, sharded=cfg.opd.teacher_zero3)
+    try:
+        check_tokenizers(tokenizer, teacher_tok, rows(student_lm.get_output_embeddings().weight),
+                         rows(teacher.get_output_embeddings().weight))
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    return student_lm, teacher
+
+
+def teacher_head_for(teacher, loss: LossImpl, teacher_engine, cfg: Config, use_cuda: bool) -> torch.Tensor | None:
+    """The teacher's LM head for a loss that reads it directly (None otherwise)."""
+    if not loss.uses_heads:
+        return None
+    head = head_weight(teacher)
+    if teacher_engine is not None:
+        with gathered(head):  # one full copy of the frozen head, not a gather per micro-batch
+            return head.detach().clone()
+    if cfg.opd.offload_teacher and use_cuda:
+        return head.detach().clone()  # stays on the GPU while the backbone is offloaded
+    return head
+
+
+def heldout_benchmark(cfg: Config, prompts: list[Prompt], acc: Accelerator) -> Benchmark | None:
+    """The held-out training prompts as a benchmark (formatted as in training, graded by opd.reward), or None."""
+    if not (prompts and cfg.eval.heldout):
+        return None
+    if any(not p.answer for p in prompts):
+        acc.print(f"note: the {len(prompts)} held-out prompts are not evaluated: some have no answer "
+                  f"(data.answer_key = {cfg.data.answer_key!r})")
+        return None
+    grade, extract = benchmark_grader(cfg.opd.reward)
+    problems = tuple(Problem(id=p.source, prompt="", answer=p.answer, ids=tuple(p.ids)) for p in prompts)
+    return Benchmark("heldout", problems, grade=grade, extract=extract)
+
+
+def step_settings(cfg: Config) -> StepSettings:
+    return StepSettings(
+        loss_impl=cfg.opd.loss_impl, loss_type=cfg.opd.loss_type, beta=cfg.opd.beta, chunk_size=cfg.opd.chunk_size,
+        selector=cfg.tip.selector, ratio=cfg.tip.ratio, scope=cfg.tip.scope,
+        select_options={"normalize": cfg.tip.normalize, "momentum": cfg.tip.momentum,
+                        "importance_weighting": cfg.tip.importance_weighting},
+        topk=cfg.tip.dump_topk if cfg.tip.dump_tokens else 0,
+    )
+
+
+def eos_ids(tokenizer, model) -> list[int]:
+    """The ids that end a response: the tokenizer's EOS and the model's generation_config EOS ids."""
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return sorted({tokenizer.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))} - {None})
+
+
+def prepare_run_dir(cfg: Config, config_paths, acc) -> Path:
+    """The run directory: new, or an existing run with a compatible config (rules in opd.preflight.check_run_dir)."""
+    problems = check_run_dir(cfg, config_paths)  # [] on all but the main process
+    if global_sum(acc, float(bool(problems))) > 0:
+        raise RunError(problems[0] if problems else "the main process refused the run directory (its error says why)")
+    run_dir = run_directory(cfg, config_paths)
+    saved = run_dir / "config.yaml"
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved)
+    acc.wait_for_everyone()
+    return run_dir
+
+
+def resolve_demo_paths(cfg: Config, acc) -> None:
+    """`demo:teacher` / `demo:student` name the demo pair, prepared (or reused) on first use."""
+    if not (cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")):
+        return
+    if acc.is_main_process:
+        paths = prepare_pair(cfg.demo, log=acc.print)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        paths = prepare_pair(cfg.demo, log=lambda *a: None)
+    pair = {"demo:teacher": str(paths[0]), "demo:student": str(paths[1])}
+    for mc in (cfg.model, cfg.teacher):
+        if mc.path.startswith("demo:"):
+            if mc.path not in pair:
+                raise RunError(f"unknown demo model {mc.path!r} (known: demo:teacher, demo:student)")
+            mc.path = pair[mc.path]
+
+
+def build_optimizer(policy, cfg: Config):
+    decay, no_decay = [], []
+    for name, p in policy.named_parameters():
+        if p.requires_grad:
+            # no decay on norms and biases; ds_shape: a ZeRO-3 shard built by zero.Init is a flat (n,) tensor
+            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+
+def lr_factor(update: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimiser update `update` (0-based): linear warm-up then cosine/constant."""
+    if warmup and update < warmup:
+        return (update + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (update - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, cfg: Config, total_updates: int):
+    o = cfg.optim
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda u: lr_factor(u, total_updates, o.warmup_steps, o.schedule, o.min_lr_ratio)
+    )
