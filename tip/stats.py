@@ -8,6 +8,11 @@ response position t:
     delta_fwd  KL(P_T || P_S)                        (forward KL, nats)
     h_T        teacher entropy / log V              (normalised, in [0, 1])
 
+`token_stats` forms them from logits, always in float32 whatever the autocast
+setting. A pass that forms the same four sums elsewhere (a fused loss kernel)
+hands them, in nats, to `stats_from_nats`: the one place where entropies are
+divided by log V and every value is clamped to its exact bounds.
+
 Selectors, the taxonomy and the token dump only read a `TokenStats`.
 """
 
@@ -17,8 +22,6 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-
-_OPTIONAL = ("student_top_ids", "student_top_probs", "teacher_top_ids", "teacher_top_probs")
 
 
 @dataclass
@@ -97,6 +100,74 @@ def empty_stats(device=None, topk: int = 0) -> TokenStats:
     return TokenStats(f32, f32.clone(), f32.clone(), f32.clone(), torch.zeros(0, dtype=torch.long, device=device), **top)
 
 
+def stats_from_nats(
+    student_entropy: torch.Tensor,
+    teacher_entropy: torch.Tensor,
+    reverse_kl: torch.Tensor,
+    forward_kl: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    vocab: int,
+    *,
+    student_top_ids: torch.Tensor | None = None,
+    student_top_probs: torch.Tensor | None = None,
+    teacher_top_ids: torch.Tensor | None = None,
+    teacher_top_probs: torch.Tensor | None = None,
+) -> TokenStats:
+    """A TokenStats from the four per-token sums in nats, normalised and clamped.
+
+    student_entropy, teacher_entropy  (N,)  H(P_S), H(P_T) in nats over V = vocab columns
+    reverse_kl, forward_kl            (N,)  KL(P_S || P_T), KL(P_T || P_S) in nats
+    sequence_ids                      (N,)  rollout index of each row
+    vocab: V, the number of columns both softmaxes ran over; entropies are
+    divided by log V (by 1 when V = 1, where every entropy is 0 anyway).
+    The top-k fields, (N, k) each, pass through unchanged.
+
+    Rounding can push a normalised entropy a hair past 1 and a KL a hair below
+    0; both bounds are exact, so the results are clamped to [0, 1] and [0, inf).
+    NaN stays NaN (the caller decides what a broken row means). The inputs are
+    not modified; the results are float32 on student_entropy's device.
+    """
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise ValueError(f"stats_from_nats: vocab must be a positive int, got {vocab!r}")
+    n = student_entropy.shape[0]
+    for label, t in (("teacher_entropy", teacher_entropy), ("reverse_kl", reverse_kl), ("forward_kl", forward_kl),
+                     ("sequence_ids", sequence_ids)):
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"stats_from_nats: {label} must have shape ({n},), got {tuple(t.shape)}")
+    log_vocab = math.log(vocab) if vocab > 1 else 1.0
+    device = student_entropy.device
+    return TokenStats(
+        entropy=(student_entropy.float() / log_vocab).clamp(0.0, 1.0),
+        divergence=reverse_kl.float().clamp(min=0.0),
+        forward_divergence=forward_kl.float().clamp(min=0.0),
+        teacher_entropy=(teacher_entropy.float() / log_vocab).clamp(0.0, 1.0),
+        sequence_ids=sequence_ids.to(device).long(),
+        student_top_ids=student_top_ids,
+        student_top_probs=student_top_probs,
+        teacher_top_ids=teacher_top_ids,
+        teacher_top_probs=teacher_top_probs,
+    )
+
+
+def _log_probs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, p) of the softmax over the last axis of float32 logits x (n, V), both new tensors.
+
+    Not torch.log_softmax: on CPU its float32 normaliser is off by up to ~1e-5
+    at V = 152k, an error every entropy and KL inherits (~3e-5 nats). Shifting
+    by the row maximum, summing exp once and dividing keeps them within ~2e-6.
+    A -inf logit gives p = 0 and log p = -inf.
+    """
+    shifted = x - x.amax(dim=-1, keepdim=True)
+    p = shifted.exp()
+    z = p.sum(dim=-1, keepdim=True)
+    return shifted.sub_(z.log()), p.div_(z)
+
+
+def _plogq_sum(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Row sums of p * log_q, where p = 0 contributes 0 (also where log_q is -inf or NaN there)."""
+    return torch.where(p > 0, p * log_q, 0.0).sum(-1)
+
+
 @torch.no_grad()
 def token_stats(
     student_logits: torch.Tensor,
@@ -116,7 +187,12 @@ def token_stats(
     largest float32 temporaries are (chunk_size, V), never (N, V).
     topk > 0 also records both sides' top-min(topk, V) token ids and probabilities.
 
-    Returns float32 stats on the logits' device.
+    Everything runs in float32 with autocast switched off, so a bf16 autocast
+    region around the call changes no bit of the result (SPEC §3 exactness).
+    Every sum is a row reduction of products, 0 * log 0 counts as 0, and a
+    token that both sides give probability 0 (-inf logits on both) adds
+    nothing to either KL. Returns float32 stats on the logits' device (see
+    `stats_from_nats` for the normalisation and clamping).
     """
     if student_logits.dim() != 2 or teacher_logits.dim() != 2:
         raise ValueError(f"token_stats: logits must be 2-D (N, V); got student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}")
@@ -136,40 +212,31 @@ def token_stats(
     if vocab < 1:
         raise ValueError("token_stats: logits have no vocabulary columns")
     k = min(topk, vocab)
-    # log 1 = 0: with a one-word vocabulary every entropy is 0 anyway.
-    log_vocab = math.log(vocab) if vocab > 1 else 1.0
     device = student_logits.device
 
     parts = []
-    for start in range(0, n, chunk_size):
-        s = student_logits[start:start + chunk_size, :vocab].to(device=device, dtype=torch.float32)
-        t = teacher_logits[start:start + chunk_size, :vocab].to(device=device, dtype=torch.float32)
-        log_ps = torch.log_softmax(s, dim=-1)
-        log_pt = torch.log_softmax(t, dim=-1)
-        del s, t
-        ps = log_ps.exp()
-        pt = log_pt.exp()
-        # where p == 0 its log may be -inf; 0 * -inf must count as 0, not NaN
-        entropy = -torch.where(ps > 0, ps * log_ps, 0.0).sum(-1)
-        teacher_entropy = -torch.where(pt > 0, pt * log_pt, 0.0).sum(-1)
-        diff = log_ps - log_pt
-        reverse = torch.where(ps > 0, ps * diff, 0.0).sum(-1)
-        forward = torch.where(pt > 0, -pt * diff, 0.0).sum(-1)
-        del diff
-        top = {}
-        if k > 0:
-            top_ps, top_s = ps.topk(k, dim=-1)
-            top_pt, top_t = pt.topk(k, dim=-1)
-            top = dict(student_top_ids=top_s, student_top_probs=top_ps, teacher_top_ids=top_t, teacher_top_probs=top_pt)
-        parts.append(TokenStats(
-            # rounding can push h a hair past 1 and KL a hair below 0; both are exact bounds
-            entropy=(entropy / log_vocab).clamp_(0.0, 1.0),
-            divergence=reverse.clamp_(min=0.0),
-            forward_divergence=forward.clamp_(min=0.0),
-            teacher_entropy=(teacher_entropy / log_vocab).clamp_(0.0, 1.0),
-            sequence_ids=sequence_ids[start:start + chunk_size].long(),
-            **top,
-        ))
+    with torch.autocast(device_type=device.type, enabled=False):
+        for start in range(0, n, chunk_size):
+            s = student_logits[start:start + chunk_size, :vocab].to(device=device, dtype=torch.float32)
+            t = teacher_logits[start:start + chunk_size, :vocab].to(device=device, dtype=torch.float32)
+            log_ps, ps = _log_probs(s)
+            log_pt, pt = _log_probs(t)
+            del s, t
+            entropy = -_plogq_sum(ps, log_ps)
+            teacher_entropy = -_plogq_sum(pt, log_pt)
+            # per-element log ratios, not a difference of two ~log V sums: a small KL keeps its digits.
+            # Where both sides give -inf the ratio is NaN, but there p = 0 and _plogq_sum drops it.
+            diff = log_ps - log_pt
+            reverse = _plogq_sum(ps, diff)
+            forward = -_plogq_sum(pt, diff)
+            del diff
+            top = {}
+            if k > 0:
+                top_ps, top_s = ps.topk(k, dim=-1)
+                top_pt, top_t = pt.topk(k, dim=-1)
+                top = dict(student_top_ids=top_s, student_top_probs=top_ps, teacher_top_ids=top_t, teacher_top_probs=top_pt)
+            parts.append(stats_from_nats(entropy, teacher_entropy, reverse, forward,
+                                         sequence_ids[start:start + chunk_size], vocab, **top))
     if not parts:
         return empty_stats(device=device, topk=k)
     return TokenStats.cat(parts)

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from tip.stats import TokenStats, empty_stats, token_stats
+from tip.stats import TokenStats, empty_stats, stats_from_nats, token_stats
+
+FIELDS = ("entropy", "divergence", "forward_divergence", "teacher_entropy")
 
 
 def naive_stats(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -76,6 +78,95 @@ def test_uniform_is_entropy_one_and_one_hot_is_zero_without_nan():
     assert stats.divergence[1].item() == pytest.approx(math.log(v), abs=1e-5)
     assert math.isinf(stats.forward_divergence[1].item())
     assert not torch.isnan(stats.entropy).any() and not torch.isnan(stats.divergence).any()
+
+
+def test_a_token_both_sides_rule_out_adds_nothing_and_stays_finite():
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(4, 12, generator=g) * 2
+    teacher = torch.randn(4, 12, generator=g) * 2
+    ruled_out = student.clone(), teacher.clone()
+    for logits in ruled_out:
+        logits[:, [3, 7]] = float("-inf")  # the same ids on both sides
+    stats = token_stats(*ruled_out, torch.zeros(4, dtype=torch.long), 3)
+    keep = [j for j in range(12) if j not in (3, 7)]
+    ref = naive_stats(student[:, keep], teacher[:, keep])
+    for name in FIELDS:
+        got = getattr(stats, name)
+        assert torch.isfinite(got).all(), name
+        # entropies are still divided by log 12, the vocabulary the softmax ran over
+        expected = ref[name] * (math.log(10) / math.log(12) if "entropy" in name else 1.0)
+        torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bf16_autocast_around_the_call_changes_no_bit():
+    g = torch.Generator().manual_seed(6)
+    student = torch.randn(19, 300, generator=g) * 4
+    teacher = torch.randn(19, 300, generator=g) * 4
+    seq = torch.arange(19) // 4
+    plain = token_stats(student, teacher, seq, 5, topk=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = token_stats(student, teacher, seq, 5, topk=4)
+    for name in FIELDS + ("student_top_probs", "teacher_top_probs", "student_top_ids"):
+        assert torch.equal(getattr(autocast, name), getattr(plain, name)), name
+    assert autocast.entropy.dtype == torch.float32
+
+
+def test_float32_error_at_a_real_vocabulary_size_is_within_6e_6_nats():
+    v = 151_936  # Qwen's padded vocabulary
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(5, v, generator=g) * 3
+    student = base.clone()
+    student[1, 17] += 25.0  # a confident row
+    student[2] = torch.randn(v, generator=g) * 0.1  # a nearly uniform row
+    teacher = base + torch.randn(5, v, generator=g) * 0.05  # close to the student: small KL
+    teacher[3] = torch.randn(v, generator=g) * 3  # and far from it
+    teacher[4, 5] += 30.0
+    stats = token_stats(student, teacher, torch.zeros(5, dtype=torch.long), 2)
+    ref = naive_stats(student, teacher)
+    log_v = math.log(v)
+    for name in FIELDS:
+        scale = log_v if "entropy" in name else 1.0  # compare in nats
+        err = (getattr(stats, name).double() * scale - ref[name] * scale).abs().max().item()
+        assert err <= 6e-6, (name, err)
+
+
+def test_stats_from_nats_normalises_and_clamps_without_touching_its_inputs():
+    h_s = torch.tensor([0.0, math.log(8), math.log(8) + 1e-6, 1.0])
+    h_t = torch.tensor([0.5, 0.25, 3.0, 2.0])
+    rev = torch.tensor([-1e-7, 0.0, 0.3, float("nan")])
+    fwd = torch.tensor([2.0, -0.0, -3e-8, float("inf")])
+    inputs = [t.clone() for t in (h_s, h_t, rev, fwd)]
+    stats = stats_from_nats(h_s, h_t, rev, fwd, torch.tensor([0, 0, 1, 1]), 8)
+    assert stats.entropy.tolist() == pytest.approx([0.0, 1.0, 1.0, 1.0 / math.log(8)])
+    assert stats.entropy[1].item() == 1.0 and stats.entropy[2].item() == 1.0  # clamped to the exact bound
+    assert stats.teacher_entropy.tolist() == pytest.approx([0.5 / math.log(8), 0.25 / math.log(8), 1.0, 2.0 / math.log(8)])
+    assert stats.divergence[:3].tolist() == pytest.approx([0.0, 0.0, 0.3]) and math.isnan(stats.divergence[3].item())
+    assert stats.forward_divergence[:3].tolist() == [2.0, 0.0, 0.0] and math.isinf(stats.forward_divergence[3].item())
+    assert all(torch.equal(a, b, ) or (a.isnan() == b.isnan()).all() for a, b in zip(inputs, (h_s, h_t, rev, fwd)))
+    assert stats.sequence_ids.dtype == torch.long and stats.entropy.dtype == torch.float32 and not stats.has_top
+    # a one-word vocabulary divides by 1 (every entropy is 0 there)
+    one = stats_from_nats(torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2), 1)
+    assert one.entropy.tolist() == [0.0, 0.0]
+    # top-k fields pass through
+    ids, probs = torch.zeros(4, 2, dtype=torch.long), torch.full((4, 2), 0.5)
+    with_top = stats_from_nats(h_s, h_t, rev, fwd, torch.zeros(4), 8, student_top_ids=ids, student_top_probs=probs,
+                               teacher_top_ids=ids, teacher_top_probs=probs)
+    assert with_top.has_top and with_top.teacher_top_probs is probs
+    with pytest.raises(ValueError, match="vocab"):
+        stats_from_nats(h_s, h_t, rev, fwd, torch.zeros(4), 0)
+    with pytest.raises(ValueError, match="forward_kl"):
+        stats_from_nats(h_s, h_t, rev, fwd[:3], torch.zeros(4), 8)
+
+
+def test_token_stats_is_stats_from_nats_of_the_float32_sums():
+    g = torch.Generator().manual_seed(8)
+    s, t = torch.randn(6, 40, generator=g) * 3, torch.randn(6, 50, generator=g) * 3
+    ref = naive_stats(s, t)
+    nats = [ref[name] * (math.log(40) if "entropy" in name else 1.0) for name in ("entropy", "teacher_entropy", "divergence", "forward_divergence")]
+    expected = stats_from_nats(*nats, torch.zeros(6), 40)
+    got = token_stats(s, t, torch.zeros(6, dtype=torch.long), 4)
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_zero_rows_and_cat_of_chunks():
