@@ -6,6 +6,9 @@ Works on tensors and its own `TokenStats`; imports nothing from `opd`.
     sel = tip.select("soft_or", stats, ratio=0.5, scope="microbatch", generator=g)
     loss = (sel.weights * per_token_loss).sum() / tip.denominator("soft_or", sizes, 0.5)
 
+A loss kernel that forms the entropies and KLs itself (in nats) builds its
+TokenStats with `tip.stats_from_nats`.
+
 The pictures live in `tip.plots` (imported on demand: it pulls in matplotlib).
 """
 
@@ -20,14 +23,13 @@ from tip.selectors import (
     keep_count,
     reads_stats,
     register,
-    scope_sizes,
     select,
 )
-from tip.stats import TokenStats, token_stats
+from tip.stats import TokenStats, stats_from_nats, token_stats
 from tip.taxonomy import diagnostics, quadrants, thresholds
 
 __all__ = [
     "OPTIONS", "SELECTORS", "Context", "RunningMinMax", "Selection", "TokenStats",
-    "denominator", "diagnostics", "keep_count", "quadrants", "reads_stats", "register", "scope_sizes",
-    "select", "thresholds", "token_records", "token_stats", "write_jsonl",
+    "denominator", "diagnostics", "keep_count", "quadrants", "reads_stats", "register",
+    "select", "stats_from_nats", "thresholds", "token_records", "token_stats", "write_jsonl",
 ]

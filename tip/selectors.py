@@ -133,7 +133,12 @@ def keep_count(m: int, ratio: float) -> int:
 
 
 def minmax(x: torch.Tensor, lo: float | torch.Tensor | None = None, hi: float | torch.Tensor | None = None) -> torch.Tensor:
-    """(x - lo) / (hi - lo) clipped to [0, 1]; lo/hi default to x's min/max; all 0 when hi <= lo."""
+    """(x - lo) / (hi - lo) clipped to [0, 1]; lo/hi default to x's min/max; all 0 when hi <= lo.
+
+    x >= hi gives exactly 1.0 and x <= lo exactly 0.0, whatever the rounding of
+    the division (and also for an infinite hi), so a scope's maximum always
+    scores the same as any other scope's.
+    """
     x = x.float()
     if x.numel() == 0:
         return x.clone()
@@ -142,11 +147,17 @@ def minmax(x: torch.Tensor, lo: float | torch.Tensor | None = None, hi: float | 
     span = hi - lo
     if not bool(span > 0):
         return torch.zeros_like(x)
-    return ((x - lo) / span).clamp_(0.0, 1.0)
+    scaled = ((x - lo) / span).clamp_(0.0, 1.0)
+    # (hi - lo) / (hi - lo) is 1 in IEEE arithmetic, but not when the span overflows to inf
+    return torch.where(x >= hi, 1.0, torch.where(x <= lo, 0.0, scaled))
 
 
 def top_k(score: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
-    """(m,) bool mask of the k largest (or smallest) scores; ties go to the lower index."""
+    """(m,) bool mask of the k largest (or smallest) scores; ties go to the lower index.
+
+    Every top-k selector goes through here: a stable sort keeps tied scores in
+    position order, so the rule holds on any device.
+    """
     order = torch.sort(score, descending=largest, stable=True).indices
     mask = torch.zeros(score.shape[0], dtype=torch.bool, device=score.device)
     mask[order[:k]] = True
@@ -178,11 +189,6 @@ def scope_index(sequence_ids: torch.Tensor, scope: str) -> list[torch.Tensor]:
     if scope == "microbatch":
         return [torch.arange(n, device=sequence_ids.device)] if n > 0 else []
     return [torch.nonzero(sequence_ids == sid).flatten() for sid in torch.unique(sequence_ids)]
-
-
-def scope_sizes(sequence_ids: torch.Tensor, scope: str) -> list[int]:
-    """Token count m of each scope, as `denominator` wants them."""
-    return [int(i.numel()) for i in scope_index(sequence_ids, scope)]
 
 
 def _check(name: str, ratio: float, options: dict) -> dict:
@@ -275,10 +281,10 @@ def denominator(name: str, scope_sizes: list[int], ratio: float, **options) -> i
 
     scope_sizes: token count m of every scope the loss covers (e.g. all
     micro-batches of an optimiser step, or all rollouts under scope="sequence").
-    Returns sum of k = max(1, floor(ratio * m)) for plain selection, sum of m
-    for selectors that average over all tokens (all, teacher_entropy,
-    entropy_sample with importance_weighting). For plain selectors it equals
-    select(...).mask.sum() over the same scopes.
+    Returns sum of k = max(1, floor(ratio * m)) for plain selection (adaptive_kl
+    included), sum of m for selectors that average over all tokens (all,
+    teacher_entropy, entropy_sample with importance_weighting). For plain
+    selectors it equals select(...).mask.sum() over the same scopes.
     """
     options = _check(name, ratio, options)
     sizes = [int(m) for m in scope_sizes]
@@ -297,6 +303,23 @@ def denominator(name: str, scope_sizes: list[int], ratio: float, **options) -> i
 def select_all(stats: TokenStats, k: int, ctx: Context) -> Selection:
     """Every token, weight 1 (plain OPD)."""
     return _plain(torch.ones(len(stats), dtype=torch.bool, device=stats.entropy.device))
+
+
+def _entropy_draw(h: torch.Tensor, k: int, generator) -> torch.Tensor:
+    """(m,) bool: k of m tokens drawn without replacement, p proportional to h (see entropy_sample)."""
+    m = h.shape[0]
+    device = h.device
+    positive = torch.nonzero(h > 0).flatten()
+    if positive.numel() >= k:
+        chosen = torch.multinomial(h.to(_draw_device(generator, device)), k, replacement=False,
+                                   generator=generator).to(device)
+    else:
+        zero = torch.nonzero(h <= 0).flatten()
+        fill = zero[_randperm(zero.numel(), generator, device)[: k - positive.numel()]]
+        chosen = torch.cat([positive, fill])
+    mask = torch.zeros(m, dtype=torch.bool, device=device)
+    mask[chosen] = True
+    return mask
 
 
 @register("entropy_sample", mean_over_all=lambda options: bool(options["importance_weighting"]))
@@ -323,28 +346,24 @@ def entropy_sample(stats: TokenStats, k: int, ctx: Context) -> Selection:
         weights = torch.where(mask, 1.0 / p.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
         return Selection(mask, weights)
 
-    positive = torch.nonzero(h > 0).flatten()
-    if positive.numel() >= k:
-        gen_device = _draw_device(ctx.generator, device)
-        chosen = torch.multinomial(h.to(gen_device), k, replacement=False, generator=ctx.generator).to(device)
-    else:
-        zero = torch.nonzero(h <= 0).flatten()
-        fill = zero[_randperm(zero.numel(), ctx.generator, device)[: k - positive.numel()]]
-        chosen = torch.cat([positive, fill])
-    mask = torch.zeros(m, dtype=torch.bool, device=device)
-    mask[chosen] = True
-    return _plain(mask)
+    return _plain(_entropy_draw(h, k, ctx.generator))
 
 
 @register("entropy_topk")
 def entropy_topk(stats: TokenStats, k: int, ctx: Context) -> Selection:
-    """The k tokens of largest student entropy h_t (Table 5 "Ent.")."""
+    """The k tokens of largest student entropy h_t (Table 5 "Ent."); ties go to the lower position."""
     return _plain(top_k(stats.entropy, k))
 
 
 def soft_or_score(h_hat: torch.Tensor, d_hat: torch.Tensor) -> torch.Tensor:
-    """s = h + d - h * d = 1 - (1 - h)(1 - d) for normalised h, d in [0, 1] (Eq. 5)."""
-    return h_hat + d_hat - h_hat * d_hat
+    """s = h + d - h * d for normalised h, d in [0, 1] (Eq. 5), in [0, 1].
+
+    Formed as 1 - (1 - h)(1 - d): a token with h = 1 or d = 1 scores exactly 1
+    and s(a, b) == s(b, a) bit for bit, so the top-entropy and the
+    top-divergence token tie exactly and the position rule decides between
+    them (h + d - h * d can round either of them below 1).
+    """
+    return 1.0 - (1.0 - h_hat) * (1.0 - d_hat)
 
 
 def _soft_or(stats: TokenStats, ctx: Context) -> torch.Tensor:
@@ -353,19 +372,26 @@ def _soft_or(stats: TokenStats, ctx: Context) -> torch.Tensor:
 
 @register("soft_or")
 def soft_or(stats: TokenStats, k: int, ctx: Context) -> Selection:
-    """Top-k of the Soft-OR score of normalised entropy and reverse KL (Eq. 5-7, Table 5 "SO")."""
+    """Top-k of the Soft-OR score of normalised entropy and reverse KL (Eq. 5-7, Table 5 "SO").
+
+    s_t = 1 - (1 - h_hat_t)(1 - delta_hat_t), h_hat and delta_hat min-max
+    normalised (per scope or running); ties go to the lower position.
+    """
     return _plain(top_k(_soft_or(stats, ctx), k))
 
 
 @register("soft_or_bottom")
 def soft_or_bottom(stats: TokenStats, k: int, ctx: Context) -> Selection:
-    """The k tokens of SMALLEST Soft-OR score (Table 6 "Bot.", the control)."""
+    """The k tokens of SMALLEST Soft-OR score (Table 6 "Bot.", the control); ties go to the lower position."""
     return _plain(top_k(_soft_or(stats, ctx), k, largest=False))
 
 
 @register("q3_only")
 def q3_only(stats: TokenStats, k: int, ctx: Context) -> Selection:
-    """Top-k of w = forward KL * (1 - normalised h): confident tokens the teacher disagrees with (Table 4, 7)."""
+    """Top-k of w = forward KL * (1 - normalised h): confident tokens the teacher disagrees with (Table 4, 7).
+
+    Forward KL in nats, h min-max normalised (per scope or running); ties go to the lower position.
+    """
     score = stats.forward_divergence.float() * (1.0 - ctx.norm("entropy", stats.entropy))
     return _plain(top_k(score, k))
 
@@ -380,11 +406,32 @@ def random_tokens(stats: TokenStats, k: int, ctx: Context) -> Selection:
     return _plain(mask)
 
 
+@register("adaptive_kl")
+def adaptive_kl(stats: TokenStats, k: int, ctx: Context) -> Selection:
+    """Adaptive KL as our reading of the paper's Table 8 (appendix B.1).
+
+    Keeps the k tokens `entropy_sample` keeps (p_t proportional to h_t, without
+    importance weighting: the same draws for the same generator state), and
+    weights each kept token's loss by w_t = 1 + H_T(t) / log V (1 + normalised
+    teacher entropy), scaled to mean 1 over the kept tokens of the scope.
+    Loss denominator: k per scope, as for any plain selector;
+    importance_weighting does not apply (the draw is always plain).
+    """
+    mask = _entropy_draw(stats.entropy.float(), k, ctx.generator)
+    raw = 1.0 + stats.teacher_entropy.float()
+    weights = torch.where(mask, raw / raw[mask].mean(), 0.0)
+    return Selection(mask, weights)
+
+
 @register("teacher_entropy", mean_over_all=True)
 def teacher_entropy(stats: TokenStats, k: int, ctx: Context) -> Selection:
-    """Adaptive KL (Table 8): keep all, weight by teacher entropy scaled to mean 1 over the scope.
+    """Teacher-entropy weighting alone, the ablation we keep for comparison ("ours").
 
-    All-zero teacher entropy (a one-hot teacher everywhere) gives weight 1.
+    Keeps every token and weights its loss by normalised teacher entropy,
+    scaled to mean 1 over the scope; all-zero teacher entropy (a one-hot
+    teacher everywhere) gives weight 1. `adaptive_kl` is our reading of the
+    paper's Table 8 adaptive KL; this variant drops its entropy sampling and
+    its 1 + offset.
     """
     h_t = stats.teacher_entropy.float()
     mean = h_t.mean()

@@ -15,6 +15,9 @@ from tip.stats import TokenStats
 
 PLAIN = ["entropy_sample", "entropy_topk", "soft_or", "q3_only", "soft_or_bottom", "random"]
 KEEP_ALL = ["all", "teacher_entropy"]
+# keep k per scope like PLAIN, but weight the kept tokens
+WEIGHTED_K = ["adaptive_kl"]
+TOP_K = ["entropy_topk", "soft_or", "q3_only", "soft_or_bottom"]
 
 
 def make_stats(h, d, fwd=None, teacher=None, seq=None) -> TokenStats:
@@ -54,6 +57,13 @@ def kept(selection):
 
 def expected_k(m, ratio_text):
     return max(1, math.floor(Fraction(ratio_text) * m))
+
+
+def sizes_of(sequence_ids, scope):
+    """Token count of each scope, counted independently of tip."""
+    if scope == "microbatch":
+        return [len(sequence_ids)] if len(sequence_ids) else []
+    return [sequence_ids.tolist().count(i) for i in sorted(set(sequence_ids.tolist()))]
 
 
 # ---------------------------------------------------------------------------- Proposition 2
@@ -118,9 +128,90 @@ def test_soft_or_bottom_complements_soft_or_at_half():
 
 def test_ties_break_by_position():
     stats = make_stats([0.3] * 6, [1.0] * 6)
-    assert kept(tip.select("entropy_topk", stats, 0.5)) == {0, 1, 2}
-    assert kept(tip.select("soft_or", stats, 0.5)) == {0, 1, 2}
-    assert kept(tip.select("soft_or_bottom", stats, 0.5)) == {0, 1, 2}
+    for name in TOP_K:
+        assert kept(tip.select(name, stats, 0.5)) == {0, 1, 2}, name
+
+
+def test_minmax_maps_the_maximum_to_exactly_one_and_the_minimum_to_exactly_zero():
+    g = torch.Generator().manual_seed(30)
+    for trial in range(300):
+        scale = 10.0 ** float(torch.empty(1).uniform_(-30, 30, generator=g))
+        x = (torch.randn(int(torch.randint(2, 50, (1,), generator=g)), generator=g) * scale
+             + float(torch.randn(1, generator=g)) * scale * 10)
+        out = sel_mod.minmax(x)
+        assert out[x == x.max()].eq(1.0).all() and out[x == x.min()].eq(0.0).all(), (trial, x)
+        assert bool(((out >= 0) & (out <= 1)).all())
+        # running range: a value at or above hi is exactly 1, at or below lo exactly 0
+        lo, hi = float(x.min()), float(x.max())
+        out = sel_mod.minmax(x, lo, hi)
+        assert out[x >= hi].eq(1.0).all() and out[x <= lo].eq(0.0).all()
+    # a span that overflows float32 still gives exact end points, not NaN
+    wide = torch.tensor([-3e38, 0.0, 3e38])
+    assert sel_mod.minmax(wide).tolist()[::2] == [0.0, 1.0]
+    assert sel_mod.minmax(torch.tensor([0.5, 2.0]), 0.0, float("inf")).tolist() == [0.0, 0.0]
+
+
+def test_soft_or_score_is_exactly_one_at_either_maximum_and_symmetric():
+    g = torch.Generator().manual_seed(31)
+    a, b = torch.rand(10_000, generator=g), torch.rand(10_000, generator=g)
+    one = torch.ones_like(a)
+    assert sel_mod.soft_or_score(one, b).eq(1.0).all() and sel_mod.soft_or_score(a, one).eq(1.0).all()
+    assert torch.equal(sel_mod.soft_or_score(a, b), sel_mod.soft_or_score(b, a))
+    assert sel_mod.soft_or_score(torch.zeros(1), torch.zeros(1)).item() == 0.0
+    # the old form h + d - h*d rounds some of these below 1 (the tracker's bug); the product form never does
+    assert bool((one + b - one * b < 1).any() or (a + one - a * one < 1).any())
+
+
+def test_soft_or_tie_between_top_entropy_and_top_divergence_goes_to_the_lower_position():
+    """Tracker reproduction: index 1 is the top-divergence token (delta_hat = 1), index 2 the
+    top-entropy one (h_hat = 1); both score exactly 1, so the lower position, index 1, is kept."""
+    stats = make_stats([0.6011906862258911, 0.8179197311401367, 0.9736230969429016],
+                       [8.17527961730957, 9.74706745147705, 4.638391494750977])
+    assert kept(tip.select("soft_or", stats, 0.5)) == {1}
+    assert kept(tip.select("soft_or", stats, 0.5, scope="sequence")) == {1}
+
+
+def test_soft_or_one_kept_scopes_resolve_the_top_tie_by_position():
+    """In every scope that keeps one token the winner is the first token that holds the scope's
+    largest entropy or its largest divergence (both score exactly 1)."""
+    g = torch.Generator().manual_seed(32)
+    lengths = torch.randint(2, 60, (600,), generator=g).tolist()
+    seq = torch.cat([torch.full((m,), i) for i, m in enumerate(lengths)])
+    n = seq.numel()
+    # float32 values of the reproduction's kind: entropies in [0, 1), divergences in nats
+    h = torch.rand(n, generator=g)
+    d = torch.rand(n, generator=g) * 10
+    stats = make_stats(h, d, seq=seq)
+    ratio = 1 / 64  # k = 1 in every scope
+    selection = tip.select("soft_or", stats, ratio, scope="sequence")
+    start = 0
+    for i, m in enumerate(lengths):
+        hs, ds = h[start:start + m], d[start:start + m]
+        expected = min(j for j in range(m) if hs[j] == hs.max() or ds[j] == ds.max())
+        assert kept(tip.Selection(selection.mask[start:start + m], selection.weights[start:start + m])) == {expected}, i
+        start += m
+
+
+@pytest.mark.parametrize("name", TOP_K)
+def test_every_top_k_selector_breaks_exact_ties_by_position(name):
+    """Duplicated rows score bit for bit alike; wherever one copy is kept and the other not, the
+    kept copy is the earlier one."""
+    g = torch.Generator().manual_seed(33)
+    splits = 0
+    for trial in range(40):
+        m = int(torch.randint(2, 30, (1,), generator=g))
+        base = random_stats(m, seed=100 + trial)
+        order = torch.randperm(2 * m, generator=g)
+        stats = base.subset(torch.cat([torch.arange(m), torch.arange(m)])[order])
+        source = (torch.cat([torch.arange(m), torch.arange(m)])[order]).tolist()
+        for ratio in (0.1, 0.25, 0.5, 0.77):
+            mask = tip.select(name, stats, ratio).mask.tolist()
+            for row in range(m):
+                first, second = [j for j, src in enumerate(source) if src == row]
+                if mask[first] != mask[second]:
+                    splits += 1
+                    assert mask[first] and not mask[second], (trial, ratio, row)
+    assert splits > 20  # boundary ties did occur
 
 
 # ---------------------------------------------------------------------------- counts and scopes
@@ -134,10 +225,11 @@ def test_kept_count_is_max_1_floor_ratio_m_for_random_sizes():
         stats = random_stats(m, seed=i)
         k = expected_k(m, ratio_text)
         assert tip.keep_count(m, float(ratio_text)) == k
-        for name in PLAIN:
+        for name in PLAIN + WEIGHTED_K:
             selection = tip.select(name, stats, float(ratio_text), generator=torch.Generator().manual_seed(i))
             assert int(selection.mask.sum()) == k, (name, m, ratio_text)
-            assert torch.equal(selection.weights, selection.mask.float())
+            if name in PLAIN:
+                assert torch.equal(selection.weights, selection.mask.float())
 
 
 def test_sequence_scope_keeps_the_count_in_every_rollout():
@@ -147,12 +239,12 @@ def test_sequence_scope_keeps_the_count_in_every_rollout():
     seq = seq[torch.randperm(seq.numel(), generator=g)]  # rollouts need not be contiguous
     base = random_stats(seq.numel(), seed=6)
     stats = make_stats(base.entropy, base.divergence, base.forward_divergence, base.teacher_entropy, seq)
-    for name in PLAIN:
+    for name in PLAIN + WEIGHTED_K:
         for ratio_text in ("0.2", "0.5", "0.75"):
             selection = tip.select(name, stats, float(ratio_text), scope="sequence", generator=torch.Generator().manual_seed(1))
             for i, n in enumerate(lengths):
                 assert int(selection.mask[seq == i].sum()) == expected_k(n, ratio_text), (name, i)
-            assert int(selection.mask.sum()) == tip.denominator(name, tip.scope_sizes(seq, "sequence"), float(ratio_text))
+            assert int(selection.mask.sum()) == tip.denominator(name, sizes_of(seq, "sequence"), float(ratio_text))
 
 
 def test_sequence_scope_normalises_within_each_rollout():
@@ -167,9 +259,9 @@ def test_sequence_scope_normalises_within_each_rollout():
 def test_denominator_invariant_and_keep_all_selectors():
     stats = random_stats(57, seed=7, num_seqs=4)
     for scope in ("microbatch", "sequence"):
-        sizes = tip.scope_sizes(stats.sequence_ids, scope)
+        sizes = sizes_of(stats.sequence_ids, scope)
         assert sum(sizes) == 57
-        for name in PLAIN:
+        for name in PLAIN + WEIGHTED_K:
             for ratio in (0.05, 0.33, 1.0):
                 selection = tip.select(name, stats, ratio, scope=scope, generator=torch.Generator().manual_seed(0))
                 assert int(selection.mask.sum()) == tip.denominator(name, sizes, ratio)
@@ -193,7 +285,7 @@ def test_zero_tokens_give_an_empty_selection():
 
 def test_same_seed_same_selection():
     stats = random_stats(200, seed=8, num_seqs=3)
-    for name in ("entropy_sample", "random"):
+    for name in ("entropy_sample", "random", "adaptive_kl"):
         for options in ({}, {"importance_weighting": True}):
             a = tip.select(name, stats, 0.3, scope="sequence", generator=torch.Generator().manual_seed(42), **options)
             b = tip.select(name, stats, 0.3, scope="sequence", generator=torch.Generator().manual_seed(42), **options)
@@ -250,6 +342,44 @@ def test_importance_weighted_entropy_sample_is_unbiased():
     # and plain (unweighted) entropy sampling is NOT unbiased here: the test has teeth
     plain = torch.stack([(tip.select("entropy_sample", stats, 0.25, generator=g).mask.float() * values).sum() / 10 for _ in range(500)])
     assert abs(float(plain.mean()) - target) > 4 * float(plain.std()) / math.sqrt(500)
+
+
+def test_adaptive_kl_keeps_what_entropy_sample_keeps_with_the_same_generator():
+    stats = random_stats(150, seed=40, num_seqs=5)
+    for scope in ("microbatch", "sequence"):
+        for ratio in (0.1, 0.5, 1.0):
+            g_a, g_b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+            adaptive = tip.select("adaptive_kl", stats, ratio, scope=scope, generator=g_a)
+            sampled = tip.select("entropy_sample", stats, ratio, scope=scope, generator=g_b)
+            assert torch.equal(adaptive.mask, sampled.mask), (scope, ratio)
+            assert torch.equal(g_a.get_state(), g_b.get_state())  # the same draws, no extra ones
+            assert int(adaptive.mask.sum()) == tip.denominator("adaptive_kl", sizes_of(stats.sequence_ids, scope), ratio)
+    # importance weighting does not apply: adaptive KL samples k tokens either way
+    plain = tip.select("adaptive_kl", stats, 0.3, generator=torch.Generator().manual_seed(1))
+    with_iw = tip.select("adaptive_kl", stats, 0.3, generator=torch.Generator().manual_seed(1), importance_weighting=True)
+    assert torch.equal(plain.mask, with_iw.mask) and torch.equal(plain.weights, with_iw.weights)
+    assert tip.denominator("adaptive_kl", [150], 0.3, importance_weighting=True) == 45
+
+
+def test_adaptive_kl_weights_are_one_plus_teacher_entropy_with_mean_one_over_the_kept_set():
+    stats = random_stats(90, seed=41, num_seqs=3)
+    for scope in ("microbatch", "sequence"):
+        selection = tip.select("adaptive_kl", stats, 0.4, scope=scope, generator=torch.Generator().manual_seed(3))
+        assert torch.all(selection.weights[~selection.mask] == 0)
+        groups = [torch.ones(90, dtype=torch.bool)] if scope == "microbatch" else [stats.sequence_ids == i for i in range(3)]
+        for group in groups:
+            keep = group & selection.mask
+            w = selection.weights[keep].double()
+            raw = 1 + stats.teacher_entropy[keep].double()
+            assert float(w.mean()) == pytest.approx(1.0, abs=1e-6)
+            torch.testing.assert_close(w, raw / raw.mean(), atol=1e-6, rtol=0)
+            # the ordering of the weights is the ordering of teacher entropy
+            by_teacher = w[torch.argsort(stats.teacher_entropy[keep])]
+            assert bool((by_teacher[1:] >= by_teacher[:-1]).all()) and by_teacher[-1] > by_teacher[0]
+    # one kept token has weight exactly 1
+    single = tip.select("adaptive_kl", make_stats([0.5, 0.1], [0, 0], teacher=[0.3, 0.9]), 0.5,
+                        generator=torch.Generator().manual_seed(0))
+    assert single.weights[single.mask].tolist() == [1.0]
 
 
 def test_random_selector_is_uniform():
@@ -352,7 +482,7 @@ def test_register_adds_a_selector_the_loop_can_use_unchanged():
 
 
 def test_registry_holds_every_selector_of_the_spec():
-    assert set(tip.SELECTORS) == set(PLAIN + KEEP_ALL)
+    assert set(tip.SELECTORS) == set(PLAIN + KEEP_ALL + WEIGHTED_K)
 
 
 def test_tip_imports_nothing_from_opd():
