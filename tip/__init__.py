@@ -7,7 +7,11 @@ Works on tensors and its own `TokenStats`; imports nothing from `opd`.
     loss = (sel.weights * per_token_loss).sum() / tip.denominator("soft_or", sizes, 0.5)
 
 A loss kernel that forms the entropies and KLs itself (in nats) builds its
-TokenStats with `tip.stats_from_nats`.
+TokenStats with `tip.stats_from_nats`. With normalize="running", `select`
+only reads the caller's `RunningMinMax`; after each optimiser update the
+caller folds in that update's global extremes once:
+`state.fold(tip.extrema(stats), momentum)` (extremes reduced over
+micro-batches and processes first).
 
 The pictures live in `tip.plots` (imported on demand: it pulls in matplotlib).
 """
@@ -20,6 +24,7 @@ from tip.selectors import (
     RunningMinMax,
     Selection,
     denominator,
+    extrema,
     keep_count,
     reads_stats,
     register,
@@ -30,6 +35,6 @@ from tip.taxonomy import diagnostics, quadrants, thresholds
 
 __all__ = [
     "OPTIONS", "SELECTORS", "Context", "RunningMinMax", "Selection", "TokenStats",
-    "denominator", "diagnostics", "keep_count", "quadrants", "reads_stats", "register",
+    "denominator", "diagnostics", "extrema", "keep_count", "quadrants", "reads_stats", "register",
     "select", "stats_from_nats", "thresholds", "token_records", "token_stats", "write_jsonl",
 ]

@@ -13,6 +13,16 @@ never branches on a selector's name.
 
 Loss over the kept set (SPEC Eq. 7):  (1 / denominator) * sum_{kept t} w_t * D_t,
 where `denominator(...)` is computable from scope sizes alone.
+
+Exactness (SPEC §3): scores are formed so that exact ties stay exact (a
+normalised maximum is exactly 1, Soft-OR is 1 - (1 - h)(1 - d)), and every
+top-k rule breaks ties by position (the lower row wins), so the same tokens
+are kept however the rollouts are split into calls.
+
+Running normalisation is two steps owned by the caller: `select` reads a
+`RunningMinMax` and never changes it; after each optimiser update the caller
+folds the update's global extremes into it once (`extrema`, then
+`RunningMinMax.fold`).
 """
 
 from __future__ import annotations
@@ -29,7 +39,10 @@ SCOPES = ("microbatch", "sequence")
 NORMALIZE = ("minmax", "running")
 # Every option a selector may read, with its default. `select` refuses any other
 # key (a typo must not silently do nothing); a new option is added here.
+# `momentum` is validated here but read by the caller's RunningMinMax.fold.
 OPTIONS = {"normalize": "minmax", "momentum": 0.9, "importance_weighting": False}
+# the TokenStats columns a selector may min-max normalise (and `extrema` reports)
+QUANTITIES = ("entropy", "divergence", "forward_divergence", "teacher_entropy")
 
 
 @dataclass
@@ -45,26 +58,49 @@ class Selection:
 
 @dataclass
 class RunningMinMax:
-    """Caller-owned min/max EMAs for `normalize="running"`.
+    """Caller-owned min/max EMAs for `normalize="running"` (SPEC §3).
 
-    Create one per run (`state = tip.RunningMinMax()`) and pass it to every
-    `select` call. Each call that normalises a quantity (e.g. "entropy") first
-    folds the min and max of that quantity over ALL tokens of the call into the
-    EMAs, lo <- momentum * lo + (1 - momentum) * min (the first call
-    initialises them), then normalises every scope with the running lo/hi and
-    clips to [0, 1]. Save it with `state_dict()` to resume a run.
+    lo, hi: {quantity name -> float}, e.g. {"entropy": 0.02}. Create one per run
+    (`state = tip.RunningMinMax()`) and pass it to every `select` call, which
+    normalises with the current lo/hi and clips to [0, 1] but never changes
+    them: the state is frozen for the whole optimiser update. A quantity with
+    no value yet (the very first update) is normalised per scope instead.
+
+    After each optimiser update, fold the update's extremes in ONCE:
+
+        ext = tip.extrema(stats of every micro-batch of the update)
+        # across processes: min of the mins, max of the maxes
+        state.fold(ext, momentum)
+
+    so neither the EMA's pace nor the range depends on the micro-batch or the
+    process count (under scope="sequence" neither does the selection). Save it
+    with `state_dict()` to resume a run.
     """
 
     lo: dict[str, float] = field(default_factory=dict)
     hi: dict[str, float] = field(default_factory=dict)
 
-    def update(self, name: str, lo: float, hi: float, momentum: float) -> tuple[float, float]:
-        if name not in self.lo:
-            self.lo[name], self.hi[name] = lo, hi
-        else:
-            self.lo[name] = momentum * self.lo[name] + (1.0 - momentum) * lo
-            self.hi[name] = momentum * self.hi[name] + (1.0 - momentum) * hi
-        return self.lo[name], self.hi[name]
+    def fold(self, extrema: dict[str, tuple[float, float]], momentum: float) -> None:
+        """One EMA step per quantity in `extrema` ({name: (min, max)}).
+
+        lo <- momentum * lo + (1 - momentum) * min, the same for hi; a quantity
+        seen for the first time starts at (min, max). Quantities absent from
+        `extrema`, or given as (inf, -inf) (the identity of a min/max
+        reduction: no token on any process), keep their values.
+        """
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (0.0 <= momentum <= 1.0):
+            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        for name, (lo, hi) in extrema.items():
+            lo, hi = float(lo), float(hi)
+            if lo == math.inf and hi == -math.inf:
+                continue
+            if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+                raise ValueError(f"RunningMinMax.fold: '{name}' needs finite min <= max, got ({lo}, {hi})")
+            if name not in self.lo:
+                self.lo[name], self.hi[name] = lo, hi
+            else:
+                self.lo[name] = momentum * self.lo[name] + (1.0 - momentum) * lo
+                self.hi[name] = momentum * self.hi[name] + (1.0 - momentum) * hi
 
     def state_dict(self) -> dict:
         return {"lo": dict(self.lo), "hi": dict(self.hi)}
@@ -73,12 +109,31 @@ class RunningMinMax:
         self.lo, self.hi = dict(state["lo"]), dict(state["hi"])
 
 
+def extrema(stats: TokenStats) -> dict[str, tuple[float, float]]:
+    """{quantity: (min, max)} over the given tokens, for `RunningMinMax.fold`.
+
+    Quantities: entropy, divergence, forward_divergence, teacher_entropy.
+    Non-finite values (a broken row, an infinite KL) are left out, so they
+    cannot poison the running range; a quantity with no finite value, e.g. in
+    0 tokens, is absent from the result.
+    """
+    out = {}
+    for name in QUANTITIES:
+        column = getattr(stats, name).float()
+        column = column[torch.isfinite(column)]
+        if column.numel():
+            out[name] = (float(column.min()), float(column.max()))
+    return out
+
+
 @dataclass
 class Context:
     """What a selector may use besides the scope's stats.
 
     norm(name, x): min-max normalised x (a (m,) slice of quantity `name` of this
-    scope), per scope or with the running EMAs, in [0, 1].
+    scope, name in QUANTITIES), per scope or with the running EMAs, in [0, 1];
+    the scope's maximum (or anything at or above the running hi) maps to
+    exactly 1.0, its minimum to exactly 0.0.
     generator: torch.Generator for random selectors (None = torch's global RNG).
     options: OPTIONS with the caller's values filled in.
     """
@@ -229,9 +284,17 @@ def select(
     rollout (distinct `stats.sequence_ids`) on its own. A scope of m > 0 tokens
     keeps k = max(1, floor(rho * m)) under plain selection.
     generator: drives the random selectors; the same seed gives the same selection.
-    state: a RunningMinMax the caller keeps across calls; needed for normalize="running".
+    state: a RunningMinMax the caller keeps across calls; needed for
+    normalize="running". Read, never changed (see RunningMinMax for when the
+    caller folds new extremes in); a quantity it has no range for yet is
+    normalised per scope.
     options: see OPTIONS (normalize, momentum, importance_weighting); selectors
-    ignore the ones that do not apply to them.
+    ignore the ones that do not apply to them. momentum is only checked here:
+    the caller passes it to RunningMinMax.fold.
+
+    Under scope="sequence" the result for a row depends only on its own
+    rollout's rows (and the state), so splitting rollouts across calls changes
+    nothing for the deterministic selectors.
 
     Returns a Selection with (N,) mask and (N,) float32 weights.
     """
@@ -243,19 +306,14 @@ def select(
     weights = torch.zeros(n, dtype=torch.float32, device=device)
     scopes = scope_index(stats.sequence_ids, scope)
 
-    running: dict[str, tuple[float, float]] = {}
+    running = options["normalize"] == "running"
+    if running and state is None:
+        raise ValueError("normalize='running' needs state=RunningMinMax(), created once by the caller and passed to every call")
 
     def norm(quantity: str, x: torch.Tensor) -> torch.Tensor:
-        if options["normalize"] == "minmax":
-            return minmax(x)
-        if state is None:
-            raise ValueError("normalize='running' needs state=RunningMinMax(), created once by the caller and passed to every call")
-        if quantity not in running:
-            # one EMA update per call, from all its tokens, whatever the scope
-            column = getattr(stats, quantity).float()
-            running[quantity] = state.update(quantity, float(column.min()), float(column.max()), float(options["momentum"]))
-        lo, hi = running[quantity]
-        return minmax(x, lo, hi)
+        if running and quantity in state.lo:
+            return minmax(x, state.lo[quantity], state.hi[quantity])
+        return minmax(x)
 
     ctx = Context(norm=norm, generator=generator, options=options)
     whole = len(scopes) == 1 and scopes[0].numel() == n

@@ -407,38 +407,125 @@ def test_teacher_entropy_weights_have_mean_one_per_scope():
     assert torch.equal(flat.weights, torch.ones(4)) and bool(flat.mask.all())
 
 
-def test_running_normalisation_is_an_ema_of_call_min_max():
+def test_extrema_are_the_min_and_max_of_each_quantity_over_finite_values():
+    stats = random_stats(25, seed=10)
+    ext = tip.extrema(stats)
+    assert set(ext) == {"entropy", "divergence", "forward_divergence", "teacher_entropy"}
+    for name, (lo, hi) in ext.items():
+        column = getattr(stats, name).tolist()
+        assert (lo, hi) == (min(column), max(column)), name
+    assert tip.extrema(make_stats([], [])) == {}
+    broken = make_stats([0.2, float("nan"), 0.6], [1.0, 2.0, float("inf")], fwd=[float("nan")] * 3)
+    ext = tip.extrema(broken)
+    assert ext["entropy"] == pytest.approx((0.2, 0.6)) and ext["divergence"] == (1.0, 2.0)
+    assert "forward_divergence" not in ext  # no finite value at all
+
+
+def test_fold_is_one_ema_step_per_call_and_the_first_call_initialises():
     state = tip.RunningMinMax()
-    batches = [random_stats(30, seed=s) for s in (10, 11, 12)]
     momentum = 0.8
     lo = hi = None
-    for stats in batches:
-        selection = tip.select("soft_or", stats, 0.3, state=state, normalize="running", momentum=momentum)
-        cur_lo, cur_hi = float(stats.entropy.min()), float(stats.entropy.max())
+    for seed in (10, 11, 12):
+        ext = tip.extrema(random_stats(30, seed=seed))
+        state.fold(ext, momentum)
+        cur_lo, cur_hi = ext["entropy"]
         lo = cur_lo if lo is None else momentum * lo + (1 - momentum) * cur_lo
         hi = cur_hi if hi is None else momentum * hi + (1 - momentum) * cur_hi
-        assert state.lo["entropy"] == pytest.approx(lo, abs=1e-6) and state.hi["entropy"] == pytest.approx(hi, abs=1e-6)
-        # the selection uses the running range, clipped to [0, 1]
-        d_lo, d_hi = state.lo["divergence"], state.hi["divergence"]
-        h_hat = [min(1, max(0, (x - lo) / (hi - lo))) for x in stats.entropy.tolist()]
-        d_hat = [min(1, max(0, (x - d_lo) / (d_hi - d_lo))) for x in stats.divergence.tolist()]
-        s = [1 - (1 - a) * (1 - b) for a, b in zip(h_hat, d_hat)]
-        assert kept(selection) == naive_top(s, 9)
+        assert state.lo["entropy"] == pytest.approx(lo, abs=1e-12) and state.hi["entropy"] == pytest.approx(hi, abs=1e-12)
+    # a quantity missing from the extremes (an update without tokens) keeps its range
+    before = state.state_dict()
+    state.fold({}, momentum)
+    state.fold({"divergence": (math.inf, -math.inf)}, momentum)  # what an all-reduce of no tokens gives
+    assert state.state_dict() == before
+    state.fold({"entropy": (0.0, 1.0)}, momentum)
+    assert state.lo["divergence"] == before["lo"]["divergence"] and state.lo["entropy"] != before["lo"]["entropy"]
+    # the checkpoint format: {"lo": {name: float}, "hi": {name: float}}
+    saved = state.state_dict()
+    assert set(saved) == {"lo", "hi"} and all(isinstance(v, float) for v in saved["lo"].values())
     restored = tip.RunningMinMax()
-    restored.load_state_dict(state.state_dict())
+    restored.load_state_dict(saved)
     assert restored == state
+    with pytest.raises(ValueError, match="momentum"):
+        state.fold({"entropy": (0.0, 1.0)}, 1.5)
+    for bad in ((0.0, math.inf), (math.nan, 1.0), (0.6, 0.5)):
+        with pytest.raises(ValueError, match="finite min <= max"):
+            state.fold({"entropy": bad}, 0.5)
+
+
+def test_one_fold_per_update_whatever_the_micro_batch_and_process_split():
+    """Extremes reduced over micro-batches / processes (min of mins, max of maxes) then folded once
+    give the same state as the extremes of all the update's tokens at once."""
+    updates = [random_stats(40, seed=s, num_seqs=4) for s in (20, 21, 22)]
+    whole, split = tip.RunningMinMax(), tip.RunningMinMax()
+    for stats in updates:
+        whole.fold(tip.extrema(stats), 0.9)
+        parts = [tip.extrema(stats.subset(torch.arange(a, b))) for a, b in ((0, 7), (7, 8), (8, 31), (31, 40))]
+        reduced = {name: (min(p[name][0] for p in parts), max(p[name][1] for p in parts)) for name in parts[0]}
+        split.fold(reduced, 0.9)
+    assert split == whole
+
+
+def test_running_normalisation_reads_the_state_and_never_changes_it():
+    stats = random_stats(30, seed=13)
+    # no range yet (the first update): per-scope min-max, and the state stays empty
+    state = tip.RunningMinMax()
+    for scope in ("microbatch", "sequence"):
+        for name in TOP_K:
+            running = tip.select(name, stats, 0.3, scope=scope, state=state, normalize="running", momentum=0.5)
+            assert torch.equal(running.mask, tip.select(name, stats, 0.3, scope=scope).mask)
+    assert state == tip.RunningMinMax()
+    # with a range: normalised by the state's lo/hi, clipped to [0, 1]; select leaves the state alone
+    state.fold(tip.extrema(random_stats(30, seed=14)), 0.9)
+    state.fold({"entropy": (0.2, 0.7), "divergence": (0.1, 2.0)}, 0.9)
+    before = state.state_dict()
+    selection = tip.select("soft_or", stats, 0.3, state=state, normalize="running")
+    assert state.state_dict() == before
+    (h_lo, d_lo), (h_hi, d_hi) = (state.lo["entropy"], state.lo["divergence"]), (state.hi["entropy"], state.hi["divergence"])
+    h_hat = [min(1, max(0, (x - h_lo) / (h_hi - h_lo))) for x in stats.entropy.tolist()]
+    d_hat = [min(1, max(0, (x - d_lo) / (d_hi - d_lo))) for x in stats.divergence.tolist()]
+    s = [1 - (1 - a) * (1 - b) for a, b in zip(h_hat, d_hat)]
+    assert kept(selection) == naive_top(s, 9)
+    assert kept(selection) != kept(tip.select("soft_or", stats, 0.3))  # the test has teeth
+    # a quantity the state has no range for is still normalised per scope
+    h_only = tip.RunningMinMax()
+    h_only.fold({"divergence": (0.0, 1.0)}, 0.9)
+    assert torch.equal(tip.select("entropy_topk", stats, 0.3, state=h_only, normalize="running").mask,
+                       tip.select("entropy_topk", stats, 0.3).mask)
+    assert torch.equal(tip.select("q3_only", stats, 0.3, state=h_only, normalize="running").mask,
+                       tip.select("q3_only", stats, 0.3).mask)
 
 
 def test_running_with_momentum_zero_equals_minmax_and_needs_state():
     stats = random_stats(30, seed=13)
     state = tip.RunningMinMax()
-    tip.select("q3_only", random_stats(30, seed=14), 0.3, state=state, normalize="running", momentum=0.0)
-    running = tip.select("q3_only", stats, 0.3, state=state, normalize="running", momentum=0.0)
+    state.fold(tip.extrema(random_stats(30, seed=14)), 0.0)
+    state.fold(tip.extrema(stats), 0.0)  # momentum 0: the range is this update's own
+    running = tip.select("q3_only", stats, 0.3, state=state, normalize="running")
     assert torch.equal(running.mask, tip.select("q3_only", stats, 0.3).mask)
     with pytest.raises(ValueError, match="RunningMinMax"):
         tip.select("soft_or", stats, 0.3, normalize="running")
     # selectors that do not normalise ignore the option (the loop passes the same options always)
-    tip.select("entropy_topk", stats, 0.3, normalize="running", importance_weighting=True, momentum=0.5)
+    tip.select("entropy_topk", stats, 0.3, normalize="running", importance_weighting=True, momentum=0.5, state=state)
+
+
+def test_sequence_scope_selection_does_not_depend_on_how_rollouts_are_split_into_calls():
+    stats = random_stats(120, seed=15, num_seqs=9)
+    folded = tip.RunningMinMax()
+    folded.fold({"entropy": (0.1, 0.8), "divergence": (0.0, 2.0), "forward_divergence": (0.5, 3.0),
+                 "teacher_entropy": (0.0, 0.2)}, 0.9)
+    groups = [[0, 4], [1], [2, 3, 8], [5, 6, 7]]
+    for normalize, state in (("minmax", None), ("running", tip.RunningMinMax()), ("running", folded)):
+        for name in TOP_K + ["all", "teacher_entropy"]:
+            for ratio in (0.1, 0.5):
+                whole = tip.select(name, stats, ratio, scope="sequence", normalize=normalize, state=state)
+                mask = torch.zeros(len(stats), dtype=torch.bool)
+                weights = torch.zeros(len(stats))
+                for group in groups:
+                    rows = torch.nonzero(torch.isin(stats.sequence_ids, torch.tensor(group))).flatten()
+                    part = tip.select(name, stats.subset(rows), ratio, scope="sequence", normalize=normalize, state=state)
+                    mask[rows], weights[rows] = part.mask, part.weights
+                assert torch.equal(mask, whole.mask), (name, normalize, ratio)
+                assert torch.equal(weights, whole.weights), (name, normalize, ratio)
 
 
 # ---------------------------------------------------------------------------- errors and registry
