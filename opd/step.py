@@ -22,7 +22,6 @@ mean, however tokens are split across micro-batches and processes.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -111,12 +110,9 @@ def chunked_stats(hidden, weight, teacher_hidden, teacher_weight, sequence_ids, 
 
 
 def stats_from_rows(rows, sequence_ids, vocab: int) -> TokenStats:
-    """TokenStats of one chunk from opd.losses.row_stats (nats), normalised and clamped as tip.token_stats does."""
+    """TokenStats of one chunk from opd.losses.row_stats (nats), through tip's one normalisation."""
     hs, ht, rev, fwd = rows
-    log_vocab = math.log(vocab) if vocab > 1 else 1.0
-    return TokenStats(entropy=(hs / log_vocab).clamp_(0.0, 1.0), divergence=rev.clamp_(min=0.0),
-                      forward_divergence=fwd.clamp_(min=0.0), teacher_entropy=(ht / log_vocab).clamp_(0.0, 1.0),
-                      sequence_ids=sequence_ids[:hs.shape[0]].to(hs.device).long())
+    return tip.stats_from_nats(hs, ht, rev, fwd, sequence_ids[:hs.shape[0]].to(hs.device), vocab)
 
 
 def placeholder_stats(sequence_ids: torch.Tensor) -> TokenStats:
@@ -292,6 +288,23 @@ SelectorState = tip.RunningMinMax
 
 def new_selector_state() -> SelectorState:
     return tip.RunningMinMax()
+
+
+def fold_running_range(state: SelectorState, stats_list: list[TokenStats], momentum: float, gather) -> None:
+    """One EMA step of running normalisation per optimiser update (SPEC §3), after the update.
+
+    The extremes of the update's statistics (all micro-batches), reduced over processes
+    (`gather` as in gather_stats, None for one process): min of the mins, max of the maxes.
+    """
+    parts = [tip.extrema(s) for s in stats_list]
+    if gather is not None:
+        parts = [e for process in gather(parts) for e in process]
+    merged: dict[str, tuple[float, float]] = {}
+    for part in parts:
+        for name, (lo, hi) in part.items():
+            old_lo, old_hi = merged.get(name, (lo, hi))
+            merged[name] = (min(old_lo, lo), max(old_hi, hi))
+    state.fold(merged, momentum)
 
 
 def combine(stats_list: list[TokenStats], selections: list) -> tuple[TokenStats, "tip.Selection"]:

@@ -29,7 +29,8 @@ from opd.errors import RunError
 from opd.evaluation import finish, run_eval, run_initial_evals
 from opd.rewards import reward_weights
 from opd.setup import Run, setup
-from opd.step import MicroBatch, combine, denominator, diagnostics, dump_tokens, gather_stats, student_microbatch
+from opd.step import (MicroBatch, combine, denominator, diagnostics, dump_tokens, fold_running_range, gather_stats,
+                      student_microbatch)
 
 
 def train(cfg: Config, config_paths: list[str] = ()) -> Path:
@@ -87,7 +88,6 @@ def run_update(run: Run, micro: list[MicroBatch], cached: list[torch.Tensor], st
     z = global_sum(acc, denominator(micro, st))  # the update's global loss denominator, before any forward
     loss_scale = loss_scale_for(acc, z)
     loss_sum, stats_list, selections = 0.0, [], []
-    selector_before = run.selector_state.state_dict()
     for j, mb in enumerate(micro):
         # seeded by the micro-batch's place in the update (shares are equal), not by process
         gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "select", step, u,
@@ -106,11 +106,11 @@ def run_update(run: Run, micro: list[MicroBatch], cached: list[torch.Tensor], st
     # AdamW's weights through its momentum and weight decay).
     nonfinite = not math.isfinite(grad_norm) or global_sum(acc, float(not math.isfinite(loss_sum))) > 0
     empty = global_sum(acc, float(sum(int(s.mask.sum()) for s in selections))) == 0
-    if nonfinite:
-        run.selector_state.load_state_dict(selector_before)  # NaN must not poison running min/max
     if not (nonfinite or empty):
         run.optimizer.step()
         run.scheduler.step()
+        if st.select_options["normalize"] == "running":  # once per update, from all processes' tokens
+            fold_running_range(run.selector_state, stats_list, st.select_options["momentum"], gather_fn(acc))
     run.optimizer.zero_grad(set_to_none=True)
     metrics = update_metrics(run, stats_list, selections, micro, loss_sum, z, grad_norm, nonfinite, step)
     metrics["opd/empty_updates"] = int(empty and not nonfinite)

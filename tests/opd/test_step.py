@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from lm.config import ModelConfig
-from opd.policy import PolicyModel
-from lm.tokenizers import char_tokenizer
 from lm.models import load_model
-from opd.step import MicroBatch, StepSettings, denominator, head_weight, student_microbatch, teacher_side
+from lm.tokenizers import char_tokenizer
+from opd.policy import PolicyModel
+from opd.step import (MicroBatch, StepSettings, denominator, fold_running_range, head_weight, student_microbatch,
+                      teacher_side)
 
 import tip
 
@@ -166,3 +167,20 @@ def test_token_stats_and_selection_are_the_same_on_both_paths(selector, ratio, t
     assert torch.equal(s_fused.sequence_ids, s_ref.sequence_ids)
     if topk:
         assert torch.equal(s_fused.teacher_top_ids, s_ref.teacher_top_ids)
+
+
+def test_running_range_folds_once_per_update_from_every_process():
+    """Two processes' micro-batch statistics, reduced and folded once, give the state that one fold of
+    all the update's tokens gives; select() itself never changes it."""
+    g = torch.Generator().manual_seed(12)
+    parts = [tip.TokenStats(torch.rand(n, generator=g), torch.rand(n, generator=g) * 3, torch.rand(n, generator=g),
+                            torch.rand(n, generator=g) * 0.1, torch.zeros(n, dtype=torch.long)) for n in (5, 0, 9, 4)]
+    processes = [parts[:2], parts[2:]]
+    split, whole = tip.RunningMinMax(), tip.RunningMinMax()
+    for _ in range(2):  # two updates: the first initialises, the second is one EMA step
+        fold_running_range(split, processes[0], 0.7, gather=lambda mine: [mine, [tip.extrema(s) for s in processes[1]]])
+        whole.fold(tip.extrema(tip.TokenStats.cat(parts)), 0.7)
+    assert split == whole and split.lo
+    before = split.state_dict()
+    tip.select("soft_or", parts[0], 0.5, state=split, normalize="running")
+    assert split.state_dict() == before
