@@ -103,7 +103,7 @@ class LoggingConfig:
 
 @dataclass
 class TipConfig:
-    selector: str = field(default="all", metadata={"help": "token selector (tip registry): all, entropy_sample, entropy_topk, soft_or, q3_only, soft_or_bottom, random, teacher_entropy"})
+    selector: str = field(default="all", metadata={"help": "token selector (tip registry): all, entropy_sample, entropy_topk, soft_or, q3_only, soft_or_bottom, random, adaptive_kl (table 8, our reading), teacher_entropy (ablation)"})
     ratio: float = field(default=1.0, metadata={"help": "retention ratio rho in (0, 1]", "min_exclusive": 0.0, "max": 1.0})
     scope: Literal["microbatch", "sequence"] = field(default="microbatch", metadata={"help": "tokens ranked together"})
     normalize: Literal["minmax", "running"] = field(default="minmax", metadata={"help": "min-max over the scope, or running (EMA) min/max across steps"})

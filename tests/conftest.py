@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import tip
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -77,3 +79,17 @@ def shared_eval(shared_dir) -> Path:
     if not all((path / f"{n}.jsonl").is_file() for n in ("math500", "aime24", "aime25")):
         pytest.skip(f"shared evaluation data not found under {path}")
     return path
+
+
+# The tip options a run's config gives by default (opd.config.TipConfig), for tests that call tip directly.
+TIP_OPTIONS = {"normalize": "minmax", "momentum": 0.9, "importance_weighting": False}
+
+
+def select(name, stats, ratio, **kwargs):
+    """tip.select with the config's default scope and options, unless the test names them."""
+    return tip.select(name, stats, ratio, **{"scope": "microbatch", **TIP_OPTIONS, **kwargs})
+
+
+def tip_denominator(name, sizes, ratio, **kwargs):
+    """tip.denominator with the config's default options, unless the test names them."""
+    return tip.denominator(name, sizes, ratio, **{**TIP_OPTIONS, **kwargs})

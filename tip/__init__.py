@@ -3,8 +3,9 @@
 Works on tensors and its own `TokenStats`; imports nothing from `opd`.
 
     stats = tip.token_stats(student_logits, teacher_logits, sequence_ids, chunk_size=256)
-    sel = tip.select("soft_or", stats, ratio=0.5, scope="microbatch", generator=g)
-    loss = (sel.weights * per_token_loss).sum() / tip.denominator("soft_or", sizes, 0.5)
+    options = dict(normalize="minmax", momentum=0.9, importance_weighting=False)  # the caller's config
+    sel = tip.select("soft_or", stats, ratio=0.5, scope="microbatch", generator=g, **options)
+    loss = (sel.weights * per_token_loss).sum() / tip.denominator("soft_or", sizes, 0.5, **options)
 
 A loss kernel that forms the entropies and KLs itself (in nats) builds its
 TokenStats with `tip.stats_from_nats`. With normalize="running", `select`

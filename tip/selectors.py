@@ -37,10 +37,11 @@ from tip.stats import TokenStats
 
 SCOPES = ("microbatch", "sequence")
 NORMALIZE = ("minmax", "running")
-# Every option a selector may read, with its default. `select` refuses any other
-# key (a typo must not silently do nothing); a new option is added here.
+# Every option a selector may read. `select` and `denominator` need each of them and refuse any
+# other key (a typo must not silently do nothing). Their values (and defaults) belong to the
+# caller's configuration (opd: the tip section of the typed config), not to this package.
 # `momentum` is validated here but read by the caller's RunningMinMax.fold.
-OPTIONS = {"normalize": "minmax", "momentum": 0.9, "importance_weighting": False}
+OPTIONS = ("normalize", "momentum", "importance_weighting")
 # the TokenStats columns a selector may min-max normalise (and `extrema` reports)
 QUANTITIES = ("entropy", "divergence", "forward_divergence", "teacher_entropy")
 
@@ -135,7 +136,7 @@ class Context:
     the scope's maximum (or anything at or above the running hi) maps to
     exactly 1.0, its minimum to exactly 0.0.
     generator: torch.Generator for random selectors (None = torch's global RNG).
-    options: OPTIONS with the caller's values filled in.
+    options: the caller's value of every OPTIONS name.
     """
 
     norm: Callable[[str, torch.Tensor], torch.Tensor]
@@ -254,7 +255,9 @@ def _check(name: str, ratio: float, options: dict) -> dict:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown selector option '{unknown[0]}' (known: {', '.join(OPTIONS)})")
-    options = {**OPTIONS, **options}
+    missing = [o for o in OPTIONS if o not in options]
+    if missing:
+        raise ValueError(f"selector options missing: {', '.join(missing)} (every one of {', '.join(OPTIONS)} is needed)")
     if options["normalize"] not in NORMALIZE:
         raise ValueError(f"unknown normalize '{options['normalize']}' (known: {', '.join(NORMALIZE)})")
     momentum = options["momentum"]
@@ -272,7 +275,7 @@ def select(
     stats: TokenStats,
     ratio: float,
     *,
-    scope: str = "microbatch",
+    scope: str,
     generator: torch.Generator | None = None,
     state: RunningMinMax | None = None,
     **options,
@@ -288,9 +291,10 @@ def select(
     normalize="running". Read, never changed (see RunningMinMax for when the
     caller folds new extremes in); a quantity it has no range for yet is
     normalised per scope.
-    options: see OPTIONS (normalize, momentum, importance_weighting); selectors
-    ignore the ones that do not apply to them. momentum is only checked here:
-    the caller passes it to RunningMinMax.fold.
+    options: a value for every name in OPTIONS (normalize: "minmax" | "running",
+    momentum in [0, 1], importance_weighting: bool); selectors ignore the ones
+    that do not apply to them. momentum is only checked here: the caller passes
+    it to RunningMinMax.fold.
 
     Under scope="sequence" the result for a row depends only on its own
     rollout's rows (and the state), so splitting rollouts across calls changes

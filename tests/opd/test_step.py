@@ -13,6 +13,7 @@ from opd.step import (MicroBatch, StepSettings, denominator, fold_running_range,
                       teacher_side)
 
 import tip
+from conftest import select, tip_denominator
 
 TOK = char_tokenizer()
 CPU = torch.device("cpu")
@@ -182,5 +183,5 @@ def test_running_range_folds_once_per_update_from_every_process():
         whole.fold(tip.extrema(tip.TokenStats.cat(parts)), 0.7)
     assert split == whole and split.lo
     before = split.state_dict()
-    tip.select("soft_or", parts[0], 0.5, state=split, normalize="running")
+    select("soft_or", parts[0], 0.5, state=split, normalize="running")
     assert split.state_dict() == before

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tip
+from conftest import select, tip_denominator
 
 VOCAB = "abcdefghijklmnopqrstuvwxyz"
 
@@ -19,7 +20,7 @@ def setup(n=12, topk=5):
     student = torch.randn(n, 26, generator=g) * 2
     teacher = torch.randn(n, 26, generator=g) * 2
     stats = tip.token_stats(student, teacher, torch.arange(n) // 4, 5, topk=topk)
-    selection = tip.select("soft_or", stats, 0.5)
+    selection = select("soft_or", stats, 0.5)
     quad = tip.quadrants(stats)
     token_ids = torch.randint(0, 26, (n,), generator=g)
     return student, teacher, stats, selection, quad, token_ids

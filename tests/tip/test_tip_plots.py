@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 import tip
+from conftest import select, tip_denominator
 from tip import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -21,7 +22,7 @@ def fabricate_run(run_dir: Path, steps=4, tokens=True, metrics=True) -> None:
         h = torch.rand(n, generator=g) ** 2
         d = torch.rand(n, generator=g) ** 4 * 3
         stats = tip.TokenStats(h, d, d * 1.1, h / 3, torch.arange(n) // 50)
-        selection = tip.select("soft_or", stats, 0.3)
+        selection = select("soft_or", stats, 0.3)
         if tokens:
             quad = tip.quadrants(stats)
             ids = torch.randint(0, 26, (n,), generator=g)

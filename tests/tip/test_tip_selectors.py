@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tip
+from conftest import select, tip_denominator
 from tip import selectors as sel_mod
 from tip.stats import TokenStats
 
@@ -75,10 +76,10 @@ def test_low_entropy_high_divergence_token_is_the_entropy_blind_spot():
     d = [0.05, 0.04, 0.06, 0.05, 0.03, 0.05, 0.04, 0.06, 5.00]
     stats = make_stats(h, d)
     ratio = 3 / 9
-    assert 8 in kept(tip.select("soft_or", stats, ratio))
-    assert 8 in kept(tip.select("q3_only", stats, ratio))
-    assert 8 not in kept(tip.select("entropy_topk", stats, ratio))
-    assert 8 not in kept(tip.select("soft_or_bottom", stats, ratio))
+    assert 8 in kept(select("soft_or", stats, ratio))
+    assert 8 in kept(select("q3_only", stats, ratio))
+    assert 8 not in kept(select("entropy_topk", stats, ratio))
+    assert 8 not in kept(select("soft_or_bottom", stats, ratio))
 
 
 # ---------------------------------------------------------------------------- scores
@@ -93,8 +94,8 @@ def test_soft_or_score_is_one_minus_product_of_complements_and_selection_matches
     torch.testing.assert_close(score, torch.tensor(expected), atol=1e-6, rtol=0)
     for ratio in (0.1, 0.25, 0.5, 0.9):
         k = tip.keep_count(40, ratio)
-        assert kept(tip.select("soft_or", stats, ratio)) == naive_top(expected, k)
-        assert kept(tip.select("soft_or_bottom", stats, ratio)) == naive_top(expected, k, largest=False)
+        assert kept(select("soft_or", stats, ratio)) == naive_top(expected, k)
+        assert kept(select("soft_or_bottom", stats, ratio)) == naive_top(expected, k, largest=False)
 
 
 def test_q3_only_ranks_by_forward_kl_times_confidence():
@@ -102,7 +103,7 @@ def test_q3_only_ranks_by_forward_kl_times_confidence():
     h_hat = naive_minmax(stats.entropy.tolist())
     w = [f * (1 - a) for f, a in zip(stats.forward_divergence.tolist(), h_hat)]
     for ratio in (0.1, 0.3, 0.7):
-        assert kept(tip.select("q3_only", stats, ratio)) == naive_top(w, tip.keep_count(30, ratio))
+        assert kept(select("q3_only", stats, ratio)) == naive_top(w, tip.keep_count(30, ratio))
 
 
 def test_soft_or_with_constant_divergence_ranks_like_entropy():
@@ -110,15 +111,15 @@ def test_soft_or_with_constant_divergence_ranks_like_entropy():
         g = torch.Generator().manual_seed(seed)
         stats = make_stats(torch.rand(25, generator=g), torch.full((25,), 0.7))
         for ratio in (0.2, 0.5, 0.8):
-            assert torch.equal(tip.select("soft_or", stats, ratio).mask, tip.select("entropy_topk", stats, ratio).mask)
+            assert torch.equal(select("soft_or", stats, ratio).mask, select("entropy_topk", stats, ratio).mask)
 
 
 def test_soft_or_bottom_complements_soft_or_at_half():
     even = random_stats(20, seed=2)
-    top, bottom = kept(tip.select("soft_or", even, 0.5)), kept(tip.select("soft_or_bottom", even, 0.5))
+    top, bottom = kept(select("soft_or", even, 0.5)), kept(select("soft_or_bottom", even, 0.5))
     assert top.isdisjoint(bottom) and top | bottom == set(range(20))
     odd = random_stats(21, seed=3)
-    top, bottom = kept(tip.select("soft_or", odd, 0.5)), kept(tip.select("soft_or_bottom", odd, 0.5))
+    top, bottom = kept(select("soft_or", odd, 0.5)), kept(select("soft_or_bottom", odd, 0.5))
     missing = set(range(21)) - (top | bottom)
     assert top.isdisjoint(bottom) and len(missing) == 1
     h_hat, d_hat = naive_minmax(odd.entropy.tolist()), naive_minmax(odd.divergence.tolist())
@@ -129,7 +130,7 @@ def test_soft_or_bottom_complements_soft_or_at_half():
 def test_ties_break_by_position():
     stats = make_stats([0.3] * 6, [1.0] * 6)
     for name in TOP_K:
-        assert kept(tip.select(name, stats, 0.5)) == {0, 1, 2}, name
+        assert kept(select(name, stats, 0.5)) == {0, 1, 2}, name
 
 
 def test_minmax_maps_the_maximum_to_exactly_one_and_the_minimum_to_exactly_zero():
@@ -167,8 +168,8 @@ def test_soft_or_tie_between_top_entropy_and_top_divergence_goes_to_the_lower_po
     top-entropy one (h_hat = 1); both score exactly 1, so the lower position, index 1, is kept."""
     stats = make_stats([0.6011906862258911, 0.8179197311401367, 0.9736230969429016],
                        [8.17527961730957, 9.74706745147705, 4.638391494750977])
-    assert kept(tip.select("soft_or", stats, 0.5)) == {1}
-    assert kept(tip.select("soft_or", stats, 0.5, scope="sequence")) == {1}
+    assert kept(select("soft_or", stats, 0.5)) == {1}
+    assert kept(select("soft_or", stats, 0.5, scope="sequence")) == {1}
 
 
 def test_soft_or_one_kept_scopes_resolve_the_top_tie_by_position():
@@ -183,7 +184,7 @@ def test_soft_or_one_kept_scopes_resolve_the_top_tie_by_position():
     d = torch.rand(n, generator=g) * 10
     stats = make_stats(h, d, seq=seq)
     ratio = 1 / 64  # k = 1 in every scope
-    selection = tip.select("soft_or", stats, ratio, scope="sequence")
+    selection = select("soft_or", stats, ratio, scope="sequence")
     start = 0
     for i, m in enumerate(lengths):
         hs, ds = h[start:start + m], d[start:start + m]
@@ -205,7 +206,7 @@ def test_every_top_k_selector_breaks_exact_ties_by_position(name):
         stats = base.subset(torch.cat([torch.arange(m), torch.arange(m)])[order])
         source = (torch.cat([torch.arange(m), torch.arange(m)])[order]).tolist()
         for ratio in (0.1, 0.25, 0.5, 0.77):
-            mask = tip.select(name, stats, ratio).mask.tolist()
+            mask = select(name, stats, ratio).mask.tolist()
             for row in range(m):
                 first, second = [j for j, src in enumerate(source) if src == row]
                 if mask[first] != mask[second]:
@@ -226,7 +227,7 @@ def test_kept_count_is_max_1_floor_ratio_m_for_random_sizes():
         k = expected_k(m, ratio_text)
         assert tip.keep_count(m, float(ratio_text)) == k
         for name in PLAIN + WEIGHTED_K:
-            selection = tip.select(name, stats, float(ratio_text), generator=torch.Generator().manual_seed(i))
+            selection = select(name, stats, float(ratio_text), generator=torch.Generator().manual_seed(i))
             assert int(selection.mask.sum()) == k, (name, m, ratio_text)
             if name in PLAIN:
                 assert torch.equal(selection.weights, selection.mask.float())
@@ -241,10 +242,10 @@ def test_sequence_scope_keeps_the_count_in_every_rollout():
     stats = make_stats(base.entropy, base.divergence, base.forward_divergence, base.teacher_entropy, seq)
     for name in PLAIN + WEIGHTED_K:
         for ratio_text in ("0.2", "0.5", "0.75"):
-            selection = tip.select(name, stats, float(ratio_text), scope="sequence", generator=torch.Generator().manual_seed(1))
+            selection = select(name, stats, float(ratio_text), scope="sequence", generator=torch.Generator().manual_seed(1))
             for i, n in enumerate(lengths):
                 assert int(selection.mask[seq == i].sum()) == expected_k(n, ratio_text), (name, i)
-            assert int(selection.mask.sum()) == tip.denominator(name, sizes_of(seq, "sequence"), float(ratio_text))
+            assert int(selection.mask.sum()) == tip_denominator(name, sizes_of(seq, "sequence"), float(ratio_text))
 
 
 def test_sequence_scope_normalises_within_each_rollout():
@@ -252,8 +253,8 @@ def test_sequence_scope_normalises_within_each_rollout():
     h = [0.1, 0.15, 0.2, 0.25, 0.1, 0.2, 0.3, 0.4]
     d = [0.01, 0.02, 0.03, 0.04, 1.0, 2.0, 3.0, 4.0]
     stats = make_stats(h, d, seq=[0, 0, 0, 0, 1, 1, 1, 1])
-    assert kept(tip.select("soft_or", stats, 0.25, scope="sequence")) == {3, 7}
-    assert kept(tip.select("soft_or", stats, 0.25, scope="microbatch")) == {6, 7}
+    assert kept(select("soft_or", stats, 0.25, scope="sequence")) == {3, 7}
+    assert kept(select("soft_or", stats, 0.25, scope="microbatch")) == {6, 7}
 
 
 def test_denominator_invariant_and_keep_all_selectors():
@@ -263,20 +264,20 @@ def test_denominator_invariant_and_keep_all_selectors():
         assert sum(sizes) == 57
         for name in PLAIN + WEIGHTED_K:
             for ratio in (0.05, 0.33, 1.0):
-                selection = tip.select(name, stats, ratio, scope=scope, generator=torch.Generator().manual_seed(0))
-                assert int(selection.mask.sum()) == tip.denominator(name, sizes, ratio)
+                selection = select(name, stats, ratio, scope=scope, generator=torch.Generator().manual_seed(0))
+                assert int(selection.mask.sum()) == tip_denominator(name, sizes, ratio)
         for name in KEEP_ALL:
-            assert bool(tip.select(name, stats, 0.3, scope=scope).mask.all())
-            assert tip.denominator(name, sizes, 0.3) == 57
-        assert tip.denominator("entropy_sample", sizes, 0.3, importance_weighting=True) == 57
-    assert tip.denominator("soft_or", [0, 0], 0.5) == 0
-    assert tip.denominator("soft_or", [10, 3], 0.5) == 5 + 1
+            assert bool(select(name, stats, 0.3, scope=scope).mask.all())
+            assert tip_denominator(name, sizes, 0.3) == 57
+        assert tip_denominator("entropy_sample", sizes, 0.3, importance_weighting=True) == 57
+    assert tip_denominator("soft_or", [0, 0], 0.5) == 0
+    assert tip_denominator("soft_or", [10, 3], 0.5) == 5 + 1
 
 
 def test_zero_tokens_give_an_empty_selection():
     empty = make_stats([], [])
     for name in tip.SELECTORS:
-        selection = tip.select(name, empty, 0.5, scope="sequence", state=tip.RunningMinMax(), normalize="running")
+        selection = select(name, empty, 0.5, scope="sequence", state=tip.RunningMinMax(), normalize="running")
         assert selection.mask.shape == (0,) and selection.weights.shape == (0,)
 
 
@@ -287,9 +288,9 @@ def test_same_seed_same_selection():
     stats = random_stats(200, seed=8, num_seqs=3)
     for name in ("entropy_sample", "random", "adaptive_kl"):
         for options in ({}, {"importance_weighting": True}):
-            a = tip.select(name, stats, 0.3, scope="sequence", generator=torch.Generator().manual_seed(42), **options)
-            b = tip.select(name, stats, 0.3, scope="sequence", generator=torch.Generator().manual_seed(42), **options)
-            c = tip.select(name, stats, 0.3, scope="sequence", generator=torch.Generator().manual_seed(43), **options)
+            a = select(name, stats, 0.3, scope="sequence", generator=torch.Generator().manual_seed(42), **options)
+            b = select(name, stats, 0.3, scope="sequence", generator=torch.Generator().manual_seed(42), **options)
+            c = select(name, stats, 0.3, scope="sequence", generator=torch.Generator().manual_seed(43), **options)
             assert torch.equal(a.mask, b.mask) and torch.equal(a.weights, b.weights)
             assert not torch.equal(a.mask, c.mask)
 
@@ -301,7 +302,7 @@ def test_entropy_sample_draws_in_proportion_to_entropy():
     draws = 4000
     counts = torch.zeros(5)
     for _ in range(draws):
-        counts += tip.select("entropy_sample", stats, 0.2, generator=g).mask.float()  # k = 1
+        counts += select("entropy_sample", stats, 0.2, generator=g).mask.float()  # k = 1
     p = h / h.sum()
     se = (p * (1 - p) / draws).sqrt()
     assert torch.all((counts / draws - p).abs() < 4 * se), (counts / draws, p)
@@ -310,11 +311,11 @@ def test_entropy_sample_draws_in_proportion_to_entropy():
 def test_entropy_sample_with_zero_entropies():
     stats = make_stats([0.0, 0.5, 0.0, 0.3, 0.0], torch.zeros(5))
     for seed in range(10):
-        selection = tip.select("entropy_sample", stats, 0.6, generator=torch.Generator().manual_seed(seed))  # k = 3
+        selection = select("entropy_sample", stats, 0.6, generator=torch.Generator().manual_seed(seed))  # k = 3
         assert int(selection.mask.sum()) == 3 and {1, 3} <= kept(selection)
     all_zero = make_stats([0.0] * 6, torch.zeros(6))
-    assert int(tip.select("entropy_sample", all_zero, 0.5, generator=torch.Generator().manual_seed(0)).mask.sum()) == 3
-    weighted = tip.select("entropy_sample", all_zero, 0.5, generator=torch.Generator().manual_seed(0), importance_weighting=True)
+    assert int(select("entropy_sample", all_zero, 0.5, generator=torch.Generator().manual_seed(0)).mask.sum()) == 3
+    weighted = select("entropy_sample", all_zero, 0.5, generator=torch.Generator().manual_seed(0), importance_weighting=True)
     assert torch.allclose(weighted.weights[weighted.mask], torch.tensor(2.0))  # p = k / m = 1/2
 
 
@@ -330,8 +331,8 @@ def test_importance_weighted_entropy_sample_is_unbiased():
     estimates = torch.empty(draws)
     counts = torch.empty(draws)
     for i in range(draws):
-        selection = tip.select("entropy_sample", stats, 0.25, generator=g, importance_weighting=True)
-        estimates[i] = (selection.weights * values).sum() / tip.denominator("entropy_sample", [m], 0.25, importance_weighting=True)
+        selection = select("entropy_sample", stats, 0.25, generator=g, importance_weighting=True)
+        estimates[i] = (selection.weights * values).sum() / tip_denominator("entropy_sample", [m], 0.25, importance_weighting=True)
         counts[i] = selection.mask.sum()
         assert torch.all(selection.weights[~selection.mask] == 0)
     se = float(estimates.std()) / math.sqrt(draws)
@@ -340,7 +341,7 @@ def test_importance_weighted_entropy_sample_is_unbiased():
     p = (10 * h / h.sum()).clamp(max=1)
     assert abs(float(counts.mean()) - float(p.sum())) < 4 * float(counts.std()) / math.sqrt(draws)
     # and plain (unweighted) entropy sampling is NOT unbiased here: the test has teeth
-    plain = torch.stack([(tip.select("entropy_sample", stats, 0.25, generator=g).mask.float() * values).sum() / 10 for _ in range(500)])
+    plain = torch.stack([(select("entropy_sample", stats, 0.25, generator=g).mask.float() * values).sum() / 10 for _ in range(500)])
     assert abs(float(plain.mean()) - target) > 4 * float(plain.std()) / math.sqrt(500)
 
 
@@ -349,22 +350,22 @@ def test_adaptive_kl_keeps_what_entropy_sample_keeps_with_the_same_generator():
     for scope in ("microbatch", "sequence"):
         for ratio in (0.1, 0.5, 1.0):
             g_a, g_b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-            adaptive = tip.select("adaptive_kl", stats, ratio, scope=scope, generator=g_a)
-            sampled = tip.select("entropy_sample", stats, ratio, scope=scope, generator=g_b)
+            adaptive = select("adaptive_kl", stats, ratio, scope=scope, generator=g_a)
+            sampled = select("entropy_sample", stats, ratio, scope=scope, generator=g_b)
             assert torch.equal(adaptive.mask, sampled.mask), (scope, ratio)
             assert torch.equal(g_a.get_state(), g_b.get_state())  # the same draws, no extra ones
-            assert int(adaptive.mask.sum()) == tip.denominator("adaptive_kl", sizes_of(stats.sequence_ids, scope), ratio)
+            assert int(adaptive.mask.sum()) == tip_denominator("adaptive_kl", sizes_of(stats.sequence_ids, scope), ratio)
     # importance weighting does not apply: adaptive KL samples k tokens either way
-    plain = tip.select("adaptive_kl", stats, 0.3, generator=torch.Generator().manual_seed(1))
-    with_iw = tip.select("adaptive_kl", stats, 0.3, generator=torch.Generator().manual_seed(1), importance_weighting=True)
+    plain = select("adaptive_kl", stats, 0.3, generator=torch.Generator().manual_seed(1))
+    with_iw = select("adaptive_kl", stats, 0.3, generator=torch.Generator().manual_seed(1), importance_weighting=True)
     assert torch.equal(plain.mask, with_iw.mask) and torch.equal(plain.weights, with_iw.weights)
-    assert tip.denominator("adaptive_kl", [150], 0.3, importance_weighting=True) == 45
+    assert tip_denominator("adaptive_kl", [150], 0.3, importance_weighting=True) == 45
 
 
 def test_adaptive_kl_weights_are_one_plus_teacher_entropy_with_mean_one_over_the_kept_set():
     stats = random_stats(90, seed=41, num_seqs=3)
     for scope in ("microbatch", "sequence"):
-        selection = tip.select("adaptive_kl", stats, 0.4, scope=scope, generator=torch.Generator().manual_seed(3))
+        selection = select("adaptive_kl", stats, 0.4, scope=scope, generator=torch.Generator().manual_seed(3))
         assert torch.all(selection.weights[~selection.mask] == 0)
         groups = [torch.ones(90, dtype=torch.bool)] if scope == "microbatch" else [stats.sequence_ids == i for i in range(3)]
         for group in groups:
@@ -377,7 +378,7 @@ def test_adaptive_kl_weights_are_one_plus_teacher_entropy_with_mean_one_over_the
             by_teacher = w[torch.argsort(stats.teacher_entropy[keep])]
             assert bool((by_teacher[1:] >= by_teacher[:-1]).all()) and by_teacher[-1] > by_teacher[0]
     # one kept token has weight exactly 1
-    single = tip.select("adaptive_kl", make_stats([0.5, 0.1], [0, 0], teacher=[0.3, 0.9]), 0.5,
+    single = select("adaptive_kl", make_stats([0.5, 0.1], [0, 0], teacher=[0.3, 0.9]), 0.5,
                         generator=torch.Generator().manual_seed(0))
     assert single.weights[single.mask].tolist() == [1.0]
 
@@ -388,7 +389,7 @@ def test_random_selector_is_uniform():
     counts = torch.zeros(10)
     draws = 3000
     for _ in range(draws):
-        counts += tip.select("random", stats, 0.3, generator=g).mask.float()
+        counts += select("random", stats, 0.3, generator=g).mask.float()
     p = 0.3
     assert torch.all((counts / draws - p).abs() < 4 * math.sqrt(p * (1 - p) / draws))
 
@@ -399,11 +400,11 @@ def test_random_selector_is_uniform():
 def test_teacher_entropy_weights_have_mean_one_per_scope():
     te = [0.1, 0.3, 0.2, 0.0, 0.5, 0.5]
     stats = make_stats([0.2] * 6, [1.0] * 6, teacher=te, seq=[0, 0, 0, 1, 1, 1])
-    micro = tip.select("teacher_entropy", stats, 0.5)
+    micro = select("teacher_entropy", stats, 0.5)
     torch.testing.assert_close(micro.weights, torch.tensor(te) / (sum(te) / 6))
-    per_seq = tip.select("teacher_entropy", stats, 0.5, scope="sequence")
+    per_seq = select("teacher_entropy", stats, 0.5, scope="sequence")
     torch.testing.assert_close(per_seq.weights, torch.tensor([0.5, 1.5, 1.0, 0.0, 1.5, 1.5]))
-    flat = tip.select("teacher_entropy", make_stats([0.2] * 4, [1.0] * 4, teacher=[0.0] * 4), 0.5)
+    flat = select("teacher_entropy", make_stats([0.2] * 4, [1.0] * 4, teacher=[0.0] * 4), 0.5)
     assert torch.equal(flat.weights, torch.ones(4)) and bool(flat.mask.all())
 
 
@@ -471,28 +472,28 @@ def test_running_normalisation_reads_the_state_and_never_changes_it():
     state = tip.RunningMinMax()
     for scope in ("microbatch", "sequence"):
         for name in TOP_K:
-            running = tip.select(name, stats, 0.3, scope=scope, state=state, normalize="running", momentum=0.5)
-            assert torch.equal(running.mask, tip.select(name, stats, 0.3, scope=scope).mask)
+            running = select(name, stats, 0.3, scope=scope, state=state, normalize="running", momentum=0.5)
+            assert torch.equal(running.mask, select(name, stats, 0.3, scope=scope).mask)
     assert state == tip.RunningMinMax()
     # with a range: normalised by the state's lo/hi, clipped to [0, 1]; select leaves the state alone
     state.fold(tip.extrema(random_stats(30, seed=14)), 0.9)
     state.fold({"entropy": (0.2, 0.7), "divergence": (0.1, 2.0)}, 0.9)
     before = state.state_dict()
-    selection = tip.select("soft_or", stats, 0.3, state=state, normalize="running")
+    selection = select("soft_or", stats, 0.3, state=state, normalize="running")
     assert state.state_dict() == before
     (h_lo, d_lo), (h_hi, d_hi) = (state.lo["entropy"], state.lo["divergence"]), (state.hi["entropy"], state.hi["divergence"])
     h_hat = [min(1, max(0, (x - h_lo) / (h_hi - h_lo))) for x in stats.entropy.tolist()]
     d_hat = [min(1, max(0, (x - d_lo) / (d_hi - d_lo))) for x in stats.divergence.tolist()]
     s = [1 - (1 - a) * (1 - b) for a, b in zip(h_hat, d_hat)]
     assert kept(selection) == naive_top(s, 9)
-    assert kept(selection) != kept(tip.select("soft_or", stats, 0.3))  # the test has teeth
+    assert kept(selection) != kept(select("soft_or", stats, 0.3))  # the test has teeth
     # a quantity the state has no range for is still normalised per scope
     h_only = tip.RunningMinMax()
     h_only.fold({"divergence": (0.0, 1.0)}, 0.9)
-    assert torch.equal(tip.select("entropy_topk", stats, 0.3, state=h_only, normalize="running").mask,
-                       tip.select("entropy_topk", stats, 0.3).mask)
-    assert torch.equal(tip.select("q3_only", stats, 0.3, state=h_only, normalize="running").mask,
-                       tip.select("q3_only", stats, 0.3).mask)
+    assert torch.equal(select("entropy_topk", stats, 0.3, state=h_only, normalize="running").mask,
+                       select("entropy_topk", stats, 0.3).mask)
+    assert torch.equal(select("q3_only", stats, 0.3, state=h_only, normalize="running").mask,
+                       select("q3_only", stats, 0.3).mask)
 
 
 def test_running_with_momentum_zero_equals_minmax_and_needs_state():
@@ -500,12 +501,12 @@ def test_running_with_momentum_zero_equals_minmax_and_needs_state():
     state = tip.RunningMinMax()
     state.fold(tip.extrema(random_stats(30, seed=14)), 0.0)
     state.fold(tip.extrema(stats), 0.0)  # momentum 0: the range is this update's own
-    running = tip.select("q3_only", stats, 0.3, state=state, normalize="running")
-    assert torch.equal(running.mask, tip.select("q3_only", stats, 0.3).mask)
+    running = select("q3_only", stats, 0.3, state=state, normalize="running")
+    assert torch.equal(running.mask, select("q3_only", stats, 0.3).mask)
     with pytest.raises(ValueError, match="RunningMinMax"):
-        tip.select("soft_or", stats, 0.3, normalize="running")
+        select("soft_or", stats, 0.3, normalize="running")
     # selectors that do not normalise ignore the option (the loop passes the same options always)
-    tip.select("entropy_topk", stats, 0.3, normalize="running", importance_weighting=True, momentum=0.5, state=state)
+    select("entropy_topk", stats, 0.3, normalize="running", importance_weighting=True, momentum=0.5, state=state)
 
 
 def test_sequence_scope_selection_does_not_depend_on_how_rollouts_are_split_into_calls():
@@ -517,12 +518,12 @@ def test_sequence_scope_selection_does_not_depend_on_how_rollouts_are_split_into
     for normalize, state in (("minmax", None), ("running", tip.RunningMinMax()), ("running", folded)):
         for name in TOP_K + ["all", "teacher_entropy"]:
             for ratio in (0.1, 0.5):
-                whole = tip.select(name, stats, ratio, scope="sequence", normalize=normalize, state=state)
+                whole = select(name, stats, ratio, scope="sequence", normalize=normalize, state=state)
                 mask = torch.zeros(len(stats), dtype=torch.bool)
                 weights = torch.zeros(len(stats))
                 for group in groups:
                     rows = torch.nonzero(torch.isin(stats.sequence_ids, torch.tensor(group))).flatten()
-                    part = tip.select(name, stats.subset(rows), ratio, scope="sequence", normalize=normalize, state=state)
+                    part = select(name, stats.subset(rows), ratio, scope="sequence", normalize=normalize, state=state)
                     mask[rows], weights[rows] = part.mask, part.weights
                 assert torch.equal(mask, whole.mask), (name, normalize, ratio)
                 assert torch.equal(weights, whole.weights), (name, normalize, ratio)
@@ -534,20 +535,20 @@ def test_sequence_scope_selection_does_not_depend_on_how_rollouts_are_split_into
 def test_bad_arguments_are_one_line_errors():
     stats = random_stats(5, seed=15)
     with pytest.raises(ValueError, match=r"unknown selector 'nope' \(known: all, entropy_sample, "):
-        tip.select("nope", stats, 0.5)
+        select("nope", stats, 0.5)
     for ratio in (0.0, -0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="ratio"):
-            tip.select("soft_or", stats, ratio)
+            select("soft_or", stats, ratio)
         with pytest.raises(ValueError, match="ratio"):
-            tip.denominator("soft_or", [5], ratio)
+            tip_denominator("soft_or", [5], ratio)
     with pytest.raises(ValueError, match="unknown selector option 'normalise'"):
-        tip.select("soft_or", stats, 0.5, normalise="running")
+        select("soft_or", stats, 0.5, normalise="running")
     with pytest.raises(ValueError, match="unknown scope"):
-        tip.select("soft_or", stats, 0.5, scope="batch")
+        select("soft_or", stats, 0.5, scope="batch")
     with pytest.raises(ValueError, match="normalize"):
-        tip.select("soft_or", stats, 0.5, normalize="zscore")
+        select("soft_or", stats, 0.5, normalize="zscore")
     with pytest.raises(ValueError, match="momentum"):
-        tip.select("soft_or", stats, 0.5, momentum=1.5)
+        select("soft_or", stats, 0.5, momentum=1.5)
 
 
 def test_register_adds_a_selector_the_loop_can_use_unchanged():
@@ -559,8 +560,8 @@ def test_register_adds_a_selector_the_loop_can_use_unchanged():
 
     try:
         stats = random_stats(12, seed=16, num_seqs=1)
-        assert kept(tip.select("last_tokens_test", stats, 0.25)) == {9, 10, 11}
-        assert tip.denominator("last_tokens_test", [12], 0.25) == 3
+        assert kept(select("last_tokens_test", stats, 0.25)) == {9, 10, 11}
+        assert tip_denominator("last_tokens_test", [12], 0.25) == 3
         with pytest.raises(ValueError, match="already registered"):
             tip.register("last_tokens_test")(last_tokens)
     finally:
