@@ -157,16 +157,19 @@ def denominator(microbatches: list[MicroBatch], st: StepSettings) -> int:
 
 
 def student_microbatch(student, student_weight, teacher_weight, mb: MicroBatch, cached: torch.Tensor, st: StepSettings,
-                       loss_scale: float, generator: torch.Generator, state, backward):
+                       loss_scale: float, generator_for: Callable[[tuple], torch.Generator], state, backward):
     """Forward, select and backward one micro-batch. Returns (stats, selection, sum_kept w*D as float).
 
     `student` is an opd.policy.PolicyModel (possibly wrapped by DDP/DeepSpeed);
     `student_weight` / `teacher_weight` are the LM head matrices (V, d) (read by the fused loss only).
+    `generator_for(key)` gives the generator of a selection scope: key ("microbatch",) for the
+    micro-batch, ("sequence", sequence_id) for one rollout under scope="sequence" (the trainer
+    seeds these by the scope's global place, so the draw does not depend on the split).
     `backward(loss)` runs the backward pass (accelerator.backward in training).
     `loss_scale` is 1/Z times whatever the gradient reduction divides by.
     """
     stats, selection, loss_sum = LOSS_IMPLS[st.loss_impl].student_side(
-        student, student_weight, teacher_weight, mb, cached, st, generator, state)
+        student, student_weight, teacher_weight, mb, cached, st, generator_for, state)
     # Backward always runs, also for an empty or non-finite micro-batch: every process
     # must take part in the gradient reduction; a non-finite gradient norm then skips
     # the update on all processes at once.
@@ -182,24 +185,36 @@ def _rows(mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return pos, mb.sequence_ids[:, None].expand_as(pos)[pos], mb.sample_weight[:, None].expand_as(pos)[pos].float()
 
 
-def _select(stats: TokenStats, st: StepSettings, generator, state) -> "tip.Selection":
-    return tip.select(st.selector, finite_stats(stats), st.ratio, scope=st.scope, generator=generator, state=state,
-                      **st.select_options)
+def _select(stats: TokenStats, st: StepSettings, generator_for, state) -> "tip.Selection":
+    """tip's selection of a micro-batch; under scope="sequence" one call per rollout with its own generator,
+    so a rollout's selection does not depend on the rollouts that share its micro-batch."""
+    stats = finite_stats(stats)
+    if st.scope != "sequence":
+        return tip.select(st.selector, stats, st.ratio, scope=st.scope, generator=generator_for(("microbatch",)),
+                          state=state, **st.select_options)
+    mask = torch.zeros(len(stats), dtype=torch.bool, device=stats.entropy.device)
+    weights = torch.zeros(len(stats), dtype=torch.float32, device=stats.entropy.device)
+    for sid in torch.unique(stats.sequence_ids).tolist():
+        index = (stats.sequence_ids == sid).nonzero().squeeze(1)
+        part = tip.select(st.selector, stats.subset(index), st.ratio, scope="sequence",
+                          generator=generator_for(("sequence", int(sid))), state=state, **st.select_options)
+        mask[index], weights[index] = part.mask, part.weights
+    return tip.Selection(mask=mask, weights=weights)
 
 
-def _reference_student(student, student_weight, teacher_weight, mb, cached, st, generator, state):
+def _reference_student(student, student_weight, teacher_weight, mb, cached, st, generator_for, state):
     """Full student logits (N, V) at the response positions, stats, selection, divergence on kept rows."""
     pos, seq_ids, sample_w = _rows(mb)
     logits = student(mb.input_ids, mb.attention_mask, hidden=False)[:, :-1][pos]
     teacher_logits = cached.to(logits.device)
     stats = token_stats(logits.detach(), teacher_logits, seq_ids, st.chunk_size, topk=st.topk)
-    selection = _select(stats, st, generator, state)
+    selection = _select(stats, st, generator_for, state)
     keep = selection.mask.nonzero().squeeze(1).to(logits.device)
     d = token_divergence(logits[keep], teacher_logits[keep], st.loss_type, st.beta, st.chunk_size)
     return stats, selection, (selection.weights.to(d.device)[keep] * sample_w[keep] * d).sum()
 
 
-def _fused_student(student, student_weight, teacher_weight, mb, cached, st, generator, state):
+def _fused_student(student, student_weight, teacher_weight, mb, cached, st, generator_for, state):
     """Final hidden states (N, d); stats through the LM heads chunk by chunk; LM head + divergence on kept rows."""
     pos, seq_ids, sample_w = _rows(mb)
     hidden = student(mb.input_ids, mb.attention_mask, hidden=True)[:, :-1][pos]
@@ -209,11 +224,11 @@ def _fused_student(student, student_weight, teacher_weight, mb, cached, st, gene
     if stats_first:
         stats = chunked_stats(hidden.detach(), student_weight.detach(), teacher_hidden, teacher_weight, seq_ids,
                               st.chunk_size, topk=st.topk)
-        selection = _select(stats, st, generator, state)
+        selection = _select(stats, st, generator_for, state)
     else:
         # The choice ignores the statistics: choose first, then form the kept tokens'
         # statistics from the logits the loss pass computes anyway (no second LM-head pass).
-        selection = _select(placeholder_stats(seq_ids), st, generator, state)
+        selection = _select(placeholder_stats(seq_ids), st, generator_for, state)
         kept_ids = seq_ids[selection.mask.to(seq_ids.device)]
         if st.topk:  # the token dump also wants top-k distributions: statistics from the logits
             observe = lambda i, s, t: kept_parts.append(
@@ -240,7 +255,7 @@ class LossImpl:
     uses_heads: the loss reads the LM head matrices directly (the loop gathers them under ZeRO-3 and
     keeps the teacher's on the device).
     teacher_side(teacher, mb, cache_device) -> what phase 1 caches per micro-batch.
-    student_side(student, student_head, teacher_head, mb, cached, st, generator, state) -> (stats, selection, loss_sum).
+    student_side(student, student_head, teacher_head, mb, cached, st, generator_for, state) -> (stats, selection, loss_sum).
     """
 
     uses_heads: bool

@@ -47,14 +47,14 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
         t_step = time.perf_counter()
         reset_peak_memory(run.accelerator.device)
         # 1. rollout: this process's share of the step's prompts, sampled by the student
-        prompts, rollouts = rollout(run, step)
+        prompts, rollouts, row_ids = rollout(run, step)
         t_generate = time.perf_counter() - t_step
         # 2. rewards (optional): verifiable reward per rollout, softmax sample weights
         rewards = run.reward(run.tokenizer, rollouts, [prompts[i].answer for i in rollouts.prompt_index.tolist()])
         weights = reward_weights(rewards, cfg.opd.reward_beta, run.accelerator)
         # 3. teacher side of every micro-batch (phase 1), then the student's optimiser updates (phase 2)
         t0 = time.perf_counter()
-        updates = split_updates(rollouts, torch.ones(len(rollouts)) if weights is None else weights, cfg,
+        updates = split_updates(rollouts, torch.ones(len(rollouts)) if weights is None else weights, row_ids, cfg,
                                 run.accelerator)
         cached = teacher_phase(run, updates)
         per_update = [run_update(run, micro, cached[u], step, u) for u, micro in enumerate(updates)]
@@ -89,14 +89,19 @@ def run_update(run: Run, micro: list[MicroBatch], cached: list[torch.Tensor], st
     loss_scale = loss_scale_for(acc, z)
     loss_sum, stats_list, selections = 0.0, [], []
     for j, mb in enumerate(micro):
-        # seeded by the micro-batch's place in the update (shares are equal), not by process
-        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "select", step, u,
-                                                        acc.process_index * len(micro) + j))
+        # Selection draws are seeded by the scope's global place, not by process: the micro-batch's place
+        # in the update (shares are equal), or the rollout's place in the step (scope="sequence").
+        place = acc.process_index * len(micro) + j
+
+        def generator_for(key: tuple, place=place) -> torch.Generator:
+            where = (step, u, place) if key[0] == "microbatch" else (step, *key)
+            return torch.Generator().manual_seed(derive_seed(cfg.train.seed, "select", *where))
+
         last = j == len(micro) - 1
         sync = contextlib.nullcontext() if last else acc.no_sync(run.student)
         with sync, acc.autocast(), gathered(run.student_head() if run.loss.uses_heads else None):
             stats, sel, value = student_microbatch(run.student, run.student_head(), run.teacher_head, mb, cached[j], st,
-                                                   loss_scale, gen, run.selector_state, backward_fn(acc, last))
+                                                   loss_scale, generator_for, run.selector_state, backward_fn(acc, last))
         loss_sum += value
         stats_list.append(stats)
         selections.append(sel)
@@ -121,8 +126,9 @@ def run_update(run: Run, micro: list[MicroBatch], cached: list[torch.Tensor], st
 # the pieces of a step
 
 
-def rollout(run: Run, step: int) -> tuple[list, Rollouts]:
-    """This process's prompts of the step and the student's rollouts of them."""
+def rollout(run: Run, step: int) -> tuple[list, Rollouts, torch.Tensor]:
+    """This process's prompts of the step, the student's rollouts of them, and each rollout's global
+    place in the step (prompt place x rollout.n + j: the same whatever the process count)."""
     cfg, acc = run.cfg, run.accelerator
     batch = run.sampler.next_batch(cfg.train.prompts_per_step)
     places = shard_places(len(batch), cfg.train.mini_batch_size or len(batch), acc.process_index, acc.num_processes)
@@ -138,7 +144,8 @@ def rollout(run: Run, step: int) -> tuple[list, Rollouts]:
         prompt_seeds=[derive_seed(cfg.train.seed, "rollout", step, i) for i in places],
         vocab_limit=min(rows(run.student_head()), rows(run.teacher.get_output_embeddings().weight)),
     )
-    return prompts, rollouts
+    row_ids = torch.tensor([place * rc.n + j for place in places for j in range(rc.n)])
+    return prompts, rollouts, row_ids
 
 
 def derive_seed(*parts) -> int:
@@ -147,12 +154,12 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def split_updates(rollouts: Rollouts, weights: torch.Tensor, cfg: Config, acc) -> list[list[MicroBatch]]:
+def split_updates(rollouts: Rollouts, weights: torch.Tensor, row_ids: torch.Tensor, cfg: Config,
+                  acc) -> list[list[MicroBatch]]:
     """This process's rollouts -> optimiser updates -> micro-batches (padding trimmed per micro-batch)."""
     n_rows = len(rollouts)
     n_updates = cfg.train.prompts_per_step // (cfg.train.mini_batch_size or cfg.train.prompts_per_step)
     per_update = math.ceil(n_rows / n_updates)
-    base = acc.process_index * 1_000_000  # step-unique sequence ids across processes
     updates = []
     for u in range(n_updates):
         rows = list(range(u * per_update, min(n_rows, (u + 1) * per_update)))
@@ -167,7 +174,7 @@ def split_updates(rollouts: Rollouts, weights: torch.Tensor, cfg: Config, acc) -
                 attention_mask=att[:, lo:hi].to(acc.device),
                 response_mask=rollouts.response_mask[idx, lo:hi].to(acc.device),
                 sample_weight=weights[idx].to(acc.device),
-                sequence_ids=(idx + base).to(acc.device),
+                sequence_ids=row_ids[idx].to(acc.device),  # step-unique, the same whatever the process count
             ))
         updates.append(micro)
     return updates

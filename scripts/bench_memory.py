@@ -131,7 +131,7 @@ def worker(args) -> dict:
         z = denominator([mb], st)
         gen = torch.Generator().manual_seed(0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and dtype == "float32"):
-            student_microbatch(student, head_weight(student.lm), head_weight(teacher), mb, cached, st, 1.0 / z, gen,
+            student_microbatch(student, head_weight(student.lm), head_weight(teacher), mb, cached, st, 1.0 / z, lambda key: gen,
                                tip.RunningMinMax(), lambda loss: loss.backward())
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
