@@ -3,6 +3,10 @@
 Everything here works chunk by chunk in float32, so an (N, V) float32 tensor
 never exists, and keeps nothing per chunk for backward: gradients are
 recomputed from the inputs chunk by chunk (analytic softmax gradients).
+Float32 whatever the autocast state: autocast is off inside the kernels (a bf16
+matmul would round the logits and the sums), row reductions are elementwise
+products and sums, and every KL is one sum of p (log p - log q) terms, never a
+difference of two large sums.
 
 Divergences (spec §1), with P_S = softmax(student), P_T = softmax(teacher):
   reverse_kl  KL(P_S || P_T)
@@ -31,24 +35,69 @@ def _resolve(loss_type: str, beta: float) -> str:
     return loss_type
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(C, V) x (C, V) -> (C,) row-wise dot product, as a batched matmul (no (C, V) temporary)."""
-    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
+def _no_autocast(x: torch.Tensor):
+    """A context in which matmuls on x's device run in x's own dtype (bf16 autocast would lower them)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _zero_nan_(x: torch.Tensor) -> torch.Tensor:
+    """NaN -> 0 in place, infinities kept. Applied to products w * x with w a probability: a NaN there is
+    0 * (+-inf) or 0 * NaN, i.e. a token to which a side gives probability 0 (0 log 0 = 0). Rows whose
+    logits are themselves non-finite are made NaN again by the callers' row guard."""
+    return x.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
+def _wsum(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """sum_v w * x per row (C,), the product formed in `out` (C, V) (which may be x itself).
+
+    An elementwise product and a sum, not a matmul: float32 whatever the autocast state, and the
+    reduction's accumulation is as accurate as torch's sum (pairwise), also at V ~ 150k."""
+    return _zero_nan_(torch.mul(w, x, out=out)).sum(-1)
 
 
 def log_softmax_(x: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the last dimension, in x's own storage."""
-    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+    """log_softmax over the last dimension, in x's own storage.
+
+    The row max is subtracted first and log sum exp(x - max) (a few nats) last, so no log-probability
+    passes through a logsumexp of tens of nats, whose float32 rounding (~1e-6) would shift the whole row."""
+    with _no_autocast(x):
+        x.sub_(x.amax(-1, keepdim=True))
+        return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+
+
+def _log_probs_(x: torch.Tensor, with_probs: bool):
+    """log_softmax_ of x (C, V) in place, with softmax(x) (new storage, None unless with_probs) and a row
+    guard (C,): 0, or NaN for a row with NaN, +inf or only -inf logits."""
+    x.sub_(x.amax(-1, keepdim=True))
+    e = x.exp()
+    z = e.sum(-1, keepdim=True)
+    x.sub_(z.log())
+    guard = z.view(-1) * 0.0
+    return x, (e.div_(z) if with_probs else None), guard
+
+
+def _stats(ls, lt, p, q, buf, guard) -> tuple[torch.Tensor, ...]:
+    """(H(p), H(q), KL(p||q), KL(q||p)) per row, nats, each one direct sum; only buf (C, V) is written."""
+    hs = -_wsum(p, ls, buf)
+    ht = -_wsum(q, lt, buf)
+    rev = _wsum(p, torch.sub(ls, lt, out=buf), buf)
+    fwd = _wsum(q, torch.sub(lt, ls, out=buf), buf)
+    return hs + guard, ht + guard, rev + guard, fwd + guard
 
 
 def row_stats(ls: torch.Tensor, lt: torch.Tensor, p: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """(student entropy, teacher entropy, KL(p||q), KL(q||p)) per row, in nats, from finite
-    log-probabilities (C, V): two exponentials (p = exp(ls) may be passed in) and four row dot
-    products, no other (C, V) temporary."""
-    p = ls.exp() if p is None else p
-    q = lt.exp()
-    hs, ht = -_rowdot(p, ls), -_rowdot(q, lt)
-    return hs, ht, -hs - _rowdot(p, lt), -ht - _rowdot(q, ls)
+    """(student entropy, teacher entropy, KL(p||q), KL(q||p)) per row, in nats, float32.
+
+    ls, lt (C, V): float32 log-probabilities (-inf allowed where a probability is 0); p = exp(ls) may
+    be passed in. Nothing passed in is modified. Each statistic is one sum of p-weighted terms
+    (KL as sum p (log p - log q), never a difference of two large sums), so a small divergence keeps
+    its relative precision. Temporaries: q and one (C, V) scratch (plus p when not given).
+    """
+    with _no_autocast(ls):
+        p = ls.exp() if p is None else p
+        q = lt.exp()
+        guard = (p.sum(-1) + q.sum(-1)) * 0.0  # NaN rows stay NaN (the scratch sums zero their NaN terms)
+        return _stats(ls, lt, p, q, torch.empty_like(ls), guard)
 
 
 def divergence_kernel(s: torch.Tensor, t: torch.Tensor, loss_type: str, beta: float, with_grad: bool,
@@ -57,33 +106,49 @@ def divergence_kernel(s: torch.Tensor, t: torch.Tensor, loss_type: str, beta: fl
 
     s, t: (C, V) float32 logits over the shared vocabulary. They are CONSUMED
     (overwritten in place, to keep the chunk's temporaries few): pass copies.
-    Returns (D (C,) nats, dD/ds (C, V) or None, row_stats(...) or None).
+    Returns (D (C,) nats, dD/ds (C, V) or None, row_stats(...) or None), all float32
+    whatever the autocast state. A logit of -inf on both sides at the same id contributes
+    exactly 0 (value and gradient), as in the exact divergence.
+    Temporaries: p and/or q, plus one (C, V) scratch when with_stats.
     """
-    ls, lt = log_softmax_(s), log_softmax_(t)
-    p = ls.exp() if with_stats or loss_type != "forward_kl" else None  # the statistics and most losses share it
-    stats = row_stats(ls, lt, p) if with_stats else None
-    if loss_type == "reverse_kl":
-        diff = lt.neg_().add_(ls)  # log p - log q, in lt's storage
-        d = _rowdot(p, diff)
-        grad = diff.sub_(d[:, None]).mul_(p) if with_grad else None
-    elif loss_type == "forward_kl":
-        q = lt.exp()
-        if with_grad and p is None:
-            p = ls.exp()
-        d = _rowdot(q, lt.sub_(ls))  # sum q (log q - log p)
-        grad = p.sub_(q) if with_grad else None
-    else:  # jsd with 0 < beta < 1
-        q = lt.exp()
-        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-        s_term = ls.sub_(lm)  # log p - log m
-        d = beta * _rowdot(q, lt.sub_(lm)) + (1.0 - beta) * _rowdot(p, s_term)
-        if with_grad:
-            # d/dp_i of the JSD is (1-beta)*log(p_i/m_i); push it through the softmax.
-            g = s_term.mul_(1.0 - beta)
-            grad = g.sub_(_rowdot(p, g)[:, None]).mul_(p)
+    kind = _resolve(loss_type, beta)
+    with _no_autocast(s):
+        need_p = with_grad or with_stats or kind != "forward_kl"
+        need_q = with_stats or kind != "reverse_kl"
+        if need_p:  # the side without probabilities first: its exp temporary is gone before p exists
+            lt, q, guard_t = _log_probs_(t, need_q)
+            ls, p, guard_s = _log_probs_(s, True)
         else:
-            grad = None
-    return d.clamp_min(0.0), grad, stats
+            ls, p, guard_s = _log_probs_(s, False)
+            lt, q, guard_t = _log_probs_(t, True)
+        guard = guard_s + guard_t
+        stats = _stats(ls, lt, p, q, torch.empty_like(ls), guard) if with_stats else None
+        diff = torch.sub(ls, lt, out=lt)  # log p - log q, in lt's storage
+        grad = None
+        if kind == "reverse_kl":
+            pd = _zero_nan_(diff.mul_(p))
+            d = pd.sum(-1) + guard  # the guard before the gradient uses d: a broken row's gradient stays NaN
+            if with_grad:  # p * ((log p - log q) - KL)
+                grad = pd.addcmul_(p, d[:, None], value=-1.0)
+        elif kind == "forward_kl":
+            d = -_zero_nan_(diff.mul_(q)).sum(-1) + guard
+            if with_grad:
+                grad = p.sub_(q)
+        else:  # jsd, 0 < beta < 1, from D = log p - log q without forming log m (never large minus large):
+            #   log p - log m = -logaddexp(log(1-beta), log(beta) - D)
+            #   log q - log m = -logaddexp(log(beta), log(1-beta) + D)
+            log_b = torch.full((), math.log(beta), device=s.device)
+            log_1mb = torch.full((), math.log1p(-beta), device=s.device)
+            s_term = torch.logaddexp(torch.neg(diff, out=ls).add_(log_b), log_1mb, out=ls).neg_()
+            t_term = torch.logaddexp(diff.add_(log_1mb), log_b, out=diff).neg_()
+            d = beta * _zero_nan_(t_term.mul_(q)).sum(-1)
+            ps = _zero_nan_(s_term.mul_(p))  # p (log p - log m)
+            ps_sum = ps.sum(-1) + guard
+            d = d + (1.0 - beta) * ps_sum
+            if with_grad:  # dJSD/dp = (1-beta) log(p/m), through the softmax: p * (g - sum p g)
+                grad = ps.addcmul_(p, ps_sum[:, None], value=-1.0).mul_(1.0 - beta)
+        d = d.clamp_min(0.0)
+    return d, grad, stats
 
 
 class _ChunkedDivergence(torch.autograd.Function):
@@ -109,20 +174,50 @@ class _ChunkedDivergence(torch.autograd.Function):
             s = student_logits[i:i + chunk_size, :v].to(torch.float32, copy=True)
             t = teacher_logits[i:i + chunk_size, :v].to(torch.float32, copy=True)
             _, g, _ = divergence_kernel(s, t, loss_type, beta, with_grad=True)
-            grad[i:i + chunk_size, :v] = (g * grad_out[i:i + chunk_size, None]).to(grad.dtype)
+            grad[i:i + chunk_size, :v] = g.mul_(grad_out[i:i + chunk_size, None].float())
         return grad, None, None, None, None
 
 
-def token_divergence(student_logits, teacher_logits, loss_type="reverse_kl", beta=0.5, chunk_size=512):
-    """Per-token divergence D_t, float32 (N,), for logits (N, V_S) and (N, V_T).
+def token_divergence(student_logits, teacher_logits, loss_type: str, beta: float, chunk_size: int):
+    """Per-token divergence D_t, float32 (N,) nats, for logits (N, V_S) and (N, V_T) of any float dtype.
 
     Differentiable w.r.t. the student logits; the teacher side never receives
-    gradients. This is what the loss averages over the kept tokens.
+    gradients. This is what the loss averages over the kept tokens. Each chunk of
+    `chunk_size` rows is upcast to float32 on its own; bf16 autocast does not reach the kernel.
     """
     kind = _resolve(loss_type, beta)
     if student_logits.shape[0] != teacher_logits.shape[0]:
         raise ValueError(f"student has {student_logits.shape[0]} rows, teacher {teacher_logits.shape[0]}")
     return _ChunkedDivergence.apply(student_logits, teacher_logits.detach(), kind, beta, chunk_size)
+
+
+def _slice_rows(chunk_size: int, vocab: int, width: int) -> int:
+    """Vocabulary rows per float32 slice of a low-precision head: half a (chunk, V) float32 temporary."""
+    return max(1, chunk_size * vocab // (2 * max(width, 1)))
+
+
+def _head_logits(h: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
+    """h (C, d) @ w.T -> (C, V) float32 logits, multiplied in float32 (autocast must be off).
+
+    A float32 head is used as is; a bf16/fp16 one is upcast `rows` vocabulary rows at a time,
+    so no float32 copy of the whole (V, d) matrix exists."""
+    h = h.float()
+    if w.dtype == torch.float32:
+        return h @ w.T
+    out = torch.empty(h.shape[0], w.shape[0], dtype=torch.float32, device=h.device)
+    for j in range(0, w.shape[0], rows):
+        torch.mm(h, w[j:j + rows].float().T, out=out[:, j:j + rows])
+    return out
+
+
+def _head_grad_hidden(g: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
+    """g (C, V) float32 @ w (V, d) -> (C, d) float32, upcasting a low-precision w slice by slice."""
+    if w.dtype == torch.float32:
+        return g @ w
+    out = torch.zeros(g.shape[0], w.shape[1], dtype=torch.float32, device=g.device)
+    for j in range(0, w.shape[0], rows):
+        out.addmm_(g[:, j:j + rows], w[j:j + rows].float())
+    return out
 
 
 class _FusedHeadDivergence(torch.autograd.Function):
@@ -131,6 +226,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
     The gradients are computed during the forward pass (the value is a scalar
     whose upstream gradient just scales them), so each chunk's logits exist
     only while that chunk is processed, and nothing of size (N, V) is kept.
+    Head matmuls, kernel and gradient matmuls all run in float32 with autocast off.
     """
 
     @staticmethod
@@ -143,27 +239,28 @@ class _FusedHeadDivergence(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         w_s, w_t = weight[:v], teacher_weight[:v]
-        for i in range(0, n, chunk_size):
-            h = hidden[i:i + chunk_size]
-            s = (h @ w_s.T).float()
-            t = (teacher_hidden[i:i + chunk_size] @ w_t.T).float()
-            if observe is not None:
-                observe(i, s, t)
-            d, g, stats = divergence_kernel(s, t, loss_type, beta, with_grad=need_h or need_w,
-                                            with_stats=stats_out is not None)
-            if stats is not None:
-                stats_out.append(stats)
-            tw = token_weights[i:i + chunk_size].float()
-            total += (tw * d).sum()
-            if g is not None:
-                g = g.mul_(tw[:, None]).to(weight.dtype)
-                if need_h:
-                    grad_h[i:i + chunk_size] = g @ w_s
-                if need_w:
-                    if g.dtype == h.dtype == torch.float32:
+        rows_s = _slice_rows(chunk_size, v, w_s.shape[1])
+        rows_t = _slice_rows(chunk_size, v, w_t.shape[1])
+        with _no_autocast(hidden):
+            for i in range(0, n, chunk_size):
+                h = hidden[i:i + chunk_size].float()
+                s = _head_logits(h, w_s, rows_s)
+                t = _head_logits(teacher_hidden[i:i + chunk_size], w_t, rows_t)
+                if observe is not None:
+                    observe(i, s, t)
+                d, g, stats = divergence_kernel(s, t, loss_type, beta, with_grad=need_h or need_w,
+                                                with_stats=stats_out is not None)
+                del s, t  # consumed by the kernel
+                if stats is not None:
+                    stats_out.append(stats)
+                tw = token_weights[i:i + chunk_size].float()
+                total += (tw * d).sum()
+                if g is not None:
+                    g = g.mul_(tw[:, None])
+                    if need_h:
+                        grad_h[i:i + chunk_size] = _head_grad_hidden(g, w_s, rows_s)
+                    if need_w:
                         grad_w[:v].addmm_(g.T, h)
-                    else:
-                        grad_w[:v] += (g.T @ h).float()
         ctx.save_for_backward(grad_h if need_h else torch.empty(0), grad_w if need_w else torch.empty(0))
         ctx.weight_dtype = weight.dtype
         return total
@@ -176,15 +273,16 @@ class _FusedHeadDivergence(torch.autograd.Function):
         return gh, gw, None, None, None, None, None, None, None, None
 
 
-def fused_head_divergence(hidden, weight, teacher_hidden, teacher_weight, token_weights,
-                          loss_type="reverse_kl", beta=0.5, chunk_size=512, observe=None, stats_out=None):
+def fused_head_divergence(hidden, weight, teacher_hidden, teacher_weight, token_weights, loss_type: str, beta: float,
+                          chunk_size: int, observe=None, stats_out=None):
     """sum_t token_weights[t] * D_t, computing logits = hidden @ weight.T chunk by chunk.
 
     hidden (N, d_S) student final hidden states (with grad), weight (V_S, d_S) the
     student LM head (with grad), teacher_hidden (N, d_T) and teacher_weight (V_T, d_T)
     (no grad), token_weights (N,). Equals
-    (token_weights * token_divergence(hidden @ weight.T, teacher_hidden @ teacher_weight.T)).sum()
-    in value and gradients; memory is one chunk's (chunk, V) temporaries.
+    (token_weights * token_divergence(hidden @ weight.T, teacher_hidden @ teacher_weight.T, ...)).sum()
+    in value and gradients, with the head matmuls in float32 (bf16 autocast or bf16 weights
+    do not round the logits); memory is one chunk's (chunk, V) temporaries.
     `observe(start_row, s, t)`, if given, sees each chunk's float32 logits
     (C, V) of both sides, e.g. to compute token statistics without another pass.
     `stats_out`, if a list, receives each chunk's row_stats from the log-probabilities
