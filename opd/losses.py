@@ -210,6 +210,19 @@ def _head_logits(h: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
+def head_logits(h: torch.Tensor, w: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """h (C, d) @ w.T -> (C, V) float32 logits, autocast off (the statistics' numbers, as the loss forms them)."""
+    with _no_autocast(h):
+        return _head_logits(h, w, _slice_rows(chunk_size, w.shape[0], h.shape[1]))
+
+
+def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely ids per row of float32 logits (C, V), most likely first, and their probabilities."""
+    with _no_autocast(logits):
+        values, ids = logits.topk(k, dim=-1)
+        return ids, (values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+
+
 def _head_grad_hidden(g: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
     """g (C, V) float32 @ w (V, d) -> (C, d) float32, upcasting a low-precision w slice by slice."""
     if w.dtype == torch.float32:

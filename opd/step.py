@@ -31,7 +31,7 @@ import tip
 import tip.plots
 from lm.models import backbone
 from opd.distributed import gathered
-from opd.losses import fused_head_divergence, log_softmax_, row_stats, token_divergence
+from opd.losses import fused_head_divergence, head_logits, log_softmax_, row_stats, token_divergence, top_k
 from tip.stats import TokenStats, token_stats
 
 
@@ -91,28 +91,36 @@ def _teacher_hidden(teacher, mb: MicroBatch, cache_device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def chunked_stats(hidden, weight, teacher_hidden, teacher_weight, sequence_ids, chunk_size, topk=0) -> TokenStats:
-    """Token statistics with the LM heads applied chunk by chunk (never (N, V) at once)."""
+def chunked_stats(hidden, weight, teacher_hidden, teacher_weight, sequence_ids, chunk_size, topk) -> TokenStats:
+    """Token statistics with the LM heads applied chunk by chunk (never (N, V) at once), float32 whatever
+    the autocast state; `topk` > 0 adds both sides' top-k (the token dump) without changing the statistics."""
     parts = []
     vocab = min(weight.shape[0], teacher_weight.shape[0])
     for i in range(0, hidden.shape[0], chunk_size):
-        s = hidden[i:i + chunk_size] @ weight[:vocab].T
-        t = teacher_hidden[i:i + chunk_size] @ teacher_weight[:vocab].T
-        if topk:  # the token dump's top-k distributions come with tip's statistics
-            parts.append(token_stats(s, t, sequence_ids[i:i + chunk_size], chunk_size, topk=topk))
-        else:  # the lean form (log-softmax in place, row dots): fewer (chunk, V) temporaries
-            rows = row_stats(log_softmax_(s.float()), log_softmax_(t.float()))
-            parts.append(stats_from_rows(rows, sequence_ids[i:i + chunk_size], vocab))
+        s = head_logits(hidden[i:i + chunk_size], weight[:vocab], chunk_size)
+        t = head_logits(teacher_hidden[i:i + chunk_size], teacher_weight[:vocab], chunk_size)
+        top = top_fields(s, t, topk)
+        rows = row_stats(log_softmax_(s), log_softmax_(t))  # the lean form: log-softmax in place, row sums
+        parts.append(stats_from_rows(rows, sequence_ids[i:i + chunk_size], vocab, top))
     if not parts:
         empty = torch.zeros(0, device=hidden.device)
-        return token_stats(empty.view(0, 1), empty.view(0, 1), sequence_ids[:0], chunk_size)
+        return token_stats(empty.view(0, 1), empty.view(0, 1), sequence_ids[:0], chunk_size, topk=topk)
     return TokenStats.cat(parts)
 
 
-def stats_from_rows(rows, sequence_ids, vocab: int) -> TokenStats:
+def top_fields(s: torch.Tensor, t: torch.Tensor, k: int) -> dict:
+    """TokenStats' top-k fields from float32 logits (C, V) of both sides; {} when k = 0."""
+    if k <= 0:
+        return {}
+    k = min(k, s.shape[1])
+    (s_ids, s_probs), (t_ids, t_probs) = top_k(s, k), top_k(t, k)
+    return dict(student_top_ids=s_ids, student_top_probs=s_probs, teacher_top_ids=t_ids, teacher_top_probs=t_probs)
+
+
+def stats_from_rows(rows, sequence_ids, vocab: int, top: dict) -> TokenStats:
     """TokenStats of one chunk from opd.losses.row_stats (nats), through tip's one normalisation."""
     hs, ht, rev, fwd = rows
-    return tip.stats_from_nats(hs, ht, rev, fwd, sequence_ids[:hs.shape[0]].to(hs.device), vocab)
+    return tip.stats_from_nats(hs, ht, rev, fwd, sequence_ids[:hs.shape[0]].to(hs.device), vocab, **top)
 
 
 def placeholder_stats(sequence_ids: torch.Tensor) -> TokenStats:
@@ -127,12 +135,12 @@ def merge_kept_stats(kept_parts, mask, hidden, weight, teacher_hidden, teacher_w
     parts = list(kept_parts)
     if drop.numel():
         parts.append(chunked_stats(hidden[drop], weight, teacher_hidden[drop], teacher_weight, seq_ids[drop],
-                                   st.chunk_size, topk=st.topk))
+                                   st.chunk_size, st.topk))
     order = torch.cat([mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)]).to(hidden.device)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     if not parts:
-        return chunked_stats(hidden, weight, teacher_hidden, teacher_weight, seq_ids, st.chunk_size, topk=st.topk)
+        return chunked_stats(hidden, weight, teacher_hidden, teacher_weight, seq_ids, st.chunk_size, st.topk)
     return TokenStats.cat(parts).subset(inverse)
 
 
@@ -172,8 +180,11 @@ def student_microbatch(student, student_weight, teacher_weight, mb: MicroBatch, 
         student, student_weight, teacher_weight, mb, cached, st, generator_for, state)
     # Backward always runs, also for an empty or non-finite micro-batch: every process
     # must take part in the gradient reduction; a non-finite gradient norm then skips
-    # the update on all processes at once.
-    backward(loss_sum * loss_scale)
+    # the update on all processes at once. Autocast off: the caller's bf16 autocast is still
+    # active on this thread, and backward ops would otherwise be lowered to bf16 where the
+    # forward ran in float32 (the LM head on the reference path).
+    with torch.autocast(device_type=loss_sum.device.type, enabled=False):
+        backward(loss_sum * loss_scale)
     # NaN/Inf in the statistics means a broken teacher or student: the micro-batch reports a non-finite
     # loss so the update is skipped, even where the kept tokens' own loss happens to be finite.
     return stats, selection, float(loss_sum.detach()) if is_finite(stats) else float("nan")
@@ -219,30 +230,29 @@ def _fused_student(student, student_weight, teacher_weight, mb, cached, st, gene
     pos, seq_ids, sample_w = _rows(mb)
     hidden = student(mb.input_ids, mb.attention_mask, hidden=True)[:, :-1][pos]
     teacher_hidden = cached.to(hidden.device)
-    observe, kernel_stats, kept_parts = None, None, []
+    observe, kernel_stats, tops = None, None, []
     stats_first = tip.reads_stats(st.selector)
     if stats_first:
         stats = chunked_stats(hidden.detach(), student_weight.detach(), teacher_hidden, teacher_weight, seq_ids,
-                              st.chunk_size, topk=st.topk)
+                              st.chunk_size, st.topk)
         selection = _select(stats, st, generator_for, state)
     else:
-        # The choice ignores the statistics: choose first, then form the kept tokens'
-        # statistics from the logits the loss pass computes anyway (no second LM-head pass).
+        # The choice ignores the statistics: choose first, then form the kept tokens' statistics from the
+        # loss kernel's own log-probabilities (no second LM-head pass); the token dump's top-k (an observer:
+        # it never changes the statistics) from the same logits.
         selection = _select(placeholder_stats(seq_ids), st, generator_for, state)
         kept_ids = seq_ids[selection.mask.to(seq_ids.device)]
-        if st.topk:  # the token dump also wants top-k distributions: statistics from the logits
-            observe = lambda i, s, t: kept_parts.append(
-                token_stats(s, t, kept_ids[i:i + s.shape[0]], st.chunk_size, topk=st.topk))
-        else:  # from the loss kernel's own log-probabilities
-            kernel_stats = []
+        kernel_stats = []
+        if st.topk:
+            observe = lambda i, s, t: tops.append(top_fields(s, t, st.topk))
     keep = selection.mask.nonzero().squeeze(1).to(hidden.device)
     weights = selection.weights.to(hidden.device)[keep] * sample_w[keep]
     loss_sum = fused_head_divergence(hidden[keep], student_weight, teacher_hidden[keep], teacher_weight, weights,
                                      st.loss_type, st.beta, st.chunk_size, observe=observe, stats_out=kernel_stats)
     if not stats_first:
-        if kernel_stats is not None:
-            vocab = min(student_weight.shape[0], teacher_weight.shape[0])
-            kept_parts = [stats_from_rows(r, kept_ids[i * st.chunk_size:], vocab) for i, r in enumerate(kernel_stats)]
+        vocab = min(student_weight.shape[0], teacher_weight.shape[0])
+        kept_parts = [stats_from_rows(r, kept_ids[i * st.chunk_size:], vocab, tops[i] if tops else {})
+                      for i, r in enumerate(kernel_stats)]
         stats = merge_kept_stats(kept_parts, selection.mask, hidden.detach(), student_weight.detach(), teacher_hidden,
                                  teacher_weight, seq_ids, st)
     return stats, selection, loss_sum

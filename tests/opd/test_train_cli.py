@@ -1,8 +1,10 @@
 """The real CLI on tiny models: runs, checkpoints, resume, and clean errors."""
 
 import json
+import math
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -124,3 +126,30 @@ def test_student_with_more_embedding_rows_than_the_teacher_samples_only_shared_i
     out = run_cli(["--config", str(cfg)])  # an id >= 110 in a rollout would be an IndexError in the teacher
     assert out.returncode == 0, out.stderr[-2000:]
     assert [m["step"] for m in read_metrics(tmp_path / "runs" / "run")] == [1, 2]
+
+
+@pytest.mark.parametrize("selector", ["soft_or", "random"])  # stats first / stats from the loss kernel
+def test_token_dump_is_an_observer(tmp_path, selector):
+    """Turning tip.dump_tokens on changes no metric and no weight."""
+    runs = {}
+    for dump in (0, 50):
+        cfg = write_config(tmp_path / f"c{dump}.yaml", tiny_config(
+            tmp_path, train={"run_name": f"dump{dump}", "steps": 4, "save_every": 0},
+            tip={"selector": selector, "ratio": 0.5, "dump_tokens": dump}))
+        out = run_cli(["--config", str(cfg)])
+        assert out.returncode == 0, out.stderr[-2000:]
+        run = tmp_path / "runs" / f"dump{dump}"
+        runs[dump] = (stable(read_metrics(run)), load_file(str(run / "checkpoints" / "step_000004" / "model.safetensors")))
+    assert (tmp_path / "runs" / "dump50" / "tokens.jsonl").stat().st_size > 0
+    assert runs[0][0] == runs[50][0]
+    assert runs[0][1].keys() == runs[50][1].keys()
+    assert all(torch.equal(runs[0][1][k], runs[50][1][k]) for k in runs[0][1])
+
+
+def test_bf16_mixed_precision_runs_on_a_cpu(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"mixed_precision": "bf16", "steps": 2},
+                                                       tip={"selector": "soft_or", "ratio": 0.5}))
+    out = run_cli(["--config", str(cfg)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = read_metrics(tmp_path / "runs" / "run")
+    assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["opd/loss"]) for m in metrics)
