@@ -76,28 +76,25 @@ def _log_probs_(x: torch.Tensor, with_probs: bool):
     return x, (e.div_(z) if with_probs else None), guard
 
 
-def _stats(ls, lt, p, q, buf, guard) -> tuple[torch.Tensor, ...]:
-    """(H(p), H(q), KL(p||q), KL(q||p)) per row, nats, each one direct sum; only buf (C, V) is written."""
-    hs = -_wsum(p, ls, buf)
-    ht = -_wsum(q, lt, buf)
-    rev = _wsum(p, torch.sub(ls, lt, out=buf), buf)
-    fwd = _wsum(q, torch.sub(lt, ls, out=buf), buf)
-    return hs + guard, ht + guard, rev + guard, fwd + guard
-
-
-def row_stats(ls: torch.Tensor, lt: torch.Tensor, p: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def row_stats(ls: torch.Tensor, lt: torch.Tensor, p: torch.Tensor | None = None,
+              q: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(student entropy, teacher entropy, KL(p||q), KL(q||p)) per row, in nats, float32.
 
-    ls, lt (C, V): float32 log-probabilities (-inf allowed where a probability is 0); p = exp(ls) may
-    be passed in. Nothing passed in is modified. Each statistic is one sum of p-weighted terms
-    (KL as sum p (log p - log q), never a difference of two large sums), so a small divergence keeps
-    its relative precision. Temporaries: q and one (C, V) scratch (plus p when not given).
+    ls, lt (C, V): float32 log-probabilities (-inf allowed where a probability is 0); p = exp(ls)
+    and q = exp(lt) may be passed in. Nothing passed in is modified. Each statistic is one sum of
+    p-weighted terms (KL as sum p (log p - log q), never a difference of two large sums), so a small
+    divergence keeps its relative precision. Temporaries: one (C, V) scratch, plus p and q when not given.
     """
     with _no_autocast(ls):
         p = ls.exp() if p is None else p
-        q = lt.exp()
-        guard = (p.sum(-1) + q.sum(-1)) * 0.0  # NaN rows stay NaN (the scratch sums zero their NaN terms)
-        return _stats(ls, lt, p, q, torch.empty_like(ls), guard)
+        q = lt.exp() if q is None else q
+        guard = (p.sum(-1) + q.sum(-1)) * 0.0  # NaN rows stay NaN (the sums below zero their NaN terms)
+        buf = torch.empty_like(ls)
+        hs = -_wsum(p, ls, buf)
+        ht = -_wsum(q, lt, buf)
+        rev = _wsum(p, torch.sub(ls, lt, out=buf), buf)
+        fwd = _wsum(q, torch.sub(lt, ls, out=buf), buf)
+        return hs + guard, ht + guard, rev + guard, fwd + guard
 
 
 def divergence_kernel(s: torch.Tensor, t: torch.Tensor, loss_type: str, beta: float, with_grad: bool,
@@ -122,7 +119,7 @@ def divergence_kernel(s: torch.Tensor, t: torch.Tensor, loss_type: str, beta: fl
             ls, p, guard_s = _log_probs_(s, False)
             lt, q, guard_t = _log_probs_(t, True)
         guard = guard_s + guard_t
-        stats = _stats(ls, lt, p, q, torch.empty_like(ls), guard) if with_stats else None
+        stats = row_stats(ls, lt, p, q) if with_stats else None
         diff = torch.sub(ls, lt, out=lt)  # log p - log q, in lt's storage
         grad = None
         if kind == "reverse_kl":
