@@ -45,6 +45,27 @@ def load_tokenizer(mc: ModelConfig):
     return tok
 
 
+class TokenizerMismatch(ValueError):
+    """Student and teacher cannot be paired; `side` is "student" or "teacher" when one model alone is at fault."""
+
+    def __init__(self, message: str, side: str | None = None):
+        super().__init__(message)
+        self.side = side
+
+
+def unknown_id(tokenizer) -> int | None:
+    """The id a tokenizer silently gives any character it has no token for, or None.
+
+    Only a word-level tokenizer whose unknown token is its pad token does that: the built-in `chars`
+    tokenizer (and checkpoints saved with it). Others fall back to bytes or show a visible <unk>.
+    """
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    unk = getattr(model, "unk_token", None)
+    if unk is None or unk != tokenizer.pad_token:
+        return None
+    return tokenizer.convert_tokens_to_ids(unk)
+
+
 def check_tokenizers(student_tok, teacher_tok, student_vocab: int, teacher_vocab: int) -> None:
     """Refuse a pair whose tokenizers disagree on any token id (spec §1).
 
@@ -56,14 +77,14 @@ def check_tokenizers(student_tok, teacher_tok, student_vocab: int, teacher_vocab
         only_s = sorted(set(s_vocab.items()) - set(t_vocab.items()), key=lambda kv: kv[1])
         only_t = sorted(set(t_vocab.items()) - set(s_vocab.items()), key=lambda kv: kv[1])
         example = only_s[0] if only_s else only_t[0]
-        raise ValueError(
+        raise TokenizerMismatch(
             f"student and teacher tokenizers differ on {max(len(only_s), len(only_t))} token ids "
             f"(first: {example[0]!r} -> id {example[1]} in one, not the other); OPD needs a shared vocabulary"
         )
     for side, special in (("pad", "pad_token_id"), ("eos", "eos_token_id")):
         if getattr(student_tok, special) != getattr(teacher_tok, special):
-            raise ValueError(f"student and teacher tokenizers have different {side} token ids")
+            raise TokenizerMismatch(f"student and teacher tokenizers have different {side} token ids")
     needed = len(s_vocab)
     for name, rows in (("student", student_vocab), ("teacher", teacher_vocab)):
         if rows < needed:
-            raise ValueError(f"{name} has {rows} embedding rows but its tokenizer defines {needed} ids")
+            raise TokenizerMismatch(f"{name} has {rows} embedding rows but its tokenizer defines {needed} ids", name)

@@ -1,7 +1,9 @@
 """Typed settings from plain dicts: the one coercion and range-check system of the project.
 
 A settings section is a dataclass whose fields carry their help text and range
-in `metadata` ("help", "min", "max", "min_exclusive"). `apply` fills one from a
+in `metadata` ("help", "min", "max", "min_exclusive"; "nonfinite": True for a
+float that may be NaN or infinite, which no other float may be; "pattern" and
+"pattern_help" for a string that must match a regular expression). `apply` fills one from a
 dict (YAML, command line) and reports every problem as one line that names the
 key and where its value came from. `opd.config` builds the run config with it;
 `demo.prepare` validates its own command line with it.
@@ -10,6 +12,8 @@ key and where its value came from. `opd.config` builds the run config with it;
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -66,13 +70,26 @@ def apply(obj: Any, data: dict, prefix: str, origin: dict[str, str], problems: l
             continue
         meta = fields[key].metadata
         current = getattr(obj, key)
-        if isinstance(current, (int, float)) and not isinstance(current, bool):
-            if "min" in meta and current < meta["min"]:
-                problems.append(f"{where(name, origin)}: `{name}` = {current} is below the minimum {meta['min']}")
-            if "max" in meta and current > meta["max"]:
-                problems.append(f"{where(name, origin)}: `{name}` = {current} is above the maximum {meta['max']}")
-            if "min_exclusive" in meta and current <= meta["min_exclusive"]:
-                problems.append(f"{where(name, origin)}: `{name}` = {current} must be greater than {meta['min_exclusive']}")
+        for problem in check_value(current, meta):
+            problems.append(f"{where(name, origin)}: `{name}` = {current!r} {problem}")
+
+
+def check_value(current: Any, meta) -> list[str]:
+    """What is wrong with a coerced value given its field's metadata (finite, range, pattern)."""
+    floats = current if isinstance(current, list) else [current]
+    if not meta.get("nonfinite") and any(isinstance(v, float) and not math.isfinite(v) for v in floats):
+        return ["is not a finite number"]
+    if isinstance(current, str) and "pattern" in meta and not re.fullmatch(meta["pattern"], current):
+        return [meta.get("pattern_help", f"does not match {meta['pattern']}")]
+    problems = []
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        if "min" in meta and current < meta["min"]:
+            problems.append(f"is below the minimum {meta['min']}")
+        if "max" in meta and current > meta["max"]:
+            problems.append(f"is above the maximum {meta['max']}")
+        if "min_exclusive" in meta and current <= meta["min_exclusive"]:
+            problems.append(f"must be greater than {meta['min_exclusive']}")
+    return problems
 
 
 def coerce(value: Any, hint: Any) -> Any:

@@ -5,13 +5,22 @@ checkpoint (safetensors + tokenizer), `optimizer.pt`, `scheduler.pt` and
 `trainer_state.json`. A checkpoint is written into a hidden temporary
 directory and renamed into place in one step, so an interruption (even
 kill -9) during a save leaves the previous checkpoints untouched.
+
+`manifest.json` records every file's size, and the SHA-256 of every file up to
+HASH_LIMIT bytes (all but the weight shards and optimizer state of a large
+model, whose sizes alone are compared: hashing them would cost minutes). A resume
+verifies the newest checkpoint against it and falls back to the newest intact
+one, so a checkpoint damaged after it was written (a copy cut short, a
+disk error) is never loaded. A checkpoint whose weights are not finite is never written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -20,10 +29,12 @@ from safetensors.torch import load_file
 
 from lm.models import save_pretrained
 from opd.distributed import deepspeed_engine, global_sum
-from opd.errors import RunError
-from opd.tracking import truncate_jsonl
+from opd.errors import RunError, cause, first_line
+from opd.tracking import read_metrics, truncate_jsonl
 
 PREFIX = "step_"
+MANIFEST = "manifest.json"
+HASH_LIMIT = 64 * 2**20  # bytes: files up to this size are hashed at save and verified at resume
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -53,6 +64,75 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def holds_run(run_dir: Path) -> bool:
+    """A run directory holds a run once its first step is logged or a checkpoint exists; before that
+    (a start that failed while loading) it is the user's to start again into, with any config."""
+    return bool(list_checkpoints(run_dir)) or any(r.get("step", 0) >= 1 for r in read_metrics(run_dir))
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(path: Path) -> None:
+    """<path>/manifest.json: relative file name -> {size, sha256 (files up to HASH_LIMIT bytes)}."""
+    files = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            size = p.stat().st_size
+            files[str(p.relative_to(path))] = {"size": size, **({"sha256": _sha256(p)} if size <= HASH_LIMIT else {})}
+    (path / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be trusted (one line), or None when it is intact.
+
+    Checked against its manifest; a checkpoint from before manifests only has its trainer state parsed.
+    """
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            return "trainer_state.json holds no step"
+        if not (path / MANIFEST).is_file():
+            return None
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        for name, entry in files.items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != entry["size"]:
+                return f"{name} has {file.stat().st_size} bytes, {entry['size']} were written"
+            if "sha256" in entry and _sha256(file) != entry["sha256"]:
+                return f"{name} differs from what was written (SHA-256)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return first_line(exc)
+    return None
+
+
+def newest_intact(run_dir: Path, warn=None) -> Path | None:
+    """The newest checkpoint that verifies; `warn(line)` for each damaged one passed over.
+
+    None when there is no checkpoint; RunError when there are some and none is intact.
+    """
+    found = list_checkpoints(run_dir)
+    reasons = []
+    for ckpt in reversed(found):
+        why = verify_checkpoint(ckpt)
+        if why is None:
+            return ckpt
+        reasons.append(f"{ckpt.name}: {why}")
+        if warn is not None:
+            warn(f"warning: checkpoint {ckpt} is damaged ({why}); trying the one before it")
+    if found:
+        raise RunError(f"train.resume: no intact checkpoint in {checkpoint_dir(run_dir)} ({'; '.join(reasons[:3])}); "
+                       "move the damaged checkpoints aside to start afresh, or choose another train.run_name")
+    return None
+
+
 def _fsync_tree(path: Path) -> None:
     for p in path.rglob("*"):
         if p.is_file():
@@ -80,6 +160,7 @@ def save_checkpoint(run_dir: Path, step: int, write_model, optimizer_state: dict
         if scheduler_state is not None:
             torch.save(scheduler_state, tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        write_manifest(tmp)
         _fsync_tree(tmp)
     except BaseException:  # disk full, Ctrl-C: leave no half checkpoint behind, the previous ones are untouched
         shutil.rmtree(tmp, ignore_errors=True)
@@ -147,16 +228,20 @@ def save(run) -> None:
             if engine is not None:
                 staged.rename(d / ENGINE_DIR)
 
-        try:
-            save_checkpoint(
-                run.run_dir, run.step, write, None if engine is not None else run.optimizer.state_dict(),
-                run.scheduler.state_dict(), state, run.cfg.train.keep_last,
-            )
-        except Exception as exc:  # disk full, quota, permissions: whatever the writer raised
-            failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        bad = [k for k, v in lm_weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # a checkpoint is a promise that it can be resumed from: never one of NaN/Inf weights
+            failed = f"not written: the student's weights are not finite ({', '.join(bad[:3])}{' ...' * (len(bad) > 3)})"
+        else:
+            try:
+                save_checkpoint(
+                    run.run_dir, run.step, write, None if engine is not None else run.optimizer.state_dict(),
+                    run.scheduler.state_dict(), state, run.cfg.train.keep_last,
+                )
+            except Exception as exc:  # disk full, quota, permissions: whatever the writer raised
+                failed = f"could not be written ({cause(exc)})"
     acc.wait_for_everyone()
     if global_sum(acc, float(failed is not None)) > 0:
-        raise RunError(f"checkpoint at step {run.step} could not be written ({failed or 'on the main process'}); "
+        raise RunError(f"checkpoint at step {run.step} {failed or 'could not be written on the main process'}; "
                        f"last good checkpoint: {latest_checkpoint(run.run_dir) or 'none'}")
 
 
@@ -164,7 +249,8 @@ def resume(run) -> None:
     """Continue `run` from its newest complete checkpoint (train.resume=auto), or start its logs afresh."""
     if run.cfg.train.resume != "auto":
         return
-    latest = latest_checkpoint(run.run_dir)
+    warn = (lambda line: print(line, file=sys.stderr, flush=True)) if run.accelerator.is_main_process else None
+    latest = newest_intact(run.run_dir, warn)
     if latest is None:
         run.log.truncate_after(0)
         if run.accelerator.is_main_process:
@@ -172,18 +258,17 @@ def resume(run) -> None:
         return
     state = load_trainer_state(latest)
     engine = deepspeed_engine(run.accelerator)
-    if engine is not None or (latest / ENGINE_DIR).is_dir():
-        resume_engine(run, engine, latest, state)
-    else:
-        weights = {}
-        for file in sorted(latest.glob("*.safetensors")):
-            weights.update(load_file(str(file)))
-        missing, unexpected = run.policy.lm.load_state_dict(weights, strict=False)
-        missing = [m for m in missing if not (run.policy.lm.config.tie_word_embeddings and "lm_head" in m)]
-        if missing or unexpected:
-            raise RunError(f"checkpoint {latest} does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        run.optimizer.load_state_dict(load_torch_state(latest, "optimizer.pt"))
-    run.scheduler.load_state_dict(load_torch_state(latest, "scheduler.pt"))
+    try:
+        if engine is not None or (latest / ENGINE_DIR).is_dir():
+            resume_engine(run, engine, latest, state)
+        else:
+            load_weights_and_optimizer(run, latest)
+        run.scheduler.load_state_dict(load_torch_state(latest, "scheduler.pt"))
+    except RunError:
+        raise
+    except Exception as exc:  # unpickling, a cut-short file: a checkpoint from before manifests
+        raise RunError(f"checkpoint {latest} cannot be loaded ({first_line(exc)}); move it aside to resume from "
+                       "the one before it") from None
     run.sampler.load_state_dict(state["sampler"])
     run.selector_state.load_state_dict(state["selector_state"])
     run.step = state["step"]
@@ -192,6 +277,17 @@ def resume(run) -> None:
     if run.accelerator.is_main_process:
         truncate_jsonl(run.run_dir / "tokens.jsonl", run.step)
     run.accelerator.print(f"resumed from {latest} (step {run.step})")
+
+
+def load_weights_and_optimizer(run, latest: Path) -> None:
+    weights = {}
+    for file in sorted(latest.glob("*.safetensors")):
+        weights.update(load_file(str(file)))
+    missing, unexpected = run.policy.lm.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if not (run.policy.lm.config.tie_word_embeddings and "lm_head" in m)]
+    if missing or unexpected:
+        raise RunError(f"checkpoint {latest} does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    run.optimizer.load_state_dict(load_torch_state(latest, "optimizer.pt"))
 
 
 def resume_engine(run, engine, latest: Path, state: dict) -> None:

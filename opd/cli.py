@@ -13,10 +13,11 @@ from pathlib import Path
 import yaml
 
 from lm.typed import ConfigError
+from opd.checkpoint import latest_checkpoint
 from opd.config import load_config, to_dict
 from opd.data import DataError
-from opd.errors import RunError
-from opd.preflight import config_keys, preflight
+from opd.errors import CAUSES, RunError, WriteError, cause
+from opd.preflight import config_keys, preflight, run_directory
 from opd.trainer import train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -39,6 +40,11 @@ def fail(lines) -> int:
     for line in lines:
         print(f"error: {line}", file=sys.stderr)
     return 2
+
+
+def resumable(cfg, paths) -> str:
+    return (f"last good checkpoint: {latest_checkpoint(run_directory(cfg, paths)) or 'none'}; "
+            "rerun the same command to resume")
 
 
 def main(argv) -> int:
@@ -65,6 +71,12 @@ def main(argv) -> int:
         return 0
     try:
         run_dir = train(cfg, paths)
+    except WriteError as exc:
+        return fail([f"{exc}; {resumable(cfg, paths)}"])
+    except OSError as exc:
+        if exc.errno not in CAUSES:  # not the environment refusing a write: a bug, with its traceback
+            raise
+        return fail([f"{exc.filename or 'a file of the run'}: {cause(exc)}; {resumable(cfg, paths)}"])
     except (RunError, DataError) as exc:
         return fail([str(exc)])
     except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM: stop now; checkpoints are complete or absent

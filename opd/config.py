@@ -22,7 +22,10 @@ import yaml
 from demo.config import DemoConfig, check_demo
 from eval.config import EvalConfig
 from lm.config import ModelConfig, RolloutConfig
-from lm.typed import ConfigError, apply, parse_value
+from lm.typed import ConfigError, apply, parse_value, where
+
+
+RUN_NAME = r"([A-Za-z0-9_][A-Za-z0-9_.-]{0,99})?"  # one path component: no '/', never '.' or '..'
 
 
 @dataclass
@@ -55,12 +58,15 @@ class OPDConfig:
     offload_teacher: bool = field(default=False, metadata={"help": "move the teacher backbone to CPU between phases (GPU only; ignored for a ZeRO-3 sharded teacher)"})
     teacher_zero3: bool = field(default=True, metadata={"help": "under DeepSpeed ZeRO-3: shard the frozen teacher over the processes as a ZeRO-3 inference engine (true), or keep a full copy on every process (false: faster, needs the teacher to fit on one device); ignored without ZeRO-3"})
     reward_beta: float = field(default=0.0, metadata={"help": "reward-weighted distillation temperature; 0 = off", "min": 0.0})
-    reward: str = field(default="math", metadata={"help": "reward function by name (registered in opd.rewards)"})
+    # The one place where a config is code: `module:function` imports that module (checked at preflight).
+    reward: str = field(default="math", metadata={"help": "reward function: math, demo, or module:function, which "
+                                                          "imports that module and runs its code (a config naming "
+                                                          "one is code; checked by --check)"})
 
 
 @dataclass
 class OptimConfig:
-    lr: float = field(default=1e-6, metadata={"help": "peak learning rate", "min": 0.0})
+    lr: float = field(default=1e-6, metadata={"help": "peak learning rate (AdamW moves each weight by about lr per update)", "min": 0.0, "max": 1.0})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay", "min": 0.0})
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas"})
     eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon", "min": 0.0})
@@ -79,7 +85,10 @@ class TrainConfig:
     mini_batch_size: int = field(default=0, metadata={"help": "prompts per optimiser update (global); 0 = prompts_per_step (one update per step)", "min": 0})
     micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward/backward per process", "min": 1})
     output_dir: str = field(default="runs", metadata={"help": "parent of run directories"})
-    run_name: str = field(default="", metadata={"help": "run directory name; empty = derived from config file and time"})
+    run_name: str = field(default="", metadata={
+        "help": "run directory name, one path component inside output_dir; empty = the last config file's name",
+        "pattern": RUN_NAME, "pattern_help": "is not one path component: letters, digits, '_', '-' and '.' "
+                                             "(not first), at most 100 characters"})
     on_existing: Literal["resume", "refuse"] = field(default="resume", metadata={"help": "starting into a non-empty run directory: resume from its checkpoint, or refuse"})
     resume: Literal["auto", "never"] = field(default="auto", metadata={"help": "auto = continue from the latest complete checkpoint"})
     save_every: int = field(default=20, metadata={"help": "checkpoint every N steps; 0 = only at the end", "min": 0})
@@ -190,6 +199,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parse_value(raw)
 
 
+def set_override(data: dict, origin: dict[str, str], keys: list[str], value: Any) -> list[str]:
+    """Put one command-line value into `data`, recording "command line" as the origin of every key it sets.
+
+    A mapping value is merged into the section it names, not put in its place. Where a file set a
+    section (or key) on the way to something other than a mapping, the value is not set and the
+    problem returned: the file's value stays, for apply() to judge.
+    """
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        if key not in node:
+            node[key] = {}
+            origin[".".join(keys[:depth + 1])] = "command line"
+        if not isinstance(node[key], dict):
+            blocked = ".".join(keys[:depth + 1])
+            return [f"command line: `{'.'.join(keys)}` cannot be set: `{blocked}` is {node[key]!r} "
+                    f"({where(blocked, origin)}), not a mapping of keys"]
+        node = node[key]
+    name = ".".join(keys)
+    if isinstance(value, dict) and isinstance(node.get(keys[-1]), dict):
+        _deep_merge(node[keys[-1]], value)
+    else:
+        node[keys[-1]] = value
+    origin[name] = "command line"
+    if isinstance(value, dict):
+        origin.update({f"{name}.{key}": "command line" for key in _flat_keys(value)})
+    return []
+
+
 def load_config(paths: str | os.PathLike | list | None, overrides: list[str] = ()) -> Config:
     """Build a validated `Config` from YAML files (later ones win) and overrides."""
     if paths is None:
@@ -209,13 +246,7 @@ def load_config(paths: str | os.PathLike | list | None, overrides: list[str] = (
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
-        node = data
-        for key in keys[:-1]:
-            if not isinstance(node.get(key), dict):
-                node[key] = {}
-            node = node[key]
-        node[keys[-1]] = value
-        origin[".".join(keys)] = "command line"
+        problems += set_override(data, origin, keys, value)
     cfg = Config()
     apply(cfg, data, "", origin, problems)
     if not problems:

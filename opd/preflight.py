@@ -19,24 +19,30 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
-from huggingface_hub import try_to_load_from_cache
-from transformers import CONFIG_MAPPING
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+from transformers import CONFIG_MAPPING, AttentionInterface
 
 from demo import task as demo_task
 from eval.benchmarks import BenchmarkError, parse_spec
 from lm.config import ModelConfig
-from lm.tokenizers import check_tokenizers, load_tokenizer
+from lm.tokenizers import TokenizerMismatch, check_tokenizers, load_tokenizer, unknown_id
+from opd.checkpoint import holds_run
 from opd.config import Config, to_dict
-from opd.data import DataError, field_value, load_prompts
+from opd.data import DataError, Prompt, field_value, load_prompts
+from opd.errors import first_line, hub_unreachable
+from opd.rewards import load_reward
 from opd.step import known_selectors
 
 PEEK_RECORDS = 200  # records read from the head of a data file to catch misnamed fields early
 CHARS_VOCAB = 102  # ids of the built-in character tokenizer (lm.tokenizers.char_tokenizer), for size estimates
 
 # Keys that may change when a run is resumed; anything else must match the run's saved config.
-RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.save_every", "train.keep_last", "train.on_existing",
-                     "train.resume", "train.save_final", "train.max_consecutive_skips", "train.max_steps_per_run",
-                     "train.num_threads", "train.device", "logging.", "eval.", "tip.dump_tokens", "tip.plots")
+# Where the run lives is not part of its identity: a moved or renamed run directory resumes.
+RESUMABLE_CHANGES = ("train.output_dir", "train.run_name", "train.steps", "train.epochs", "train.save_every",
+                     "train.keep_last", "train.on_existing", "train.resume", "train.save_final",
+                     "train.max_consecutive_skips", "train.max_steps_per_run", "train.num_threads", "train.device",
+                     "logging.", "eval.", "tip.dump_tokens", "tip.plots")
 
 
 def _is_local(path: str) -> bool:
@@ -49,7 +55,7 @@ def _is_local(path: str) -> bool:
 
 def check_model(side: str, mc: ModelConfig) -> list[str]:
     """`side` is "model" or "teacher": the checkpoint directory (or hub id) and the tokenizer path."""
-    problems = []
+    problems = check_attention(side, mc)
     if mc.tokenizer not in ("", "chars") and _is_local(mc.tokenizer) and not Path(mc.tokenizer).expanduser().exists():
         problems.append(f"{side}.tokenizer: {mc.tokenizer} does not exist")
     if not mc.path or mc.path.startswith("demo:"):
@@ -89,13 +95,36 @@ def _known_model_type(model_type) -> bool:
     return model_type in CONFIG_MAPPING
 
 
-def _check_hub_model(side: str, repo_id: str) -> list[str]:
-    # Without network access the only thing to check is the local cache, and only when the hub is off.
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+def check_attention(side: str, mc: ModelConfig) -> list[str]:
+    """An attention implementation transformers knows (a hub kernel `owner/name` is taken on trust)."""
+    known = ["eager", *sorted(AttentionInterface._global_mapping)]
+    name = mc.attn_implementation
+    if name in known or name.split("|")[-1] in known or "/" in name:
         return []
-    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-        return [f"{side}.path: {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"]
+    return [f"{side}.attn_implementation: {name!r} is not an attention implementation (known: {', '.join(known)})"]
+
+
+def _check_hub_model(side: str, repo_id: str) -> list[str]:
+    """A hub model is in the local cache, or its config.json can be fetched now (what loading would do first)."""
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return []
+    try:
+        hf_hub_download(repo_id, "config.json")
+    except Exception as exc:
+        return [f"{side}.path: {_hub_problem(repo_id, exc)}"]
     return []
+
+
+def _hub_problem(repo_id: str, exc: Exception) -> str:
+    if hub_unreachable(exc):  # first: offline, the cache-miss error is an EntryNotFoundError too
+        return f"cannot reach the hub for {repo_id} (and it is not in the local cache); give a local path"
+    if isinstance(exc, GatedRepoError):
+        return f"{repo_id} is a gated repository: accept its terms on the hub and log in (hf auth login)"
+    if isinstance(exc, RepositoryNotFoundError):
+        return f"{repo_id} is not a model repository on the hub (or a private one: log in)"
+    if isinstance(exc, EntryNotFoundError):
+        return f"{repo_id} has no config.json (not a transformers checkpoint)"
+    return f"{repo_id}: {first_line(exc)}"
 
 
 def _vocab_rows(mc: ModelConfig, tokenizer_len: int) -> int:
@@ -307,29 +336,32 @@ def check_run_dir(cfg: Config, config_paths=(), ignore=()) -> list[str]:
     saved = run_dir / "config.yaml"
     if run_dir.exists() and not run_dir.is_dir():
         return [f"train.run_name: {run_dir} exists and is not a directory"]
-    if saved.is_file():
-        if cfg.train.on_existing == "refuse":
-            return [f"train.on_existing: run directory {run_dir} already holds a run (train.on_existing=refuse); "
-                    "choose another train.run_name"]
-        if cfg.train.resume == "never":
-            return [f"train.resume: run directory {run_dir} already holds a run and train.resume=never; "
-                    "choose another train.run_name"]
-        try:
-            old = yaml.safe_load(saved.read_text()) or {}
-            if not isinstance(old, dict):
-                raise ValueError("not a mapping")
-        except (yaml.YAMLError, ValueError, OSError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            return [f"train.run_name: {saved} cannot be read ({first}); move the run directory aside or choose "
-                    "another train.run_name"]
-        changed = changed_keys(old, cfg, ignore)
-        if changed:
-            return [f"train.run_name: run directory {run_dir} holds a run with a different config "
-                    f"({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); "
-                    "choose another train.run_name to start a new run"]
+    if not saved.is_file():
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            return [f"train.run_name: run directory {run_dir} is not empty but holds no run config; "
+                    "refusing to write into it"]
         return []
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        return [f"train.run_name: run directory {run_dir} is not empty but holds no run config; refusing to write into it"]
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+        if not (isinstance(old, dict) and isinstance(old.get("train"), dict)):
+            raise ValueError("not a run config written by train.py")
+    except (yaml.YAMLError, ValueError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return [f"train.run_name: {saved} cannot be read ({first}); move the run directory aside or choose "
+                "another train.run_name"]
+    if not holds_run(run_dir):
+        return []  # a start that failed before its first step left no run: the user's to start again into
+    if cfg.train.on_existing == "refuse":
+        return [f"train.on_existing: run directory {run_dir} already holds a run (train.on_existing=refuse); "
+                "choose another train.run_name"]
+    if cfg.train.resume == "never":
+        return [f"train.resume: run directory {run_dir} already holds a run and train.resume=never; "
+                "choose another train.run_name"]
+    changed = changed_keys(old, cfg, ignore)
+    if changed:
+        return [f"train.run_name: run directory {run_dir} holds a run with a different config "
+                f"({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); "
+                "choose another train.run_name to start a new run"]
     return []
 
 
@@ -341,6 +373,24 @@ def check_selector(cfg: Config) -> list[str]:
     known = known_selectors()
     if cfg.tip.selector not in known:
         return [f"tip.selector: unknown selector {cfg.tip.selector!r} (known: {', '.join(known)})"]
+    return []
+
+
+def check_reward(cfg: Config) -> list[str]:
+    """opd.reward names a built-in or an importable module:function; importing runs that module's code,
+    which is what the run would do at its first graded rollout anyway (a config naming one is code)."""
+    name = cfg.opd.reward
+    module, _, func = name.partition(":")
+    try:
+        reward = load_reward(name)
+    except ValueError as exc:
+        return [f"opd.reward: {exc}"]
+    except AttributeError:
+        return [f"opd.reward: module {module} has no function {func}"]
+    except Exception as exc:  # ImportError, or whatever importing the module raised
+        return [f"opd.reward: cannot import module {module} ({type(exc).__name__}: {first_line(exc)})"]
+    if not callable(reward):
+        return [f"opd.reward: {name} is not a function"]
     return []
 
 
@@ -379,20 +429,22 @@ def check_deep(cfg: Config, models_ok: bool = True, data_ok: bool = True, notes:
     try:
         s_tok = load_tokenizer(cfg.model)
     except Exception as exc:  # any loader failure is reported as one line
-        return [f"model.tokenizer: cannot load the student tokenizer ({exc})".splitlines()[0]]
+        return [tokenizer_problem("model", cfg.model, "student", exc)]
     problems = []
     try:
         t_tok = load_tokenizer(cfg.teacher)
     except Exception as exc:
-        problems.append(f"teacher.tokenizer: cannot load the teacher tokenizer ({exc})".splitlines()[0])
+        problems.append(tokenizer_problem("teacher", cfg.teacher, "teacher", exc))
     else:
         try:
             check_tokenizers(s_tok, t_tok, _vocab_rows(cfg.model, len(s_tok)), _vocab_rows(cfg.teacher, len(t_tok)))
-        except ValueError as exc:
-            problems.append(f"teacher.path: {exc}")
+        except TokenizerMismatch as exc:
+            problems.append(f"{mismatch_key(cfg, exc.side)}: {exc}")
     if data_ok:
         try:
             train, val, report = load_prompts(cfg.data, s_tok, seed=cfg.train.seed, need_answers=cfg.opd.reward_beta > 0)
+            unknown = unknown_characters(train + val, s_tok)
+            problems += [unknown] if unknown else []
             if notes is not None:
                 notes.append(f"data: {report.summary()}: {len(train)} for training, {len(val)} held out")
         except DataError as exc:
@@ -400,6 +452,36 @@ def check_deep(cfg: Config, models_ok: bool = True, data_ok: bool = True, notes:
         except Exception as exc:
             problems.append(f"data.train_path: {exc}".splitlines()[0])
     return problems
+
+
+def tokenizer_problem(section: str, mc: ModelConfig, who: str, exc: Exception) -> str:
+    name = mc.tokenizer or mc.path
+    if hub_unreachable(exc):
+        return f"{section}.tokenizer: cannot reach the hub for {name}; give a local path"
+    return f"{section}.tokenizer: cannot load the {who} tokenizer ({first_line(exc)})"
+
+
+def mismatch_key(cfg: Config, side: str | None) -> str:
+    """The key to fix for a tokenizer mismatch: the one model at fault (its path, or its random-init
+    vocab_size), or teacher.path when the two tokenizers differ."""
+    if side is None:
+        return "teacher.path"
+    section = "model" if side == "student" else "teacher"
+    return f"{section}.path" if getattr(cfg, section).path else f"{section}.vocab_size"
+
+
+def unknown_characters(prompts: list[Prompt], tokenizer) -> str | None:
+    """One line when the prompts hold characters a `chars`-style tokenizer would silently read as <pad>."""
+    unk = unknown_id(tokenizer)
+    if unk is None:
+        return None
+    counts = [(p.ids.count(unk), p.source) for p in prompts]
+    bad = [(n, source) for n, source in counts if n]
+    if not bad:
+        return None
+    return (f"data.train_path: {sum(n for n, _ in bad)} characters in {len(bad)} prompts are outside the `chars` "
+            f"tokenizer's alphabet (e.g. {bad[0][1]}); it would read them as <pad>: remove them, or give "
+            f"model.tokenizer / teacher.tokenizer a tokenizer that has them")
 
 
 def config_keys(problems: list[str]) -> set[str]:
@@ -416,7 +498,7 @@ def preflight(cfg: Config, paths=(), deep: bool = False, ignore=(), notes: list 
     model_problems = check_model("model", cfg.model) + check_model("teacher", cfg.teacher)
     data_problems = check_data(cfg)
     problems = model_problems + data_problems + check_output(cfg, paths) + check_run_dir(cfg, paths, ignore)
-    problems += check_selector(cfg) + check_eval(cfg) + check_demo(cfg)
+    problems += check_selector(cfg) + check_reward(cfg) + check_eval(cfg) + check_demo(cfg)
     demo = cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")
     if not demo:
         problems += check_deep(cfg, models_ok=not model_problems, data_ok=deep and not data_problems, notes=notes)

@@ -23,16 +23,16 @@ from demo.prepare import prepare_pair
 from eval.benchmarks import Benchmark, Problem
 from lm.models import load_model
 from lm.tokenizers import check_tokenizers, load_tokenizer
-from opd.checkpoint import resume
+from opd.checkpoint import holds_run, resume
 from opd.config import Config, save_config, to_dict
-from opd.data import Prompt, PromptSampler, load_prompts
+from opd.data import DataError, Prompt, PromptSampler, load_prompts
 from opd.distributed import built_whole, gathered, global_sum, make_accelerator, rows, zero3_inference_engine
-from opd.errors import RunError
+from opd.errors import RunError, first_line, hub_unreachable
 from opd.policy import PolicyModel
-from opd.preflight import check_run_dir, run_directory
+from opd.preflight import check_run_dir, run_directory, unknown_characters
 from opd.rewards import benchmark_grader, reward_fn
 from opd.step import LOSS_IMPLS, LossImpl, SelectorState, StepSettings, head_weight, new_selector_state
-from opd.tracking import MetricsLog
+from opd.tracking import MetricsLog, writing
 
 
 @dataclass
@@ -86,11 +86,17 @@ def setup(cfg: Config, config_paths=()) -> Run:
     run_dir = prepare_run_dir(cfg, config_paths, acc)
     resolve_demo_paths(cfg, acc)
 
-    tokenizer = load_tokenizer(cfg.model)
-    teacher_tok = load_tokenizer(cfg.teacher)
+    with loading("model.tokenizer", cfg.model.tokenizer or cfg.model.path):
+        tokenizer = load_tokenizer(cfg.model)
+    with loading("teacher.tokenizer", cfg.teacher.tokenizer or cfg.teacher.path):
+        teacher_tok = load_tokenizer(cfg.teacher)
     # data before models: a bad record refused with its file and line costs seconds, not a model load
-    train_prompts, val_prompts, report = load_prompts(cfg.data, tokenizer, seed=cfg.train.seed,
-                                                      need_answers=cfg.opd.reward_beta > 0)
+    with loading("data.train_path", cfg.data.train_path):
+        train_prompts, val_prompts, report = load_prompts(cfg.data, tokenizer, seed=cfg.train.seed,
+                                                          need_answers=cfg.opd.reward_beta > 0)
+    unknown = unknown_characters(train_prompts + val_prompts, tokenizer)
+    if unknown:
+        raise RunError(unknown)
     acc.print(f"data: {report.summary()}: {len(train_prompts)} for training, {len(val_prompts)} held out")
     student_lm, teacher = load_pair(cfg, tokenizer, teacher_tok, acc, zero3)
 
@@ -113,6 +119,9 @@ def setup(cfg: Config, config_paths=()) -> Run:
         total_steps=total_steps, zero3=zero3, teacher_engine=teacher_engine,
     )
     resume(run)
+    if acc.is_main_process and not (run.step >= total_steps and (run_dir / "summary.json").is_file()):
+        with writing(run_dir / "config.yaml"):  # a no-op rerun of a finished run changes no file
+            save_config(cfg, run_dir / "config.yaml")
     if cfg.logging.progress_bar and acc.is_main_process:
         run.bar = tqdm(total=total_steps, initial=run.step, desc="opd", dynamic_ncols=True)
     return run
@@ -132,8 +141,10 @@ def load_pair(cfg: Config, tokenizer, teacher_tok, acc: Accelerator, zero3: bool
 
     # The student trains in float32 under bf16 autocast on GPU ('auto'); the teacher is stored in bf16.
     student_mc = cfg.model if cfg.model.dtype != "auto" else dataclasses.replace(cfg.model, dtype="float32")
-    student_lm = build(student_mc, tokenizer, trainable=True, sharded=True)
-    teacher = build(cfg.teacher, teacher_tok, trainable=False, sharded=cfg.opd.teacher_zero3)
+    with loading("model.path", cfg.model.path or f"a random {cfg.model.arch} model"):
+        student_lm = build(student_mc, tokenizer, trainable=True, sharded=True)
+    with loading("teacher.path", cfg.teacher.path or f"a random {cfg.teacher.arch} model"):
+        teacher = build(cfg.teacher, teacher_tok, trainable=False, sharded=cfg.opd.teacher_zero3)
     try:
         check_tokenizers(tokenizer, teacher_tok, rows(student_lm.get_output_embeddings().weight),
                          rows(teacher.get_output_embeddings().weight))
@@ -192,10 +203,28 @@ def prepare_run_dir(cfg: Config, config_paths, acc) -> Path:
     run_dir = run_directory(cfg, config_paths)
     saved = run_dir / "config.yaml"
     if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, saved)
+        # An existing run's config.yaml is rewritten once it is resumed (setup), not before: a rerun
+        # of a finished run changes no file. A start that failed before its first step left no run.
+        with writing(saved):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not holds_run(run_dir):
+                save_config(cfg, saved)
     acc.wait_for_everyone()
     return run_dir
+
+
+@contextlib.contextmanager
+def loading(key: str, name: str):
+    """Loading `name` (config key `key`) ends the run with one line when it fails: a hub that cannot be
+    reached, or whatever the loader raised (its first line)."""
+    try:
+        yield
+    except (RunError, DataError):
+        raise
+    except Exception as exc:
+        if hub_unreachable(exc):
+            raise RunError(f"{key}: cannot reach the hub for {name}; give a local path") from None
+        raise RunError(f"{key}: {name} cannot be loaded ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def resolve_demo_paths(cfg: Config, acc) -> None:

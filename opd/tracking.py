@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from pathlib import Path
 
 from opd.config import LoggingConfig
+from opd.errors import WriteError
+
+
+@contextlib.contextmanager
+def writing(path: Path, step: int | None = None):
+    """A failing write of `path` (disk full, read-only, permissions) ends the run with one line naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise WriteError(path, exc, step) from None
 
 
 def _clean(value):
@@ -45,7 +56,7 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as fh:
+        with writing(self.path, step), open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in metrics.items():

@@ -31,6 +31,7 @@ from opd.rewards import reward_weights
 from opd.setup import Run, setup
 from opd.step import (MicroBatch, combine, denominator, diagnostics, dump_tokens, fold_running_range, gather_stats,
                       student_microbatch)
+from opd.tracking import writing
 
 
 def train(cfg: Config, config_paths: list[str] = ()) -> Path:
@@ -222,8 +223,9 @@ def update_metrics(run: Run, stats_list, selections, micro, loss_sum, z, grad_no
     if cfg.tip.dump_tokens and acc.is_main_process:
         token_ids = torch.cat([mb.input_ids[:, 1:][mb.positions()] for mb in micro]).cpu()
         gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "dump", step))
-        dump_tokens(run.run_dir / "tokens.jsonl", stats, sel, token_ids, lambda i: run.tokenizer.decode([int(i)]),
-                    cfg.tip, gen, step=step)
+        with writing(run.run_dir / "tokens.jsonl", step):
+            dump_tokens(run.run_dir / "tokens.jsonl", stats, sel, token_ids,
+                        lambda i: run.tokenizer.decode([int(i)]), cfg.tip, gen, step=step)
     return metrics
 
 

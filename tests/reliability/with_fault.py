@@ -7,6 +7,10 @@ Faults:
   stall_save=STEP   the fsync of checkpoint STEP's temporary files never returns: the process
                     hangs inside the checkpoint write (after printing `fault: stalled ...` to
                     stderr) until the test kills it
+  fail_write=NAME@N:ERRNO
+                    the Nth opening of a file called NAME for appending fails with ERRNO (a name
+                    from the errno module): ENOSPC lets half of the first write land, then raises, as
+                    a disk that fills mid-line does; any other code (EROFS, EPERM, ...) raises at the open
   empty_rollouts=N1,N2,...
                     the first N1 rollouts of step 1 come back with zero response tokens (as
                     from a generate that stopped at once), the first N2 of step 2, ...
@@ -17,6 +21,9 @@ Everything else is the real CLI: the wrapper only patches these functions (the t
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import os
 import runpy
 import shutil
@@ -53,6 +60,47 @@ def stall_checkpoint_write(value: str) -> None:
     os.fsync = fsync
 
 
+class HalfWriter:
+    """A file whose first write lands half-way and then fails with `code` (a disk filling up)."""
+
+    def __init__(self, fh, code: int):
+        self.fh, self.code = fh, code
+
+    def write(self, text):
+        self.fh.write(text[: len(text) // 2])
+        self.fh.flush()
+        raise OSError(self.code, os.strerror(self.code))
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+def fail_write(value: str) -> None:
+    name, rest = value.split("@")
+    nth, code = int(rest.split(":")[0]), getattr(errno, rest.split(":")[1])
+    real_open = io.open
+    opened = 0
+
+    def open_(file, mode="r", *args, **kwargs):
+        nonlocal opened
+        if isinstance(file, (str, os.PathLike)) and os.path.basename(os.fspath(file)) == name and "a" in mode:
+            opened += 1
+            if opened == nth:
+                print(f"fault: opening {os.fspath(file)} #{nth} fails with {errno.errorcode[code]}", file=sys.stderr)
+                if code != errno.ENOSPC:
+                    raise OSError(code, os.strerror(code), os.fspath(file))
+                return HalfWriter(real_open(file, mode, *args, **kwargs), code)
+        return real_open(file, mode, *args, **kwargs)
+
+    builtins.open = io.open = open_  # pathlib's Path.open calls io.open
+
+
 def empty_rollouts(value: str) -> None:
     import opd.trainer
 
@@ -70,7 +118,8 @@ def empty_rollouts(value: str) -> None:
     opd.trainer.sample = sample
 
 
-FAULTS = {"disk_free": fake_disk_free, "stall_save": stall_checkpoint_write, "empty_rollouts": empty_rollouts}
+FAULTS = {"disk_free": fake_disk_free, "stall_save": stall_checkpoint_write, "empty_rollouts": empty_rollouts,
+          "fail_write": fail_write}
 
 if __name__ == "__main__":
     name, value = sys.argv[1].split("=", 1)
