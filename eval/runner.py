@@ -23,7 +23,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from eval import metrics
-from eval.benchmarks import Benchmark, load_benchmark
+from eval.benchmarks import Benchmark, PromptFormat, load_benchmark
 from eval.grader import normalize_answer
 from eval.config import EvalConfig
 from lm.rollout import sample
@@ -69,7 +69,8 @@ def evaluate(
         raise ValueError(f"shard={shard} splits the problems over processes: pass `gather` to combine them")
     if not benchmarks:
         raise ValueError("no benchmarks to evaluate (eval.benchmarks is empty)")
-    loaded = [spec if isinstance(spec, Benchmark) else load_benchmark(spec, cfg.max_problems) for spec in benchmarks]
+    fmt = prompt_format(cfg)
+    loaded = [spec if isinstance(spec, Benchmark) else load_benchmark(spec, cfg.max_problems, fmt) for spec in benchmarks]
     loaded = [dataclasses.replace(b, problems=b.problems[:cfg.max_problems]) if cfg.max_problems else b for b in loaded]
     names = [b.name for b in loaded]
     if len(set(names)) != len(names):
@@ -100,6 +101,11 @@ def evaluate(
         _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(format_table(summary), flush=True)
     return summary
+
+
+def prompt_format(cfg: EvalConfig) -> PromptFormat:
+    """The math benchmarks' prompt format of an `eval:` section (eval.instruction, eval.instruction_separator)."""
+    return PromptFormat(cfg.instruction, cfg.instruction_separator)
 
 
 def benchmark_metrics(results: list[dict]) -> dict:

@@ -10,10 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from lm.typed import ConfigError
-from opd.config import load_config, to_dict
+from opd.config import load_config, to_yaml
 from opd.data import DataError
 from opd.errors import RunError
 from opd.preflight import config_keys, preflight
@@ -52,7 +50,7 @@ def main(argv) -> int:
         # the valid part of the config is checked too, so the user fixes everything in one round
         return fail(exc.problems + preflight(exc.config, paths, ignore=config_keys(exc.problems)))
     if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(to_yaml(cfg), end="")
         return 0
     notes: list[str] = []
     problems = preflight(cfg, paths, deep=args.check, notes=notes)
