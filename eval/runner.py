@@ -45,6 +45,7 @@ def evaluate(
     system_prompt: str = "",
     shard: tuple[int, int] = (0, 1),
     gather=None,
+    title: str | None = None,
 ) -> dict:
     """Evaluate `model` on each benchmark (a spec, see eval.benchmarks, or a loaded Benchmark) and return the summary.
 
@@ -58,7 +59,7 @@ def evaluate(
     per process, on every process, like `accelerate.utils.gather_object` or
     `torch.distributed.all_gather_object`) combines the per-problem results
     before the metrics. Every process returns the summary; only rank 0
-    writes `out_dir` and prints the table. Each process makes the same number
+    writes `out_dir` and prints the table (headed `title`, default "step N"). Each process makes the same number
     of generate calls (short shards are padded), so ZeRO-3 style sharded
     models can generate in lockstep.
     """
@@ -99,7 +100,7 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         _write_atomic(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
         _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        print(format_table(summary), flush=True)
+        print(format_table(summary, title), flush=True)
     return summary
 
 
@@ -134,11 +135,13 @@ def flat_metrics(summary: dict) -> dict:
     return out
 
 
-def format_table(summary: dict) -> str:
-    """A fixed-width table of a summary, one row per benchmark."""
+def format_table(summary: dict, title: str | None = None) -> str:
+    """A fixed-width table of a summary, one row per benchmark, headed `title` (default: its step)."""
     k = summary["k"]
     header = f"{'benchmark':<16} {'problems':>8} {f'mean@{k}':>15} {f'pass@{k}':>8} {f'maj@{k}':>8} {'length':>8} {'trunc%':>7}"
-    lines = [f"step {summary['step']}" if summary.get("step") is not None else "evaluation", header, "-" * len(header)]
+    if title is None:
+        title = f"step {summary['step']}" if summary.get("step") is not None else "evaluation"
+    lines = [title, header, "-" * len(header)]
     for name, m in summary["benchmarks"].items():
         mean = f"{m['mean@k']:.1f} ± {m['std@k']:.1f}"
         lines.append(

@@ -7,8 +7,12 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
 
 from lm.typed import ConfigError
 from opd.config import load_config, to_yaml
@@ -39,8 +43,18 @@ def fail(lines) -> int:
     return 2
 
 
+def quiet_libraries() -> None:
+    """Silence library output that tells a train.py user nothing: transformers' per-file progress bars
+    (loading and writing weights; setup prints what it loads), and DeepSpeed's warning, on a machine without
+    CUDA, that it falls back to its CPU accelerator (naming that accelerator selects the same one, quietly)."""
+    hf_logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv) -> int:
     args = parse_args(argv)
+    quiet_libraries()
     paths = args.config or [str(DEFAULT_CONFIG)]
     try:
         cfg = load_config(paths, args.overrides)

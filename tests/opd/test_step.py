@@ -166,3 +166,14 @@ def test_token_stats_and_selection_are_the_same_on_both_paths(selector, ratio, t
     assert torch.equal(s_fused.sequence_ids, s_ref.sequence_ids)
     if topk:
         assert torch.equal(s_fused.teacher_top_ids, s_ref.teacher_top_ids)
+
+
+def test_response_positions_count_from_each_rollouts_first_response_token():
+    """tokens.jsonl's response_position: 0 at the first generated token, whatever the (left) padding and prompt."""
+    from opd.step import MicroBatch
+    # row 0: pad, 2 prompt tokens, 3 response tokens; row 1: 1 prompt token, 4 response tokens, then padding
+    response = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 0]])
+    mb = MicroBatch(input_ids=torch.zeros(2, 6, dtype=torch.long), attention_mask=torch.ones(2, 6, dtype=torch.long),
+                    response_mask=response, sample_weight=torch.ones(2), sequence_ids=torch.arange(2))
+    assert mb.response_positions().tolist() == [0, 1, 2, 0, 1, 2, 3]
+    assert len(mb.response_positions()) == mb.num_tokens()
