@@ -326,8 +326,9 @@ def prepare_pair(plan: Plan, cfg) -> str | None:
 
     Left to the first run, the preparation would count in that run's peak memory and wall time.
     """
-    settings = dict(cfg.demo)
-    cache = settings.pop("cache_dir", ".cache/demo")  # the trainer's default, relative to the repository root
+    settings = asdict(cfg.demo)  # the typed demo: section
+    cache = settings.pop("cache_dir")  # relative to the repository root, as the trainer reads it
+    settings.pop("num_threads")  # --threads decides
     log = plan.out / "logs" / "prepare_pair.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "demo.prepare", "--cache", str(cache), f"num_threads={plan.threads}",
