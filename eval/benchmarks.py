@@ -15,8 +15,9 @@ Hub sources (loaded with `datasets.load_dataset`):
   user prompt with DAPO's "Answer:" instructions removed, the answer is
   reward_model.ground_truth; the hub copy repeats prompts, kept once each.
 
-Math problems are asked as `<problem>\\n` + BOXED_INSTRUCTION and judged by
-`eval.grader.grade`. Problem ids of hub sets are `<name>-<index>` (index in
+Math problems are asked as the problem, a separator and an instruction
+(`eval.instruction`, `eval.instruction_separator`; by default a newline and
+BOXED_INSTRUCTION) and judged by `eval.grader.grade`. Problem ids of hub sets are `<name>-<index>` (index in
 file order, three digits), the same ids as the project's local copies, so runs
 on either can be compared problem by problem.
 """
@@ -35,8 +36,7 @@ import datasets
 
 from demo import task as demo_task
 from eval import grader
-
-BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+from eval.config import BOXED_INSTRUCTION
 
 # The demo task generates its problems; these fix which ones form "the" demo benchmark.
 DEMO_PROBLEMS = 200  # used when EvalConfig.max_problems is 0 (the task has no natural size)
@@ -77,11 +77,22 @@ class Benchmark:
     extract: Callable[[str], str | None]
 
 
-_REGISTRY: dict[str, Callable[[str, int], Benchmark]] = {}
+_REGISTRY: dict[str, Callable[[str, int, "PromptFormat"], Benchmark]] = {}
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a math problem becomes its user message: problem + separator + instruction (no instruction: the problem)."""
+
+    instruction: str = BOXED_INSTRUCTION
+    separator: str = "\n"
+
+    def __call__(self, problem: str) -> str:
+        return problem.strip() + (self.separator + self.instruction if self.instruction else "")
 
 
 def register(name: str):
-    """Add a loader `fn(name, max_problems) -> Benchmark` under `name`."""
+    """Add a loader `fn(name, max_problems, fmt: PromptFormat) -> Benchmark` under `name`."""
 
     def add(fn):
         if name in _REGISTRY:
@@ -126,37 +137,33 @@ def parse_spec(spec: str) -> tuple[str, str | Path]:
 
 
 @functools.lru_cache(maxsize=32)
-def load_benchmark(spec: str, max_problems: int = 0) -> Benchmark:
+def load_benchmark(spec: str, max_problems: int = 0, fmt: PromptFormat = PromptFormat()) -> Benchmark:
     """Load the benchmark `spec` names; at most `max_problems` problems (the first ones), 0 = all.
 
-    Cached per (spec, max_problems): the trainer evaluates every few steps.
+    `fmt` turns a math problem into its prompt (the demo task has its own format).
+    Cached per (spec, max_problems, fmt): the trainer evaluates every few steps.
     """
     if max_problems < 0:
         raise BenchmarkError(f"max_problems must be >= 0, got {max_problems}")
     name, source = parse_spec(spec)
     if isinstance(source, Path):
-        return _math_benchmark(name, _read_jsonl(source, name), max_problems)
-    return _REGISTRY[source](name, max_problems)
+        return _math_benchmark(name, _read_jsonl(source, name), max_problems, fmt)
+    return _REGISTRY[source](name, max_problems, fmt)
 
 
 # ----------------------------------------------------------------------------
 # math benchmarks
 
 
-def math_prompt(problem: str) -> str:
-    """The user message of a math problem: the problem, then the boxed-answer instruction."""
-    return problem.strip() + "\n" + BOXED_INSTRUCTION
-
-
 def _grade_math(response_text: str, answer: str, timeout_s: float) -> bool:
     return grader.grade(response_text, answer, timeout_s=timeout_s)
 
 
-def _math_benchmark(name: str, rows: list[tuple[str, str, str]], max_problems: int) -> Benchmark:
+def _math_benchmark(name: str, rows: list[tuple[str, str, str]], max_problems: int, fmt: PromptFormat) -> Benchmark:
     """rows: (id, problem, answer) in file order."""
     if max_problems:
         rows = rows[:max_problems]
-    problems = tuple(Problem(pid, math_prompt(problem), answer) for pid, problem, answer in rows)
+    problems = tuple(Problem(pid, fmt(problem), answer) for pid, problem, answer in rows)
     return Benchmark(name, problems, grade=_grade_math, extract=grader.extract_answer)
 
 
@@ -194,36 +201,41 @@ def _hub(name: str, hub_id: str, split: str):
         ) from None
 
 
-def _hub_math(name: str, key: str, hub_id: str, split: str, max_problems: int) -> Benchmark:
+def _hub_math(name: str, key: str, hub_id: str, split: str, max_problems: int, fmt: PromptFormat) -> Benchmark:
     data = _hub(name, hub_id, split)
     if max_problems:
         data = data.select(range(min(max_problems, len(data))))
     rows = [(f"{key}-{i:03d}", str(r["problem"]), str(r["answer"])) for i, r in enumerate(data)]
-    return _math_benchmark(name, rows, max_problems)
+    return _math_benchmark(name, rows, max_problems, fmt)
 
 
 @register("math500")
-def _math500(name: str, max_problems: int) -> Benchmark:
-    return _hub_math(name, "math500", "HuggingFaceH4/MATH-500", "test", max_problems)
+def _math500(name: str, max_problems: int, fmt: PromptFormat) -> Benchmark:
+    return _hub_math(name, "math500", "HuggingFaceH4/MATH-500", "test", max_problems, fmt)
 
 
 @register("aime24")
-def _aime24(name: str, max_problems: int) -> Benchmark:
-    return _hub_math(name, "aime24", "HuggingFaceH4/aime_2024", "train", max_problems)
+def _aime24(name: str, max_problems: int, fmt: PromptFormat) -> Benchmark:
+    return _hub_math(name, "aime24", "HuggingFaceH4/aime_2024", "train", max_problems, fmt)
 
 
 @register("aime25")
-def _aime25(name: str, max_problems: int) -> Benchmark:
-    return _hub_math(name, "aime25", "math-ai/aime25", "test", max_problems)
+def _aime25(name: str, max_problems: int, fmt: PromptFormat) -> Benchmark:
+    return _hub_math(name, "aime25", "math-ai/aime25", "test", max_problems, fmt)
 
 
 def dapo_problem(prompt_text: str) -> str:
-    """The bare problem inside a DAPO-Math-17k user prompt (its Answer: instructions removed)."""
+    """The bare problem inside a DAPO-Math-17k user prompt: its "Answer:" instructions (prefix and suffix) removed.
+
+    The one implementation of the stripping: the `dapo` benchmark and training
+    prompts with `data.prompt_format: dapo` both use it. Text without DAPO's
+    wording is returned stripped of surrounding whitespace, otherwise unchanged.
+    """
     return prompt_text.removeprefix(_DAPO_PREFIX).removesuffix(_DAPO_SUFFIX).strip()
 
 
 @register("dapo")
-def _dapo(name: str, max_problems: int) -> Benchmark:
+def _dapo(name: str, max_problems: int, fmt: PromptFormat) -> Benchmark:
     data = _hub(name, "BytedTsinghua-SIA/DAPO-Math-17k", "train")
     rows, seen = [], set()
     for record in data:
@@ -235,7 +247,7 @@ def _dapo(name: str, max_problems: int) -> Benchmark:
         rows.append((f"dapo-{index}", problem, str(record["reward_model"]["ground_truth"])))
         if max_problems and len(rows) >= max_problems:
             break
-    return _math_benchmark(name, rows, max_problems)
+    return _math_benchmark(name, rows, max_problems, fmt)
 
 
 # ----------------------------------------------------------------------------
@@ -243,7 +255,8 @@ def _dapo(name: str, max_problems: int) -> Benchmark:
 
 
 @register("demo")
-def _demo(name: str, max_problems: int) -> Benchmark:
+def _demo(name: str, max_problems: int, fmt: PromptFormat) -> Benchmark:
+    # fmt is not used: the task's prompts carry their own format
     records = demo_task.eval_problems(max_problems or DEMO_PROBLEMS, DEMO_SEED)
     problems = tuple(Problem(str(r["id"]), str(r["prompt"]), str(r["answer"])) for r in records)
 

@@ -21,7 +21,7 @@ import torch
 
 from eval.benchmarks import BenchmarkError, load_benchmark, parse_spec
 from eval.config import EvalConfig
-from eval.runner import evaluate
+from eval.runner import evaluate, prompt_format
 from lm.config import ModelConfig
 from lm.models import load_model
 from lm.tokenizers import load_tokenizer
@@ -35,6 +35,8 @@ _CFG_FLAGS = {
     "max_problems": "max_problems",
     "batch_size": "batch_size",
     "grade_timeout": "grade_timeout_s",
+    "instruction": "instruction",
+    "instruction_separator": "instruction_separator",
 }
 
 
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-problems", type=int, help=f"{help_of['max_problems']} (default {defaults.max_problems})")
     p.add_argument("--batch-size", type=int, help=f"{help_of['batch_size']} (default {defaults.batch_size})")
     p.add_argument("--grade-timeout", type=float, help=f"{help_of['grade_timeout_s']}, seconds (default {defaults.grade_timeout_s})")
+    p.add_argument("--instruction", help=f"{help_of['instruction']} (default {defaults.instruction!r})")
+    p.add_argument("--instruction-separator", help=f"{help_of['instruction_separator']} (default {defaults.instruction_separator!r}; "
+                   "a blank line is $'\\n\\n' in bash)")
     p.add_argument("--out", default="", help="output directory (default: runs/eval/<model name>)")
     p.add_argument("--seed", type=int, default=0, help="fixes the samples")
     p.add_argument("--system-prompt", default="", help="optional system message")
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"model directory not found: {model_path}")
         # Problems before weights: a hub or file problem should not wait for a 70B load.
         for spec in specs:
-            load_benchmark(spec, cfg.max_problems)
+            load_benchmark(spec, cfg.max_problems, prompt_format(cfg))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

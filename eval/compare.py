@@ -1,7 +1,8 @@
 """`python -m eval.compare A B [C ...]`: evaluation results side by side, paper style.
 
 Each argument is a summary.json, an evaluation directory holding one, or a
-run directory, whose latest evaluation is used: among RUN/eval/*/summary.json,
+training run directory (its own summary.json is the run's, not an evaluation's),
+whose latest evaluation is used: among RUN/eval/*/summary.json,
 `final` wins, then the highest `step_<N>`, then (other names) the newest file.
 Rows are benchmarks, columns are runs, cells are mean@k ± std; columns after
 the first also show the difference of mean@k to the first. An `average` row
@@ -24,10 +25,13 @@ def find_summary(path: str | Path) -> Path:
         return p
     if not p.is_dir():
         raise ValueError(f"{p}: no such file or directory")
-    if (p / "summary.json").is_file():
+    # a training run directory holds its own summary.json (the run's, not an evaluation's) beside eval/
+    if (p / "summary.json").is_file() and not (p / "eval").is_dir():
         return p / "summary.json"
     found = [d / "summary.json" for d in (p / "eval").glob("*") if (d / "summary.json").is_file()]
     if not found:
+        if (p / "summary.json").is_file():
+            return p / "summary.json"
         raise ValueError(f"{p}: neither summary.json nor eval/*/summary.json inside")
     return max(found, key=_recency)
 

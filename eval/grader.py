@@ -188,6 +188,17 @@ def grade(response_text: str, gold_answer: str, timeout_s: float | None = 5.0) -
     return is_equivalent(answer, str(gold_answer), timeout_s)
 
 
+def grade_string_match(response_text: str, gold_answer: str) -> bool:
+    """A normalised exact string match: the last boxed answer and the gold answer have the same
+    `normalize_answer` key. No math-verify, so `0.5` and `\\frac{1}{2}` differ.
+
+    A stand-in for the reference implementation's string-match grading (not a copy of it), for
+    telling grader differences from model differences (scripts/paper/upstream_diff.py --regrade).
+    """
+    answer = extract_answer(response_text)
+    return answer is not None and normalize_answer(answer) == normalize_answer(str(gold_answer))
+
+
 # ----------------------------------------------------------------------------
 # time limits
 

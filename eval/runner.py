@@ -23,7 +23,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from eval import metrics
-from eval.benchmarks import Benchmark, load_benchmark
+from eval.benchmarks import Benchmark, PromptFormat, load_benchmark
 from eval.grader import normalize_answer
 from eval.config import EvalConfig
 from lm.rollout import sample
@@ -45,6 +45,7 @@ def evaluate(
     system_prompt: str = "",
     shard: tuple[int, int] = (0, 1),
     gather=None,
+    title: str | None = None,
 ) -> dict:
     """Evaluate `model` on each benchmark (a spec, see eval.benchmarks, or a loaded Benchmark) and return the summary.
 
@@ -58,7 +59,7 @@ def evaluate(
     per process, on every process, like `accelerate.utils.gather_object` or
     `torch.distributed.all_gather_object`) combines the per-problem results
     before the metrics. Every process returns the summary; only rank 0
-    writes `out_dir` and prints the table. Each process makes the same number
+    writes `out_dir` and prints the table (headed `title`, default "step N"). Each process makes the same number
     of generate calls (short shards are padded), so ZeRO-3 style sharded
     models can generate in lockstep.
     """
@@ -69,7 +70,8 @@ def evaluate(
         raise ValueError(f"shard={shard} splits the problems over processes: pass `gather` to combine them")
     if not benchmarks:
         raise ValueError("no benchmarks to evaluate (eval.benchmarks is empty)")
-    loaded = [spec if isinstance(spec, Benchmark) else load_benchmark(spec, cfg.max_problems) for spec in benchmarks]
+    fmt = prompt_format(cfg)
+    loaded = [spec if isinstance(spec, Benchmark) else load_benchmark(spec, cfg.max_problems, fmt) for spec in benchmarks]
     loaded = [dataclasses.replace(b, problems=b.problems[:cfg.max_problems]) if cfg.max_problems else b for b in loaded]
     names = [b.name for b in loaded]
     if len(set(names)) != len(names):
@@ -98,8 +100,13 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         _write_atomic(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
         _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        print(format_table(summary), flush=True)
+        print(format_table(summary, title), flush=True)
     return summary
+
+
+def prompt_format(cfg: EvalConfig) -> PromptFormat:
+    """The math benchmarks' prompt format of an `eval:` section (eval.instruction, eval.instruction_separator)."""
+    return PromptFormat(cfg.instruction, cfg.instruction_separator)
 
 
 def benchmark_metrics(results: list[dict]) -> dict:
@@ -128,11 +135,13 @@ def flat_metrics(summary: dict) -> dict:
     return out
 
 
-def format_table(summary: dict) -> str:
-    """A fixed-width table of a summary, one row per benchmark."""
+def format_table(summary: dict, title: str | None = None) -> str:
+    """A fixed-width table of a summary, one row per benchmark, headed `title` (default: its step)."""
     k = summary["k"]
     header = f"{'benchmark':<16} {'problems':>8} {f'mean@{k}':>15} {f'pass@{k}':>8} {f'maj@{k}':>8} {'length':>8} {'trunc%':>7}"
-    lines = [f"step {summary['step']}" if summary.get("step") is not None else "evaluation", header, "-" * len(header)]
+    if title is None:
+        title = f"step {summary['step']}" if summary.get("step") is not None else "evaluation"
+    lines = [title, header, "-" * len(header)]
     for name, m in summary["benchmarks"].items():
         mean = f"{m['mean@k']:.1f} ± {m['std@k']:.1f}"
         lines.append(

@@ -30,6 +30,11 @@ class ModelConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow a checkpoint's own Python code to run; off unless you trust it"})
 
 
+# The ModelConfig fields that only build a randomly initialised model: a model loaded from `path` ignores them.
+RANDOM_INIT_FIELDS = ("arch", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                      "vocab_size", "tie_word_embeddings", "init_seed")
+
+
 @dataclass
 class RolloutConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "min": 0.0})

@@ -7,14 +7,16 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-import yaml
+import torch
+from transformers.utils import logging as hf_logging
 
 from lm.typed import ConfigError
 from opd.checkpoint import latest_checkpoint
-from opd.config import load_config, to_dict
+from opd.config import load_config, to_yaml
 from opd.data import DataError
 from opd.errors import CAUSES, RunError, WriteError, cause
 from opd.preflight import config_keys, preflight, run_directory
@@ -47,8 +49,18 @@ def resumable(cfg, paths) -> str:
             "rerun the same command to resume")
 
 
+def quiet_libraries() -> None:
+    """Silence library output that tells a train.py user nothing: transformers' per-file progress bars
+    (loading and writing weights; setup prints what it loads), and DeepSpeed's warning, on a machine without
+    CUDA, that it falls back to its CPU accelerator (naming that accelerator selects the same one, quietly)."""
+    hf_logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv) -> int:
     args = parse_args(argv)
+    quiet_libraries()
     paths = args.config or [str(DEFAULT_CONFIG)]
     try:
         cfg = load_config(paths, args.overrides)
@@ -58,7 +70,7 @@ def main(argv) -> int:
         # the valid part of the config is checked too, so the user fixes everything in one round
         return fail(exc.problems + preflight(exc.config, paths, ignore=config_keys(exc.problems)))
     if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(to_yaml(cfg), end="")
         return 0
     notes: list[str] = []
     problems = preflight(cfg, paths, deep=args.check, notes=notes)

@@ -21,7 +21,7 @@ import yaml
 
 from demo.config import DemoConfig, check_demo
 from eval.config import EvalConfig
-from lm.config import ModelConfig, RolloutConfig
+from lm.config import RANDOM_INIT_FIELDS, ModelConfig, RolloutConfig
 from lm.typed import ConfigError, apply, parse_value, where
 
 
@@ -36,6 +36,7 @@ class DataConfig:
     val_ratio: float = field(default=0.0, metadata={"help": "fraction of train prompts held out for validation", "min": 0.0, "max": 0.9})
     prompt_key: str = field(default="prompt", metadata={"help": "field holding the prompt text (or a list of chat messages)"})
     answer_key: str = field(default="answer", metadata={"help": "field holding the verifiable answer (used by rewards); empty = none"})
+    prompt_format: Literal["as_is", "dapo"] = field(default="as_is", metadata={"help": "as_is: the prompt as stored; dapo: DAPO-Math-17k's own answer instruction (its prefix and \"Answer:\" suffix) removed from the last user message first (eval.benchmarks.dapo_problem), as the reference implementation prepares it"})
     instruction: str = field(default="", metadata={"help": "text appended to every prompt (e.g. the boxed-answer instruction)"})
     instruction_separator: str = field(default="\n", metadata={"help": "text between a prompt and `instruction`"})
     system_prompt: str = field(default="", metadata={"help": "optional system message"})
@@ -45,7 +46,7 @@ class DataConfig:
     long_prompts: Literal["skip", "truncate_left", "error"] = field(default="skip", metadata={"help": "what to do with prompts over max_prompt_length"})
     bad_records: Literal["skip", "error"] = field(default="skip", metadata={"help": "malformed/empty records: skip with a count, or refuse naming file and line"})
     max_samples: int = field(default=0, metadata={"help": "use at most this many prompts; 0 = all", "min": 0})
-    dedup: bool = field(default=False, metadata={"help": "drop repeated prompts (same token ids) before the split; DAPO-Math-17k on the hub repeats each prompt ~100 times"})
+    dedup: bool = field(default=False, metadata={"help": "drop repeated prompts (same prompt field, or same token ids once formatted) before the split; DAPO-Math-17k on the hub repeats each prompt ~100 times"})
 
 
 @dataclass
@@ -279,14 +280,43 @@ def validate(cfg: Config) -> list[str]:
     return problems
 
 
+def drop_unused(config: dict) -> dict:
+    """A config dict without the settings that do not run: the random-init fields of a model loaded from a path."""
+    out = dict(config)
+    for side in ("model", "teacher"):
+        section = out.get(side)
+        if isinstance(section, dict) and section.get("path"):
+            out[side] = {k: v for k, v in section.items() if k not in RANDOM_INIT_FIELDS}
+    return out
+
+
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, showing what runs: a model loaded from `path` (a checkpoint, a hub id or the
+    demo pair, whose sizes are the `demo:` section's) shows no random-init sizes."""
+    return drop_unused(dataclasses.asdict(cfg))
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str(dumper, text: str):
+    # "\n\n" (a blank-line separator) reads as itself, not as a block of empty lines
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style='"' if "\n" in text else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what --print-config prints and config.yaml holds)."""
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     # written aside and renamed: a run killed mid-write must not leave a half config that bricks its directory
     path = Path(path)
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    text = to_yaml(cfg)
     if path.is_file() and path.read_text() == text:  # a resumed run leaves an unchanged config untouched
         return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

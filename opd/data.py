@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 import lm.chat
 from demo import task as demo_task
+from eval.benchmarks import dapo_problem
 from opd.config import DataConfig
 
 
@@ -98,8 +99,30 @@ def _read_file(file: Path, bad_records: str, report: LoadReport):
             yield rec, f"{file}:{lineno}"
 
 
+def strip_source_instruction(prompt, dc: DataConfig):
+    """The prompt with its data set's own answer instruction removed (data.prompt_format); text or messages.
+
+    `dapo`: the last user message loses DAPO-Math-17k's "Solve the following
+    math problem ... Answer: $Answer" prefix and its "Remember to put your
+    answer on its own line after \"Answer:\"" suffix, the same function the
+    `dapo` benchmark uses. A message without that wording is left as it is.
+    """
+    if dc.prompt_format == "as_is":
+        return prompt
+    if isinstance(prompt, str):
+        return dapo_problem(prompt)
+    messages = [dict(m) for m in prompt]
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if last_user is not None:
+        messages[last_user]["content"] = dapo_problem(messages[last_user]["content"])
+    return messages
+
+
 def encode_prompt(tokenizer, prompt, dc: DataConfig) -> list[int]:
-    """Token ids of one prompt (text, or a list of chat messages) as the data section formats it."""
+    """Token ids of one prompt (text, or a list of chat messages) as the data section formats it:
+    the source's own instruction stripped (data.prompt_format), then data.instruction appended after
+    data.instruction_separator, then the chat template."""
+    prompt = strip_source_instruction(prompt, dc)
     return lm.chat.encode_prompt(tokenizer, prompt, instruction=dc.instruction, separator=dc.instruction_separator,
                                  system_prompt=dc.system_prompt, chat_template=dc.chat_template,
                                  enable_thinking=dc.enable_thinking)
@@ -138,8 +161,15 @@ def load_prompts(dc: DataConfig, tokenizer, *, seed: int, need_answers: bool = F
 
 def _encode_all(path, split, dc: DataConfig, tokenizer, report, seed, need_answers) -> list[Prompt]:
     out: list[Prompt] = []
+    seen: set[str] = set()  # data.dedup: prompt fields already encoded (a repeat is skipped before tokenizing)
     for rec, source in read_records(path, split, dc.bad_records, report, seed=seed, n=dc.max_samples):
         prompt = field_value(rec, dc.prompt_key)
+        if dc.dedup and prompt is not None:
+            key = json.dumps(prompt, sort_keys=True, ensure_ascii=False, default=str)
+            if key in seen:
+                report.skip("repeated prompts")
+                continue
+            seen.add(key)
         answer = field_value(rec, dc.answer_key) if dc.answer_key else ""
         problem = None
         if prompt is None:

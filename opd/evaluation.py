@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from eval.runner import evaluate, flat_metrics
 from opd.distributed import gather_fn
 from opd.step import render_pictures
+
+
+def eval_title(name: str, step: int) -> str:
+    """The heading of an evaluation's printed table: whose, and when."""
+    if name == "teacher":
+        return "teacher (the upper bound), step 0"
+    if name == "step_000000":
+        return "student before training, step 0"
+    return f"student after training, step {step}" if name == "final" else f"student, step {step}"
 
 
 def run_eval(run, name: str, model=None) -> dict:
@@ -17,12 +29,13 @@ def run_eval(run, name: str, model=None) -> dict:
     benchmarks = cfg.eval.benchmarks + ([run.heldout] if run.heldout is not None else [])
     if not benchmarks:
         return {}
-    summary = evaluate(
-        model if model is not None else run.policy.lm, run.tokenizer, benchmarks, cfg.eval,
-        run.run_dir / "eval" / name, seed=cfg.train.seed, step=run.step, chat_template=cfg.data.chat_template,
-        enable_thinking=cfg.data.enable_thinking, system_prompt=cfg.data.system_prompt,
-        shard=(acc.process_index, acc.num_processes), gather=gather_fn(acc),
-    )
+    with tqdm.external_write_mode():  # the progress bar steps aside while the evaluation prints
+        summary = evaluate(
+            model if model is not None else run.policy.lm, run.tokenizer, benchmarks, cfg.eval,
+            run.run_dir / "eval" / name, seed=cfg.train.seed, step=run.step, chat_template=cfg.data.chat_template,
+            enable_thinking=cfg.data.enable_thinking, system_prompt=cfg.data.system_prompt,
+            shard=(acc.process_index, acc.num_processes), gather=gather_fn(acc), title=eval_title(name, run.step),
+        )
     run.evals[name] = summary
     return flat_metrics(summary)
 
@@ -72,7 +85,18 @@ def build_summary(run) -> dict:
     }
 
 
-def print_summary(summary: dict) -> None:
+def print_finished(run_dir: Path) -> None:
+    """A finished run's result table again (rerunning a finished run trains nothing)."""
+    summary_file = Path(run_dir) / "summary.json"
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (OSError, ValueError):
+        print(f"({summary_file} cannot be read; the evaluations are under {Path(run_dir) / 'eval'})")
+        return
+    print_summary(summary, when="when it ran")
+
+
+def print_summary(summary: dict, when: str = "this train.py") -> None:
     rows = [("teacher", summary["teacher_accuracy"]), ("student before", summary["student_accuracy_before"]),
             ("student after", summary["student_accuracy_after"])]
     if all(v is None for _, v in rows):
@@ -80,4 +104,4 @@ def print_summary(summary: dict) -> None:
     print("\n  model            accuracy (mean@k, %)")
     for name, value in rows:
         print(f"  {name:<16} {'—' if value is None else f'{value:6.1f}'}")
-    print(f"  wall time {summary['wall_time_s']:.0f} s\n")
+    print(f"  wall time {summary['wall_time_s']:.0f} s ({when}: preparation, loading, training, evaluation)\n")

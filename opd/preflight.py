@@ -28,7 +28,7 @@ from eval.benchmarks import BenchmarkError, parse_spec
 from lm.config import ModelConfig
 from lm.tokenizers import TokenizerMismatch, check_tokenizers, load_tokenizer, unknown_id
 from opd.checkpoint import holds_run
-from opd.config import Config, to_dict
+from opd.config import Config, drop_unused, to_dict
 from opd.data import DataError, Prompt, field_value, load_prompts
 from opd.errors import first_line, hub_unreachable
 from opd.rewards import load_reward
@@ -318,7 +318,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def changed_keys(saved: dict, cfg: Config, ignore=()) -> list[str]:
     """Keys (a.b) whose value differs between a run's saved config dict and `cfg`, resumable ones left out."""
-    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    new = _flatten(to_dict(cfg))
+    # a key the saved config lacks (added to the schema since) counts as its default
+    old = _flatten(drop_unused(saved))
+    old.update({k: v for k, v in _flatten(to_dict(Config())).items() if k in new and k not in old})
     return [k for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES) and k not in ignore]
 

@@ -78,6 +78,7 @@ class Run:
 
 def setup(cfg: Config, config_paths=()) -> Run:
     """Build the run: accelerator, run directory, demo pair, data, models, optimiser; resume if a checkpoint exists."""
+    started = time.time()  # the printed wall time counts the demo pair's preparation and the loading too
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     acc, use_cuda = make_accelerator(cfg)
@@ -98,6 +99,8 @@ def setup(cfg: Config, config_paths=()) -> Run:
     if unknown:
         raise RunError(unknown)
     acc.print(f"data: {report.summary()}: {len(train_prompts)} for training, {len(val_prompts)} held out")
+    acc.print(f"models: student {cfg.model.path or cfg.model.arch + ' (random init)'}, "
+              f"teacher {cfg.teacher.path or cfg.teacher.arch + ' (random init)'}")
     student_lm, teacher = load_pair(cfg, tokenizer, teacher_tok, acc, zero3)
 
     total_steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(train_prompts) / cfg.train.prompts_per_step)
@@ -116,13 +119,13 @@ def setup(cfg: Config, config_paths=()) -> Run:
         heldout=heldout_benchmark(cfg, val_prompts, acc), log=MetricsLog(run_dir, cfg.logging, to_dict(cfg), enabled=acc.is_main_process),
         settings=step_settings(cfg), selector_state=new_selector_state(),
         reward=reward_fn(cfg.opd.reward, cfg.eval.grade_timeout_s), eos_ids=eos_ids(tokenizer, student_lm),
-        total_steps=total_steps, zero3=zero3, teacher_engine=teacher_engine,
+        total_steps=total_steps, zero3=zero3, teacher_engine=teacher_engine, started=started,
     )
     resume(run)
     if acc.is_main_process and not (run.step >= total_steps and (run_dir / "summary.json").is_file()):
         with writing(run_dir / "config.yaml"):  # a no-op rerun of a finished run changes no file
             save_config(cfg, run_dir / "config.yaml")
-    if cfg.logging.progress_bar and acc.is_main_process:
+    if cfg.logging.progress_bar and acc.is_main_process and run.step < total_steps:
         run.bar = tqdm(total=total_steps, initial=run.step, desc="opd", dynamic_ncols=True)
     return run
 

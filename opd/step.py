@@ -54,6 +54,13 @@ class MicroBatch:
         """(B, L-1) bool: logits at column j predict token j+1; keep those predicting response tokens."""
         return self.response_mask[:, 1:].bool()
 
+    def response_positions(self) -> torch.Tensor:
+        """(N,) in positions() order: each response token's offset from its rollout's first response token."""
+        resp = self.positions()
+        cols = torch.arange(resp.shape[1], device=resp.device).expand_as(resp)
+        first = torch.where(resp, cols, resp.shape[1]).min(1, keepdim=True).values
+        return (cols - first)[resp]
+
     def num_tokens(self) -> int:
         return int(self.response_mask[:, 1:].sum())
 
@@ -358,12 +365,13 @@ def diagnostics(stats: TokenStats, selection, tc) -> dict:
                            divergence_threshold=tc.divergence_threshold)
 
 
-def dump_tokens(path, stats: TokenStats, selection, token_ids: torch.Tensor, decode, tc, generator, step: int) -> None:
+def dump_tokens(path, stats: TokenStats, selection, token_ids: torch.Tensor, decode, tc, generator, step: int,
+                response_positions: torch.Tensor | None = None) -> None:
     """Append `tc.dump_tokens` token records (paper appendix B.4 style) of one update to `path` (tokens.jsonl)."""
     quad = tip.quadrants(stats, mode=tc.threshold_mode, entropy_threshold=tc.entropy_threshold,
                          divergence_threshold=tc.divergence_threshold)
     tip.write_jsonl(path, tip.token_records(stats, selection, quad, token_ids, decode, tc.dump_tokens, generator,
-                                            step=step))
+                                            step=step, response_positions=response_positions))
 
 
 def render_pictures(run_dir) -> list:

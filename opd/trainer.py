@@ -26,7 +26,7 @@ from opd.config import Config
 from opd.distributed import (backward_fn, clip_gradients, gather_fn, gathered, global_mean, global_sum, rows,
                              shard_places)
 from opd.errors import RunError
-from opd.evaluation import finish, run_eval, run_initial_evals
+from opd.evaluation import finish, print_finished, run_eval, run_initial_evals
 from opd.rewards import reward_weights
 from opd.setup import Run, setup
 from opd.step import (MicroBatch, combine, denominator, diagnostics, dump_tokens, fold_running_range, gather_stats,
@@ -223,9 +223,10 @@ def update_metrics(run: Run, stats_list, selections, micro, loss_sum, z, grad_no
     if cfg.tip.dump_tokens and acc.is_main_process:
         token_ids = torch.cat([mb.input_ids[:, 1:][mb.positions()] for mb in micro]).cpu()
         gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "dump", step))
+        places = torch.cat([mb.response_positions() for mb in micro]).cpu()
         with writing(run.run_dir / "tokens.jsonl", step):
-            dump_tokens(run.run_dir / "tokens.jsonl", stats, sel, token_ids,
-                        lambda i: run.tokenizer.decode([int(i)]), cfg.tip, gen, step=step)
+            dump_tokens(run.run_dir / "tokens.jsonl", stats, sel, token_ids, lambda i: run.tokenizer.decode([int(i)]),
+                        cfg.tip, gen, step=step, response_positions=places)
     return metrics
 
 
@@ -309,8 +310,10 @@ def stop_now(run: Run, stop: StopFlag, step: int, first_step: int) -> bool:
 
 def already_finished(run: Run) -> Path:
     """Rerunning a finished run: nothing is re-evaluated, re-saved or rewritten."""
-    run.accelerator.print(f"{run.run_dir} already finished at step {run.step}; nothing to do "
-                          f"(raise train.steps to train further)")
+    run.accelerator.print(f"{run.run_dir} already finished at step {run.step}; nothing to train. Its result:")
+    if run.accelerator.is_main_process:
+        print_finished(run.run_dir)
+    run.accelerator.print("Raise train.steps to train further, or set train.run_name=NEW for a fresh run.")
     if run.bar is not None:
         run.bar.close()
     run.log.close()

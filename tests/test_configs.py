@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+import tip
+from eval.benchmarks import _DAPO_PREFIX, _DAPO_SUFFIX, load_benchmark
+from eval.runner import prompt_format
+from lm.config import ModelConfig
+from lm.tokenizers import load_tokenizer
 from opd.config import ConfigError, load_config
+from opd.data import encode_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -19,7 +25,10 @@ METHODS = sorted((CONFIGS / "methods").glob("*.yaml"))
 MATH_PAIRS = ["qwen3-8b_to_qwen3-4b", "llama3.3-70b_to_llama3.1-8b", "qwen2.5-14b_to_qwen2.5-1.5b"]
 AGENTIC_PAIRS = ["qwen3-14b_to_qwen3-1.7b", "qwen3-32b_to_qwen3-1.7b"]
 # SPEC section 3: the selector names the tip registry must provide.
-SPEC_SELECTORS = {"all", "entropy_sample", "entropy_topk", "soft_or", "q3_only", "soft_or_bottom", "random", "teacher_entropy"}
+SPEC_SELECTORS = {"all", "entropy_sample", "entropy_topk", "soft_or", "q3_only", "soft_or_bottom", "random", "adaptive_kl",
+                  "teacher_entropy"}
+# SPEC section 5: the reference implementation's training and evaluation sentence.
+REFERENCE_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 
 
 def _rel(path: Path) -> str:
@@ -35,7 +44,7 @@ def test_the_paper_configs_are_shipped():
     assert {p.stem for p in PAIRS} >= set(MATH_PAIRS + AGENTIC_PAIRS)
     assert {p.stem for p in METHODS} >= {
         "all", "entropy_sample_50", "entropy_sample_20", "entropy_topk_50", "entropy_topk_20", "soft_or_50",
-        "soft_or_20", "q3_only_10", "q3_only_20", "soft_or_bottom_50", "teacher_entropy",
+        "soft_or_20", "q3_only_10", "q3_only_20", "soft_or_bottom_50", "adaptive_kl_50", "teacher_entropy",
     }
     assert (CONFIGS / "base.yaml").is_file()
 
@@ -67,12 +76,6 @@ def test_method_files_hold_tip_keys_only_and_match_their_name(method):
     assert set(data) == {"tip"}, f"{_rel(method)}: method files set tip.* only"
     selector, ratio = data["tip"]["selector"], float(data["tip"]["ratio"])
     assert selector in SPEC_SELECTORS
-    try:
-        from tip.selectors import SELECTORS
-    except ImportError:
-        SELECTORS = None
-    if SELECTORS is not None:
-        assert selector in SELECTORS, f"{_rel(method)}: selector {selector} is not registered in tip"
     stem = method.stem
     if stem[-2:].isdigit():  # entropy_sample_50 -> entropy_sample at 0.5
         assert stem[:-3] == selector
@@ -81,12 +84,20 @@ def test_method_files_hold_tip_keys_only_and_match_their_name(method):
         assert (stem, ratio) == (selector, 1.0)
 
 
+@pytest.mark.parametrize("method", METHODS, ids=lambda p: p.stem)
+def test_method_selectors_are_registered_in_tip(method):
+    selector = yaml.safe_load(method.read_text())["tip"]["selector"]
+    if selector == "adaptive_kl" and selector not in tip.SELECTORS:
+        pytest.skip("the adaptive_kl selector (SPEC section 3) is not in this checkout's tip registry yet")
+    assert selector in tip.SELECTORS, f"{_rel(method)}: selector {selector} is not registered in tip"
+
+
 @pytest.mark.parametrize("pair", MATH_PAIRS + AGENTIC_PAIRS)
 def test_pairs_carry_the_papers_hyperparameters(pair):
     cfg = load_config([CONFIGS / "pairs" / f"{pair}.yaml"])
     # SPEC section 5, reference-implementation defaults
     assert cfg.train.prompts_per_step == 256
-    assert cfg.train.mini_batch_size == 64
+    assert cfg.train.mini_batch_size in (0, cfg.train.prompts_per_step)  # ONE optimiser update per step
     assert cfg.train.micro_batch_size == 4
     assert cfg.data.max_prompt_length == 2048
     assert cfg.rollout.max_new_tokens == 8192
@@ -111,9 +122,28 @@ def test_pairs_carry_the_papers_hyperparameters(pair):
         assert cfg.data.val_ratio == 0.2
         assert cfg.data.answer_key == "reward_model.ground_truth"
         assert cfg.data.enable_thinking is False
+        # the deduplicated DAPO prompts, DAPO's own answer instruction stripped, a blank line, the reference sentence
+        assert cfg.data.dedup is True
+        assert cfg.data.prompt_format == "dapo"
+        assert (cfg.data.instruction_separator, cfg.data.instruction) == ("\n\n", REFERENCE_INSTRUCTION)
+        assert (cfg.eval.instruction_separator, cfg.eval.instruction) == ("\n\n", REFERENCE_INSTRUCTION)
     else:
         assert cfg.data.enable_thinking is True
         assert [b.split("=")[0] for b in cfg.eval.benchmarks] == ["deepplanning_travel"]
+
+
+@pytest.mark.parametrize("pair", MATH_PAIRS)
+def test_paper_prompts_are_the_reference_implementations(pair, tmp_path):
+    """Training: DAPO's own answer instruction gone, question + blank line + the sentence. Evaluation: the same."""
+    cfg = load_config([CONFIGS / "pairs" / f"{pair}.yaml"])
+    tok = load_tokenizer(ModelConfig(tokenizer="chars"))  # a chat template without a download
+    dapo_record = [{"role": "user", "content": _DAPO_PREFIX + "Find x if 2x = 4." + _DAPO_SUFFIX}]
+    text = tok.decode(encode_prompt(tok, dapo_record, cfg.data))
+    assert text == f"<|user|>Find x if 2x = 4.\n\n{REFERENCE_INSTRUCTION}<|end|><|assistant|>"
+    bench = tmp_path / "b.jsonl"
+    bench.write_text('{"id": "p0", "problem": "What is 1+1? ", "answer": "2"}\n')
+    (problem,) = load_benchmark(f"b={bench}", 0, prompt_format(cfg.eval)).problems
+    assert problem.prompt == f"What is 1+1?\n\n{REFERENCE_INSTRUCTION}"
 
 
 def test_pair_model_ids():

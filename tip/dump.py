@@ -30,17 +30,23 @@ def token_records(
     n: int,
     generator: torch.Generator | None = None,
     step: int = 0,
+    response_positions: torch.Tensor | None = None,
 ) -> list[dict]:
-    """Records of n tokens picked at random (all N, in order, when n >= N).
+    """Records of n tokens picked at random (all N, in stats order, when n >= N).
 
-    stats, selection, quadrants (N,) and token_ids (N,) describe the same tokens;
-    decode maps one token id to its text. Each record has: step, position (row
-    in stats), sequence, token, entropy, divergence, forward_divergence,
-    teacher_entropy, quadrant, kept, weight, and student_top5 / teacher_top5
-    ([[text, prob], ...]) when stats carry top-k ids.
+    stats, selection, quadrants (N,), token_ids (N,) and response_positions (N,)
+    describe the same tokens; response_positions is each token's place in its
+    rollout's response (0 = the first generated token). decode maps one token id
+    to its text. Each record has: step, rollout (the stats' sequence id: the
+    rollout's index in the step), response_position (when given), token, entropy,
+    divergence, forward_divergence, teacher_entropy, quadrant, kept, weight, and
+    student_top5 / teacher_top5 ([[text, prob], ...]) when stats carry top-k ids.
     """
     total = len(stats)
-    for label, t in (("selection", selection.mask), ("quadrants", quadrants), ("token_ids", token_ids)):
+    checked = [("selection", selection.mask), ("quadrants", quadrants), ("token_ids", token_ids)]
+    if response_positions is not None:
+        checked.append(("response_positions", response_positions))
+    for label, t in checked:
         if t.shape[0] != total:
             raise ValueError(f"token_records: {label} has {t.shape[0]} tokens but stats have {total}")
     if n < 0:
@@ -56,13 +62,14 @@ def token_records(
     weights = selection.weights[picked.to(selection.weights.device)].tolist()
     quads = quadrants[picked.to(quadrants.device)].tolist()
     ids = token_ids[picked.to(token_ids.device)].tolist()
+    places = None if response_positions is None else response_positions[picked.to(response_positions.device)].tolist()
     seqs, h, d, d_fwd, h_t = (t.tolist() for t in (cpu.sequence_ids, cpu.entropy, cpu.divergence, cpu.forward_divergence, cpu.teacher_entropy))
     records = []
-    for j, i in enumerate(picked.tolist()):
+    for j in range(len(picked)):
         record = {
             "step": int(step),
-            "position": i,
-            "sequence": int(seqs[j]),
+            "rollout": int(seqs[j]),
+            **({} if places is None else {"response_position": int(places[j])}),
             "token": decode(int(ids[j])),
             "entropy": _num(h[j]),
             "divergence": _num(d[j]),

@@ -22,8 +22,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from scripts.paper.tables import (
-    PAIR_LABELS, PUBLISHED, PUBLISHED_KEPT, PUBLISHED_STD, BENCHMARK_LABELS, TABLES, TableSpec, method_sort_key,
+    AGENT14, AGENT32, CARRIED_FROM, PAIR_LABELS, PUBLISHED, PUBLISHED_KEPT, PUBLISHED_STD, BENCHMARK_LABELS, STD_NOTE,
+    TABLES, TableSpec, method_sort_key,
 )
 
 MISSING = "—"
@@ -40,6 +43,8 @@ class RunResult:
     memory_key: str | None = None
     kept_per_step: float | None = None  # mean of tip/num_kept over logged steps
     kept_share: float | None = None  # sum of tip/num_kept / sum of tip/num_tokens, in %
+    student: str | None = None  # model.path of the run's config.yaml
+    teacher: str | None = None  # teacher.path of the run's config.yaml
 
 
 def read_metrics_lines(path: Path) -> list[dict]:
@@ -68,6 +73,15 @@ def read_run(run_dir: Path) -> RunResult:
     result = RunResult(exists=run_dir.is_dir())
     if not result.exists:
         return result
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        try:
+            saved = yaml.safe_load(config_file.read_text()) or {}
+        except yaml.YAMLError:
+            saved = {}
+        if isinstance(saved, dict):
+            result.student = (saved.get("model") or {}).get("path") or None
+            result.teacher = (saved.get("teacher") or {}).get("path") or None
     final = run_dir / "eval" / "final" / "summary.json"
     if final.is_file():
         result.summary = json.loads(final.read_text())
@@ -117,8 +131,22 @@ def table_grid(runs_dir: Path, pairs: list[str] | None = None, methods: list[str
     return list(pairs), list(methods)
 
 
-def _vs_paper(ours: float, paper: float, std: float | None = None) -> str:
+def _model_name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def pair_label(pair: str, res: RunResult) -> str:
+    """`teacher → student` as the run resolved them (its config.yaml), else the pair's usual label."""
+    if not (res.student and res.teacher):
+        return PAIR_LABELS.get(pair, pair)
+    label = f"{_model_name(res.teacher)} → {_model_name(res.student)}"
+    return label + (" (agentic)" if pair in (AGENT14, AGENT32) else "")
+
+
+def _vs_paper(ours: float, paper: float, std: float | None = None, source: str | None = None) -> str:
     shown = f"{paper:.1f}" if std is None else f"{paper:.1f} ± {std:.2f}"
+    if source:
+        shown += f", from {source}"
     return f" (paper {shown}, Δ {ours - paper:+.1f})"
 
 
@@ -137,7 +165,8 @@ def _accuracy_cells(spec: TableSpec, table: int, pair: str, method: str, res: Ru
                 text += f" ± {std:.2f}" if std is not None else ""
             paper = published.get((bench, which))
             if paper is not None:
-                text += _vs_paper(value, paper, PUBLISHED_STD.get((pair, method)) if table == 7 and which == "mean" else None)
+                text += _vs_paper(value, paper, PUBLISHED_STD.get((pair, method)) if table == 7 and which == "mean" else None,
+                                  CARRIED_FROM.get((table, pair, method)))
             cells.append(text)
     return cells
 
@@ -161,7 +190,7 @@ def render(table: int, runs_dir: Path, pairs: list[str], methods: list[str]) -> 
         base = results.get((pair, "all"))
         for method in methods:
             res = results[(pair, method)]
-            row = [PAIR_LABELS.get(pair, pair), method, *_accuracy_cells(spec, table, pair, method, res)]
+            row = [pair_label(pair, res), method, *_accuracy_cells(spec, table, pair, method, res)]
             if spec.memory:
                 peak = res.peak_memory_gb
                 row.append(MISSING if peak is None else f"{peak:.1f}")
@@ -182,6 +211,13 @@ def render(table: int, runs_dir: Path, pairs: list[str], methods: list[str]) -> 
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     notes = list(spec.notes)
+    if "mean" in spec.metrics:
+        notes.append(STD_NOTE)
+    carried = sorted({CARRIED_FROM[(table, p, m)] for p in pairs for m in methods if (table, p, m) in CARRIED_FROM
+                      and PUBLISHED.get(table, {}).get((p, m))})
+    if carried:
+        notes.append(f"Published all-token figures marked 'from {', '.join(carried)}' are printed there once and carried "
+                     "into this table (the same all-token runs).")
     if spec.memory:
         keys = {r.memory_key for r in results.values() if r.memory_key}
         if "perf/max_rss_gb" in keys:

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from opd.config import Config, ConfigError, load_config, to_dict
+import tip
+from opd.config import Config, ConfigError, drop_unused, load_config, to_dict
 from scripts.paper import aggregate
 from scripts.paper.tables import AGENT14, AGENT32, LLAMA
 
@@ -167,13 +168,15 @@ def blockers(cfg: Config, pair: str) -> list[str]:
         name, sep, path = bench.partition("=")
         if sep and _local_missing(path):
             out.append(f"eval benchmark {name} = {path} does not exist")
+    if cfg.tip.selector not in tip.SELECTORS:
+        out.append(f"tip.selector = {cfg.tip.selector} is not in this checkout's tip registry")
     if pair in NEEDS_AGENT_ROLLOUTS:
         out.append(f"needs {NEEDS_AGENT_ROLLOUTS[pair]}, which the trainer does not support yet (docs/reproducing.md)")
     return out
 
 
 def _comparable(config: dict) -> dict:
-    config = json.loads(json.dumps(config))  # a deep copy of plain data
+    config = json.loads(json.dumps(drop_unused(config)))  # a deep copy of plain data
     for key in _CELL_KEYS:
         config.get("train", {}).pop(key, None)
     return config

@@ -1,7 +1,8 @@
-"""Compare one of our runs with a run of the upstream OPD repository (verl-based).
+"""Compare one of our runs with a run of the upstream OPD repository (verl-based), like with like.
 
     python -m scripts.paper.upstream_diff --upstream-log LOG --run RUN_DIR \\
-        [--upstream-dumps DIR --bench math500=FILE ...] [--map SOURCE=BENCH ...] [--all-steps] [--out FILE]
+        [--upstream-dumps DIR --bench math500=FILE ...] [--regrade] [--upstream-world-size N]
+        [--map SOURCE=BENCH ...] [--all-steps] [--out FILE]
 
 Upstream side. verl's console logger prints one record per step,
 `step:<n> - <key>:<value> - <key>:<value> ...` (values through `pprint.pformat`,
@@ -11,15 +12,41 @@ Validation keys are `val-core/<data_source>/acc/mean@16`, `val-aux/<source>/acc/
 The upstream data preparation names its sources `math` (MATH-500), `aime24`,
 `aime25` and `math_dapo` (the DAPO held-out 20%); `--map` renames others.
 `--upstream-dumps` reads verl's validation generation dumps (`<dir>/<step>.jsonl`,
-one line per sample with `input` and `score`) and recomputes mean@k, std@k and
-an exact pass@k per benchmark (verl's `best@k/mean` is a bootstrap estimate);
-which benchmark a sample belongs to is found by looking for each problem
-text of the `--bench NAME=FILE` JSONL files inside the sample's prompt.
+one line per sample with `input`, `output`, `score` and, in newer versions, `gts`);
+which benchmark a sample belongs to is found by looking for each problem text of
+the `--bench NAME=FILE` JSONL files inside the sample's prompt.
 
-Our side. `val/<benchmark>/<metric>` keys of <run>/metrics.jsonl, the eval
-summaries <run>/eval/step_<n>/summary.json and <run>/eval/final/summary.json
-(summaries win where both give a value), and the training metrics both
-implementations name alike (`opd/loss`, `opd/entropy`, ...).
+Our side. `val/<benchmark>/mean@k` of <run>/metrics.jsonl, the eval summaries and
+per-sample files <run>/eval/step_<n>/ and <run>/eval/final/ (summaries win where
+both give a value), and the training metrics both implementations name alike.
+
+The same statistic under the same name, never two under one:
+- `mean@k`: mean score over all samples. Each side grades with its own grader
+  (upstream: the reference's normalised exact string match; ours: math-verify),
+  which the "graded by" column says. `--regrade` adds `mean@k [math-verify]`
+  (the upstream dumps regraded with our grader, needs --upstream-dumps and the
+  gold answers: `gts` in the dumps or `answer` in the --bench files) and
+  `mean@k [string match]` (our samples regraded with eval.grader.grade_string_match,
+  against upstream's own score), so a gap can be put on the grader or on the model.
+- `std_per_problem@k`: verl's `std@k`, the population std of each problem's k
+  scores averaged over problems; ours is computed from our samples. Our own
+  `std@k` (the spread of the k sample-set accuracies, ~30× smaller on
+  MATH-500-like data) is a different statistic and is not compared.
+- `best@k_bootstrap`: verl's `best@k/mean` draws k of the k samples with
+  replacement 1000 times and averages the best score, an estimate biased low
+  against pass@k (≈6 points on AIME-like data). Ours is the exact expectation
+  of that draw, 1 − (1 − c/k)^k per problem with c correct.
+- `pass@k`: the share of problems solved at least once, exact: upstream only
+  from the dumps, never from the log.
+- verl's `maj@k/mean` is left out: the reference reward returns no predicted
+  answer, so every vote ties and the value is in effect mean@k.
+- Training: `opd/entropy`, `opd/grad_norm`, `opd/accuracy`, `perf/*` and
+  `timing/*` compare as they are. `opd/num_tokens` is per rank upstream and
+  global here: it is compared only with `--upstream-world-size N` (upstream × N).
+  `opd/loss` is not compared: upstream logs the mean of its micro-batch means,
+  ours divides the summed loss by the global kept-token count; the two agree
+  only when every micro-batch holds as many tokens, and neither log holds what
+  would convert one into the other.
 
 Accuracies are compared in percent. Rows: every step where both sides have
 validation metrics (or every common step with --all-steps), then "final":
@@ -36,6 +63,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from eval.grader import grade, grade_string_match
 from scripts.paper.aggregate import read_metrics_lines
 
 # Upstream validation data_source -> our benchmark name.
@@ -48,18 +76,20 @@ DEFAULT_SOURCE_MAP = {
     "math_dapo": "heldout",
 }
 
-# Training metrics both implementations log under the same name.
+# Training metrics both implementations log under the same name and normalisation.
 TRAIN_KEYS = (
-    "opd/loss", "opd/entropy", "opd/grad_norm", "opd/num_tokens", "opd/accuracy",
+    "opd/entropy", "opd/grad_norm", "opd/accuracy",
     "perf/max_memory_allocated_gb", "timing/generate_s", "timing/train_s", "timing/step_s",
 )
+NUM_TOKENS = "opd/num_tokens"  # per rank upstream, global here: compared only given --upstream-world-size
+MATH_VERIFY, STRING_MATCH = " [math-verify]", " [string match]"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _RECORD = re.compile(r"(?:^|[\s)\]|])step:(\d+) - (.*)$")
 _WRAPPED = re.compile(r"^(?:np\.\w+|numpy\.\w+|tensor)\((.*)\)$")
 _VAL_KEY = re.compile(r"^val-(?:core|aux)/(?P<source>.+)/(?P<var>acc|reward|score)/(?P<metric>mean|std|best|maj)@(?P<n>\d+)(?P<tail>/mean)?$")
 _VAR_RANK = {"acc": 0, "reward": 1, "score": 2}  # verl's core variable is acc when the reward reports one
-_OUR_NAMES = {"mean": "mean", "std": "std", "best": "pass", "maj": "maj"}
+_UPSTREAM_NAMES = {"mean": "mean", "std": "std_per_problem", "best": "best"}  # maj@k is left out (module docstring)
 
 
 def _parse_value(text: str) -> float | None:
@@ -93,8 +123,9 @@ def parse_console_log(text: str) -> dict[int, dict[str, float]]:
 def upstream_validation(metrics: dict[str, float], source_map: dict[str, str]) -> dict[str, float]:
     """verl validation keys of one step -> {"<bench>/<metric>@<n>": percent}.
 
-    best@n/mean becomes pass@n: it is verl's bootstrap estimate of best-of-n,
-    close to but not exactly our pass@n (use --upstream-dumps for an exact one).
+    mean@n stays mean@n; std@n becomes std_per_problem@n (verl's definition);
+    best@n/mean becomes best@n_bootstrap (verl's estimate, biased low: not pass@n);
+    maj@n is dropped (every vote ties upstream).
     """
     out: dict[str, tuple[int, float]] = {}
     for key, value in metrics.items():
@@ -102,22 +133,23 @@ def upstream_validation(metrics: dict[str, float], source_map: dict[str, str]) -
         if not match:
             continue
         metric = match.group("metric")
-        if (metric in ("best", "maj")) != bool(match.group("tail")):
-            continue  # mean@n and std@n stand alone; best@n and maj@n are read from their /mean
+        if metric == "maj" or (metric == "best") != bool(match.group("tail")):
+            continue  # mean@n and std@n stand alone; best@n is read from its /mean
         bench = source_map.get(match.group("source"), match.group("source"))
-        name = f"{bench}/{_OUR_NAMES[metric]}@{match.group('n')}"
+        n = match.group("n")
+        name = f"{bench}/{_UPSTREAM_NAMES[metric]}@{n}" + ("_bootstrap" if metric == "best" else "")
         rank = _VAR_RANK[match.group("var")]
         if name not in out or rank < out[name][0]:
             out[name] = (rank, 100.0 * value)
     return {name: value for name, (_, value) in out.items()}
 
 
-def read_problems(spec: str) -> tuple[str, list[str]]:
-    """`NAME=FILE` (JSONL with a `problem`, `question` or `prompt` field) -> (name, problem texts)."""
+def read_problems(spec: str) -> tuple[str, dict[str, str | None]]:
+    """`NAME=FILE` (JSONL with a `problem`, `question` or `prompt` field, and `answer`) -> (name, {problem text: answer})."""
     name, sep, path = spec.partition("=")
     if not sep or not name:
         raise ValueError(f"--bench {spec}: expected NAME=FILE")
-    problems = []
+    problems: dict[str, str | None] = {}
     for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -125,38 +157,27 @@ def read_problems(spec: str) -> tuple[str, list[str]]:
         text = next((record[k] for k in ("problem", "question", "prompt") if isinstance(record.get(k), str)), None)
         if text is None:
             raise ValueError(f"{path}:{lineno}: no `problem`, `question` or `prompt` text field")
-        problems.append(text.strip())
+        answer = record.get("answer")
+        problems[text.strip()] = None if answer is None else str(answer)
     return name, problems
 
 
-def dump_metrics(dump_file: Path, benches: dict[str, list[str]]) -> dict[str, float]:
-    """One verl generation dump -> {"<bench>/<metric>@<k>": percent}, per benchmark.
+def group_stats(bench: str, groups: list[list[float]]) -> dict[str, float]:
+    """Per-problem score lists (k each) -> mean@k, std_per_problem@k, best@k_bootstrap, pass@k in percent.
 
-    mean@k: mean score of all samples; std@k: per-problem population std,
-    averaged over problems (verl's definition); pass@k: per-problem best
-    score, averaged (for 0/1 scores: share of problems solved at least once).
-    Samples whose prompt matches no --bench problem count under "all".
+    std_per_problem: the population std of each problem's scores, averaged (verl's std@k).
+    best@k_bootstrap: the expectation of verl's estimate (the best of k draws with
+    replacement from the k scores), exactly: Σ_v P(max ≤ v) steps, for any scores.
+    pass@k: the best of the k scores, averaged (0/1 scores: share solved at least once).
     """
-    by_input: dict[str, list[float]] = defaultdict(list)
-    for line in dump_file.read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        score = record.get("acc", record.get("score"))
-        if isinstance(score, (int, float)) and not isinstance(score, bool):
-            by_input[record.get("input", "")].append(float(score))
-    by_bench: dict[str, list[list[float]]] = defaultdict(list)
-    for prompt, scores in by_input.items():
-        matches = [(len(p), name) for name, problems in benches.items() for p in problems if p and p in prompt]
-        by_bench[max(matches)[1] if matches else "all"].append(scores)  # the longest problem text is the most specific
-    out = {}
-    for bench, groups in by_bench.items():
-        k = Counter(len(g) for g in groups).most_common(1)[0][0]
-        samples = [s for g in groups for s in g]
-        out[f"{bench}/mean@{k}"] = 100.0 * sum(samples) / len(samples)
-        out[f"{bench}/std@{k}"] = 100.0 * sum(_pstd(g) for g in groups) / len(groups)
-        out[f"{bench}/pass@{k}"] = 100.0 * sum(max(g) for g in groups) / len(groups)
-    return out
+    k = Counter(len(g) for g in groups).most_common(1)[0][0]
+    samples = [s for g in groups for s in g]
+    return {
+        f"{bench}/mean@{k}": 100.0 * sum(samples) / len(samples),
+        f"{bench}/std_per_problem@{k}": 100.0 * sum(_pstd(g) for g in groups) / len(groups),
+        f"{bench}/best@{k}_bootstrap": 100.0 * sum(_bootstrap_best(g) for g in groups) / len(groups),
+        f"{bench}/pass@{k}": 100.0 * sum(max(g) for g in groups) / len(groups),
+    }
 
 
 def _pstd(values: list[float]) -> float:
@@ -164,32 +185,118 @@ def _pstd(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
-def read_upstream(log: Path, dumps: Path | None, source_map: dict[str, str], benches: dict[str, list[str]]):
-    """-> (validation {step: {name: %}}, training {step: {key: value}})."""
+def _bootstrap_best(values: list[float]) -> float:
+    """E[max of n draws with replacement from the n values] = Σ_j v_j (F(v_j)^n − F(v_{j-1})^n), F the empirical CDF."""
+    n, ordered = len(values), sorted(set(values))
+    cdf = [sum(v <= x for v in values) / n for x in ordered]
+    return sum(x * (c ** n - (cdf[j - 1] ** n if j else 0.0)) for j, (x, c) in enumerate(zip(ordered, cdf)))
+
+
+def dump_metrics(dump_file: Path, benches: dict[str, dict[str, str | None]], regrade: bool = False) -> dict[str, float]:
+    """One verl generation dump -> {"<bench>/<metric>@<k>": percent}, per benchmark (see group_stats).
+
+    Samples whose prompt matches no --bench problem count under "all". With
+    `regrade`, `<bench>/mean@k [math-verify]`: every output regraded by
+    eval.grader.grade against `gts` or the matched problem's answer.
+    """
+    by_input: dict[str, list[tuple[float, str, str | None]]] = defaultdict(list)
+    for line in dump_file.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        score = record.get("acc", record.get("score"))
+        if isinstance(score, (int, float)) and not isinstance(score, bool):
+            gold = record.get("gts")
+            by_input[record.get("input", "")].append((float(score), str(record.get("output", "")),
+                                                      None if gold is None else str(gold)))
+    by_bench: dict[str, list[tuple[str | None, list]]] = defaultdict(list)
+    for prompt, samples in by_input.items():
+        # the longest problem text is the most specific
+        matches = [(len(p), name, p) for name, problems in benches.items() for p in problems if p and p in prompt]
+        best = max(matches) if matches else None
+        answer = benches[best[1]][best[2]] if best else None
+        by_bench[best[1] if best else "all"].append((answer, samples))
+    out = {}
+    for bench, groups in by_bench.items():
+        out.update(group_stats(bench, [[score for score, _, _ in samples] for _, samples in groups]))
+        if regrade:
+            graded = [float(grade(text, gold if gold is not None else answer)) for answer, samples in groups
+                      for _, text, gold in samples if (gold if gold is not None else answer) is not None]
+            total = sum(len(samples) for _, samples in groups)
+            if graded and len(graded) == total:  # every sample has a gold answer: the mean is over the same samples
+                k = Counter(len(samples) for _, samples in groups).most_common(1)[0][0]
+                out[f"{bench}/mean@{k}{MATH_VERIFY}"] = 100.0 * sum(graded) / total
+    return out
+
+
+def read_upstream(log: Path, dumps: Path | None, source_map: dict[str, str], benches: dict[str, dict],
+                  regrade: bool = False, world_size: int = 0):
+    """-> (validation {step: {name: %}}, training {step: {key: value}}).
+
+    With `world_size`, opd/num_tokens (per rank upstream) is multiplied by it; without, it is left out.
+    """
     records = parse_console_log(log.read_text(errors="replace"))
     val = {step: upstream_validation(m, source_map) for step, m in records.items()}
     if dumps is not None:
         for file in sorted(dumps.glob("*.jsonl")):
             if file.stem.isdigit():
-                val.setdefault(int(file.stem), {}).update(dump_metrics(file, benches))
+                val.setdefault(int(file.stem), {}).update(dump_metrics(file, benches, regrade))
     val = {step: m for step, m in val.items() if m}
-    train = {step: {k: v for k, v in m.items() if k in TRAIN_KEYS} for step, m in records.items()}
-    return val, {step: m for step, m in train.items() if m}
+    train = {}
+    for step, m in records.items():
+        values = {k: v for k, v in m.items() if k in TRAIN_KEYS}
+        if world_size and NUM_TOKENS in m:
+            values[NUM_TOKENS] = m[NUM_TOKENS] * world_size
+        if values:
+            train[step] = values
+    return val, train
 
 
 def _summary_metrics(path: Path) -> dict[str, float]:
+    """mean@k and pass@k of an evaluation summary (its std@k is another statistic than verl's; not compared)."""
     summary = json.loads(path.read_text())
     k = summary.get("k")
     out = {}
     for bench, values in (summary.get("benchmarks") or {}).items():
-        for which in ("mean", "std", "pass", "maj"):
+        for which in ("mean", "pass"):
             value = values.get(f"{which}@k", values.get(f"{which}@{k}"))
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[f"{bench}/{which}@{k}"] = float(value)
     return out
 
 
-def read_ours(run_dir: Path):
+def sample_metrics(path: Path, regrade: bool = False) -> dict[str, float]:
+    """From our samples.jsonl: std_per_problem@k and best@k_bootstrap (verl's statistics, see group_stats);
+    with `regrade`, `mean@k [string match]` (eval.grader.grade_string_match on every response)."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            groups[record["benchmark"], record["problem_id"]].append(record)
+    by_bench: dict[str, list[list[dict]]] = defaultdict(list)
+    for (bench, _), samples in groups.items():
+        by_bench[bench].append(samples)
+    out = {}
+    for bench, problems in by_bench.items():
+        stats = group_stats(bench, [[float(s["correct"]) for s in samples] for samples in problems])
+        out.update({name: v for name, v in stats.items() if "std_per_problem@" in name or name.endswith("_bootstrap")})
+        if regrade:
+            k = Counter(len(samples) for samples in problems).most_common(1)[0][0]
+            matched = [grade_string_match(s["response"], s["answer"]) for samples in problems for s in samples]
+            out[f"{bench}/mean@{k}{STRING_MATCH}"] = 100.0 * sum(matched) / len(matched)
+    return out
+
+
+def _eval_metrics(eval_dir: Path, regrade: bool) -> dict[str, float]:
+    out = {}
+    if (eval_dir / "samples.jsonl").is_file():
+        out.update(sample_metrics(eval_dir / "samples.jsonl", regrade))
+    if (eval_dir / "summary.json").is_file():
+        out.update(_summary_metrics(eval_dir / "summary.json"))
+    return out
+
+
+def read_ours(run_dir: Path, regrade: bool = False):
     """-> (validation {step: {name: %}}, training {step: {key: value}}, final {name: %})."""
     val: dict[int, dict[str, float]] = defaultdict(dict)
     train: dict[int, dict[str, float]] = defaultdict(dict)
@@ -200,17 +307,35 @@ def read_ours(run_dir: Path):
         for key, value in record.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 continue
-            if key.startswith("val/"):
+            if key.startswith("val/") and ("/mean@" in key or "/pass@" in key):  # our std@k is not verl's std@k
                 val[step][key[len("val/"):]] = float(value)
-            elif key in TRAIN_KEYS:
+            elif key in TRAIN_KEYS or key == NUM_TOKENS:
                 train[step][key] = float(value)
-    for path in sorted((run_dir / "eval").glob("step_*/summary.json")):
-        number = path.parent.name.removeprefix("step_")
+    for path in sorted((run_dir / "eval").glob("step_*")):
+        number = path.name.removeprefix("step_")
         if number.isdigit():
-            val[int(number)].update(_summary_metrics(path))
-    final_path = run_dir / "eval" / "final" / "summary.json"
-    final = _summary_metrics(final_path) if final_path.is_file() else {}
-    return dict(val), dict(train), final
+            val[int(number)].update(_eval_metrics(path, regrade))
+    final = _eval_metrics(run_dir / "eval" / "final", regrade)
+    return {s: m for s, m in val.items() if m}, dict(train), final
+
+
+def cross_graded(val: dict[int, dict[str, float]], suffix: str) -> None:
+    """Copy each `<bench>/mean@k` (graded by this side's own grader) to `<bench>/mean@k<suffix>`, in place:
+    upstream's own grader is a string match and ours is math-verify, so these are the other side's regrade rows."""
+    for metrics in val.values():
+        for name in [n for n in metrics if re.fullmatch(r"[^ ]+/mean@\d+", n)]:
+            metrics[name + suffix] = metrics[name]
+
+
+def graded_by(metric: str) -> str:
+    """Which grader produced each side of a row (upstream / ours)."""
+    if metric.endswith(MATH_VERIFY):
+        return "math-verify (regraded) / math-verify"
+    if metric.endswith(STRING_MATCH):
+        return "reference string match / string match (regraded)"
+    if "@" in metric and not metric.startswith(("opd/", "perf/", "timing/")):
+        return "reference string match / math-verify"
+    return ""
 
 
 def diff_rows(up_val, up_train, our_val, our_train, our_final, all_steps: bool = False) -> list[tuple[str, str, float, float]]:
@@ -230,11 +355,28 @@ def diff_rows(up_val, up_train, our_val, our_train, our_final, all_steps: bool =
     return rows
 
 
+NOTES = (
+    "mean@k: each side's own grader unless the metric says otherwise (graded by: upstream / ours); "
+    "--regrade adds [math-verify] and [string match] rows so a gap can be put on the grader or on the model.",
+    "std_per_problem@k: verl's std@k (per-problem std of the k scores, averaged); ours from our samples. "
+    "Our summaries' std@k (spread of the k sample-set accuracies) is another statistic and is not compared.",
+    "best@k_bootstrap: verl's best@k/mean, a bootstrap (k draws with replacement) biased low against pass@k; "
+    "ours is the exact expectation of the same draw. pass@k (exact) needs the upstream dumps.",
+    "maj@k is not compared: the reference reward returns no predicted answer, so its votes all tie (in effect mean@k).",
+    "opd/loss is not compared: upstream logs the mean of micro-batch means, ours the global token mean. "
+    "opd/num_tokens is compared only with --upstream-world-size (upstream logs it per rank).",
+    "heldout: both sides hold out 20% of DAPO, drawn with different random generators: different prompts.",
+)
+
+
 def render(rows: list[tuple[str, str, float, float]], log: Path, run_dir: Path) -> str:
     lines = ["## Upstream OPD vs ours", "", f"Upstream log: `{log}`  ", f"Our run: `{run_dir}`", "",
              "Accuracy metrics in %, upstream fractions multiplied by 100.", "",
-             "| step | metric | upstream | ours | ours − upstream |", "|---|---|---|---|---|"]
-    lines += [f"| {step} | {key} | {up:.4g} | {ours:.4g} | {ours - up:+.4g} |" for step, key, up, ours in rows]
+             "| step | metric | upstream | ours | ours − upstream | graded by (upstream / ours) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {step} | {key} | {up:.4g} | {ours:.4g} | {ours - up:+.4g} | {graded_by(key)} |"
+              for step, key, up, ours in rows]
+    lines += ["", "Notes:", ""] + [f"- {note}" for note in NOTES]
     return "\n".join(lines) + "\n"
 
 
@@ -245,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bench", action="append", default=[], help="NAME=FILE problem set, to attribute dumped samples; repeatable")
     ap.add_argument("--run", required=True, help="our run directory")
     ap.add_argument("--map", action="append", default=[], help="upstream data_source=our benchmark name; repeatable")
+    ap.add_argument("--regrade", action="store_true",
+                    help="regrade the upstream dumps with math-verify and our samples with a string match (rows marked [math-verify], [string match])")
+    ap.add_argument("--upstream-world-size", type=int, default=0,
+                    help="processes of the upstream run: its per-rank opd/num_tokens times this is compared with ours (0 = not compared)")
     ap.add_argument("--all-steps", action="store_true", help="compare training metrics at every common step, not only at validations")
     ap.add_argument("--out", default="", help="also write the table as Markdown here")
     args = ap.parse_args(argv)
@@ -273,8 +419,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: upstream dumps directory {dumps} not found", file=sys.stderr)
         return 2
 
-    up_val, up_train = read_upstream(log, dumps, source_map, benches)
-    our_val, our_train, our_final = read_ours(run_dir)
+    if args.regrade and dumps is None:
+        print("error: --regrade needs --upstream-dumps (the upstream outputs to regrade)", file=sys.stderr)
+        return 2
+    if args.upstream_world_size < 0:
+        print(f"error: --upstream-world-size {args.upstream_world_size} must be >= 0", file=sys.stderr)
+        return 2
+    up_val, up_train = read_upstream(log, dumps, source_map, benches, args.regrade, args.upstream_world_size)
+    our_val, our_train, our_final = read_ours(run_dir, args.regrade)
+    if args.regrade:
+        cross_graded(up_val, STRING_MATCH)
+        cross_graded(our_val, MATH_VERIFY)
+        cross_graded({0: our_final}, MATH_VERIFY)
     rows = diff_rows(up_val, up_train, our_val, our_train, our_final, args.all_steps)
     if not rows:
         up_keys = sorted({k for m in up_val.values() for k in m} | {k for m in up_train.values() for k in m})

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import yaml
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,3 +122,24 @@ def test_default_job_runs_end_to_end_on_a_tiny_pair(tmp_path):
     assert "student before" in out.stdout and "student after" in out.stdout and "teacher" in out.stdout
     assert {p.name for p in (run_dir / "plots").iterdir()} >= {"hd_plane.png", "quadrant_shares.png"}
     assert (run_dir / "checkpoints" / "step_000002" / "model.safetensors").is_file()
+
+    # the console: the two step-0 tables say whose they are; the wall time counts the pair's preparation;
+    # no library noise (weight-file progress bars, DeepSpeed's CPU-fallback warning)
+    text = out.stdout + out.stderr
+    assert "teacher (the upper bound), step 0" in out.stdout and "student before training, step 0" in out.stdout
+    trained = [float(m) for m in re.findall(r"\((\d+) s of training\)", out.stdout)]
+    assert len(trained) == 2 and summary["wall_time_s"] >= sum(trained)
+    assert not any(noise in text for noise in ("Writing model shards", "Loading weights", "Setting accelerator to CPU"))
+    # the resolved config is what ran: the demo models come from the demo: section, no random-init sizes shown
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["teacher"]["path"] == "demo:teacher" and "hidden_size" not in saved["teacher"]
+    assert saved["demo"]["teacher_hidden"] == TINY["teacher_hidden"]
+    # tokens.jsonl: each token's place in its rollout's response, under names that say so
+    records = [json.loads(line) for line in (run_dir / "tokens.jsonl").read_text().splitlines()]
+    assert records and all(0 <= r["response_position"] < 49 and r["rollout"] >= 0 for r in records)
+    assert any(r["response_position"] == 0 for r in records) and "position" not in records[0]
+
+    # rerunning the finished run trains nothing and prints its result table again
+    again = run_cli(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished at step 2; nothing to train" in again.stdout and "student after" in again.stdout

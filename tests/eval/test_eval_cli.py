@@ -125,6 +125,20 @@ def test_find_summary_prefers_final_then_the_highest_step(tmp_path):
         compare.find_summary(tmp_path / "empty")
 
 
+def test_compare_reads_training_run_directories(tmp_path, capsys):
+    """A training run holds the run's summary.json (no `k`) beside eval/: compare must use eval/final/."""
+    runs = []
+    for name, mean in (("a", 40.0), ("b", 55.0)):
+        run = tmp_path / name
+        write_summary(run / "eval" / "final", 200, 4, {"demo": (mean, 1.0)})
+        (run / "summary.json").write_text(json.dumps({"teacher_accuracy": 99.0, "student_accuracy_after": mean,
+                                                      "benchmarks": {"final": {}}}))
+        runs.append(str(run))
+    assert compare.find_summary(runs[0]) == tmp_path / "a" / "eval" / "final" / "summary.json"
+    assert compare.main(runs) == 0
+    assert "55.0 ± 1.0 (+15.0)" in capsys.readouterr().out
+
+
 def test_compare_table_shows_mean_std_and_differences(tmp_path, capsys):
     a = write_summary(tmp_path / "a", 10, 16, {"math500": (76.7, 0.8), "aime24": (20.0, 2.5)})
     run_b = tmp_path / "run_b"

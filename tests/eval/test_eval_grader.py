@@ -207,3 +207,11 @@ def test_a_callers_own_alarm_survives_grading():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_string_match_grader_is_an_exact_match_of_normalised_strings():
+    from eval.grader import grade_string_match
+    assert grade_string_match("so \\boxed{\\dfrac{1}{2}}.", "\\frac{1}{2}")  # normalize_answer: dfrac -> frac
+    assert grade_string_match("\\boxed{ 42 }", "42")
+    assert not grade_string_match("\\boxed{0.5}", "\\frac{1}{2}")  # equal values, different strings
+    assert not grade_string_match("the answer is 42", "42")  # no boxed answer

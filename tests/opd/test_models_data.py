@@ -124,3 +124,20 @@ def test_dedup_drops_repeated_prompts_before_the_split(tmp_path):
     train, val, report = load_prompts(DataConfig(train_path=path, dedup=True, val_ratio=0.2), tok, seed=0)
     assert len(train) + len(val) == 5 and report.skipped == {"repeated prompts": 35}
     assert len(load_prompts(DataConfig(train_path=path), tok, seed=0)[0]) == 40
+
+
+def test_dapo_prompt_format_strips_dapos_instruction_and_dedups_the_stripped_prompts(tmp_path):
+    from eval.benchmarks import _DAPO_PREFIX, _DAPO_SUFFIX
+    tok = char_tokenizer()
+    # the same question with and without DAPO's wording: one prompt once stripped (same token ids)
+    records = [{"prompt": [{"role": "user", "content": _DAPO_PREFIX + "2+2=" + _DAPO_SUFFIX}], "answer": "4"},
+               {"prompt": [{"role": "user", "content": "2+2="}], "answer": "4"},
+               {"prompt": [{"role": "user", "content": _DAPO_PREFIX + "2+2=" + _DAPO_SUFFIX}], "answer": "4"}]
+    path = write(tmp_path / "p.jsonl", [json.dumps(r) for r in records])
+    dc = DataConfig(train_path=path, dedup=True, prompt_format="dapo", instruction="Box it.", instruction_separator="\n\n",
+                    chat_template=False)
+    train, val, report = load_prompts(dc, tok, seed=0)
+    assert [tok.decode(p.ids, skip_special_tokens=True) for p in train] == ["2+2=\n\nBox it."]
+    assert report.skipped == {"repeated prompts": 2}
+    as_is = load_prompts(DataConfig(train_path=path, prompt_format="as_is", chat_template=False), tok, seed=0)[0]
+    assert sum("Answer:" in tok.decode(p.ids) for p in as_is) == 2

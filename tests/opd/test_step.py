@@ -279,3 +279,14 @@ def test_under_bf16_autocast_fused_and_reference_select_the_same_tokens(selector
         scale = max(float(g_ref[name].abs().max()), 1e-12)
         tol = 1e-5 if name in ("lm.lm_head.weight", "lm.model.norm.weight") else 1e-2
         torch.testing.assert_close(g_fu[name], g_ref[name], atol=tol * scale, rtol=0.0, msg=name)
+
+
+def test_response_positions_count_from_each_rollouts_first_response_token():
+    """tokens.jsonl's response_position: 0 at the first generated token, whatever the (left) padding and prompt."""
+    from opd.step import MicroBatch
+    # row 0: pad, 2 prompt tokens, 3 response tokens; row 1: 1 prompt token, 4 response tokens, then padding
+    response = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 0]])
+    mb = MicroBatch(input_ids=torch.zeros(2, 6, dtype=torch.long), attention_mask=torch.ones(2, 6, dtype=torch.long),
+                    response_mask=response, sample_weight=torch.ones(2), sequence_ids=torch.arange(2))
+    assert mb.response_positions().tolist() == [0, 1, 2, 0, 1, 2, 3]
+    assert len(mb.response_positions()) == mb.num_tokens()

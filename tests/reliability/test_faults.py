@@ -522,7 +522,8 @@ def test_finished_run_rerun_changes_nothing(reference):
     before = tree_digest(whole)
     out = run_cli(["--config", str(cfg), f"train.output_dir={whole.parent}", "train.run_name=whole"])
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"already finished at step {STEPS}; nothing to do" in out.stdout
+    assert f"already finished at step {STEPS}; nothing to train" in out.stdout
+    assert "train.run_name=NEW for a fresh run" in out.stdout
     assert tree_digest(whole) == before
 
 

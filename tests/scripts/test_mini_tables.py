@@ -62,13 +62,14 @@ def test_quick_run_produces_every_table_and_a_rerun_reuses_it(tmp_path):
 
 
 def test_a_failed_run_is_reported_and_the_others_still_run(tmp_path):
-    # every prompt is longer than 2 tokens: each run fails at its start (bad demo.* values are refused up front)
     out = tmp_path / "mini"
+    # valid settings (the script checks every config before the first run), but train.py refuses the data
     proc = run_script("--only", "all,soft_or_50", "--steps", "1", "--seeds", "0", "--out", str(out),
-                      f"demo.cache_dir={tmp_path / 'cache'}", "data.max_prompt_length=2", timeout=300)
+                      f"demo.cache_dir={tmp_path / 'cache'}", "demo.teacher_steps=2", "demo.student_steps=2",
+                      "demo.eval_problems=8", "data.train_path=./no/such/prompts.jsonl", timeout=300)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[1/2] all_s0: FAILED" in proc.stdout and "[2/2] soft_or_50_s0: FAILED" in proc.stdout
-    assert "no usable prompts" in (out / "logs" / "all_s0.log").read_text()
+    assert "no/such/prompts.jsonl" in (out / "logs" / "all_s0.log").read_text()
     rows = table_rows((out / "mini_tables.md").read_text(), mini.TABLES[6][0])
     assert rows["soft_or_50"][1] == mini.MISSING and "soft_or_bottom_50" not in rows
 
@@ -81,6 +82,7 @@ def test_a_failed_run_is_reported_and_the_others_still_run(tmp_path):
     (["tip.ratio=0.3"], "use --only"),
     (["nonsense"], "section.key=value"),
     (["--steps", "2", "train.no_such_key=1"], "no_such_key"),
+    (["demo.teacher_layers=-1"], "below the minimum 1"),  # the typed demo: section, checked before any run
 ])
 def test_bad_command_lines_are_one_line_errors(args, message, tmp_path, capsys):
     assert mini.main([*args, "--out", str(tmp_path / "mini")]) == 2

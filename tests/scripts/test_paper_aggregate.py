@@ -61,11 +61,11 @@ def test_table3_accuracy_memory_published_figures_and_missing_cells(tmp_path):
     rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): [c.strip() for c in line.strip("|").split("|")[2:]]
             for line in proc.stdout.splitlines() if line.startswith("| ") and "Pair" not in line}
     assert len(rows) == 6  # 3 pairs x 2 methods, missing ones included
-    qwen_all = rows[("Qwen3-8B (GRPO) → Qwen3-4B", "all")]
+    qwen_all = rows[("Qwen3-8B → Qwen3-4B", "all")]
     # ours 76.2 vs the paper's 76.7: difference -0.5
     assert qwen_all[:3] == ["76.2 ± 0.81 (paper 76.7, Δ -0.5)", "20.0 ± 0.81", "18.5 ± 0.81"]
     assert qwen_all[3:] == ["60.0", "—"]  # peak = max over steps; no change against itself
-    qwen_es = rows[("Qwen3-8B (GRPO) → Qwen3-4B", "entropy_sample_50")]
+    qwen_es = rows[("Qwen3-8B → Qwen3-4B", "entropy_sample_50")]
     assert qwen_es[0] == "79.0 ± 0.50 (paper 78.6, Δ +0.4)"
     assert qwen_es[3:] == ["33.0", f"{100 * (33.0 / 60.0 - 1):+.0f}%"]  # -45%
     assert rows[("Llama-3.3-70B → Llama-3.1-8B", "all")][:3] == ["—", "—", "—"]
@@ -88,6 +88,21 @@ def test_table4_kept_tokens_match_a_naive_count(tmp_path):
     assert "76.0 ± 0.50 (paper 76.1, Δ -0.1)" in text
 
 
+def test_row_label_is_the_resolved_teacher_and_carried_baselines_say_so(tmp_path):
+    runs = tmp_path / "table8"
+    run = runs / f"{QWEN3}__all"
+    fake_summary(run / "eval/final/summary.json", math3(75.0, 20.0, 18.0))
+    (run / "config.yaml").write_text("model:\n  path: Qwen/Qwen3-4B\nteacher:\n  path: Qwen/Qwen3-8B\n")
+    text = render(8, runs, [QWEN3], ["all", "entropy_sample_50"])
+    assert "| Qwen3-8B → Qwen3-4B | all |" in text  # the plain hub teacher, not "GRPO"
+    assert "(paper 76.7, from section 7.2 (table 3), Δ -1.7)" in text
+    assert "carried into this table" in text and "without saying what the std is taken over" in text
+    (run / "config.yaml").write_text("model:\n  path: Qwen/Qwen3-4B\nteacher:\n  path: /ckpt/qwen3-8b-grpo/\n")
+    assert "| qwen3-8b-grpo → Qwen3-4B | all |" in render(8, runs, [QWEN3], ["all"])
+    # table 4's own text (section 7.3) gives Qwen3's 76.7: not marked as carried
+    assert "from section 7.2" not in render(4, runs, [QWEN3], ["all"])
+
+
 def test_table7_reports_avg_and_best_at_16_against_the_paper(tmp_path):
     runs = tmp_path / "table7"
     fake_summary(runs / f"{AGENT14}__soft_or_20/eval/final/summary.json", {"deepplanning_travel": (12.4, 0.06, 21.0)})
@@ -108,7 +123,7 @@ def test_grid_comes_from_plan_file_or_run_directories(tmp_path):
     assert proc.stdout.index("| soft_or_50 |") < proc.stdout.index("| soft_or_bottom_50 |")
     (runs / "plan.json").write_text(json.dumps({"table": 6, "pairs": [QWEN3, QWEN25], "methods": ["soft_or_50", "soft_or_bottom_50"]}))
     proc = aggregate_cli("--table", "6", "--runs", str(runs))
-    assert proc.stdout.count("| Qwen3-8B (GRPO) → Qwen3-4B |") == 2  # planned cells without runs still get rows
+    assert proc.stdout.count("| Qwen3-8B → Qwen3-4B |") == 2  # planned cells without runs still get rows
 
 
 def test_aggregate_refuses_unknown_table_and_missing_runs(tmp_path):

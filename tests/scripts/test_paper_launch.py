@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from opd.config import load_config, to_dict
+import tip
 from scripts.paper import launch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +32,7 @@ METHOD = {
     "entropy_topk_50": ("entropy_topk", 0.5), "entropy_topk_20": ("entropy_topk", 0.2),
     "soft_or_50": ("soft_or", 0.5), "soft_or_20": ("soft_or", 0.2), "soft_or_bottom_50": ("soft_or_bottom", 0.5),
     "q3_only_10": ("q3_only", 0.1), "q3_only_20": ("q3_only", 0.2), "teacher_entropy": ("teacher_entropy", 1.0),
+    "adaptive_kl_50": ("adaptive_kl", 0.5),
 }
 TABLES = {
     3: (MATH, ["all", "entropy_sample_50", "entropy_sample_30", "entropy_sample_20", "entropy_sample_10"]),
@@ -38,7 +40,7 @@ TABLES = {
     5: (MATH, ["all", "entropy_topk_50", "entropy_topk_20", "soft_or_50", "soft_or_20"]),
     6: (MATH, ["soft_or_50", "soft_or_bottom_50"]),
     7: ([AGENT14, AGENT32], ["all", "entropy_topk_50", "entropy_topk_20", "q3_only_20", "soft_or_50", "soft_or_20"]),
-    8: ([QWEN3], ["all", "entropy_sample_50", "teacher_entropy"]),
+    8: ([QWEN3], ["all", "entropy_sample_50", "adaptive_kl_50", "teacher_entropy"]),
 }
 
 
@@ -99,6 +101,17 @@ def test_placeholder_teacher_is_flagged_in_the_plan():
     assert "teacher.path = ./checkpoints/qwen3-8b-grpo does not exist" in proc.stdout
 
 
+def test_a_selector_missing_from_the_tip_registry_blocks_its_cell(tmp_path):
+    """adaptive_kl_50 (table 8) needs the adaptive_kl selector; a checkout without it must not launch the cell."""
+    (cell,) = launch.plan([QWEN3], ["adaptive_kl_50"], str(tmp_path / "table8"),
+                          pair_overrides={QWEN3: ["teacher.path=Qwen/Qwen3-8B"]})
+    blocked = [line for line in cell.blockers if "tip registry" in line]
+    if "adaptive_kl" in tip.SELECTORS:
+        assert blocked == []
+    else:
+        assert blocked == ["tip.selector = adaptive_kl is not in this checkout's tip registry"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--pair", "gpt2_to_gpt2"], "is not in table 3"),
     (["--teacher", "/ckpt/x"], "choose one with --pair"),
@@ -141,7 +154,7 @@ def test_finished_run_of_another_table_is_linked_not_rerun(tmp_path, capsys):
     linked = tmp_path / "table5" / f"{QWEN3}__all"
     assert linked.is_symlink() and linked.resolve() == done.resolve()
     table = (tmp_path / "table5" / "table5.md").read_text()
-    assert "76.0 ± 1.00 (paper 76.7, Δ -0.7)" in table
+    assert "76.0 ± 1.00 (paper 76.7, from section 7.2 (table 3), Δ -0.7)" in table
     assert json.loads((tmp_path / "table5" / "plan.json").read_text())["methods"] == ["all"]
 
 

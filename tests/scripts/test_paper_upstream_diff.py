@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
 
-from scripts.paper.upstream_diff import DEFAULT_SOURCE_MAP, dump_metrics, main, parse_console_log, upstream_validation
+from scripts.paper.upstream_diff import (
+    DEFAULT_SOURCE_MAP, _bootstrap_best, dump_metrics, main, parse_console_log, upstream_validation,
+)
 
 # verl's console logger: `step:N - key:value - ...`, values through pprint.pformat
 # (numpy scalars print as np.float64(...)), lines prefixed by Ray's actor tag, and
@@ -42,44 +45,62 @@ def test_validation_keys_map_to_our_benchmark_names_in_percent():
     steps = parse_console_log(VERL_LOG)
     assert upstream_validation(steps[0], DEFAULT_SOURCE_MAP) == {
         "math500/mean@16": 50.0,  # acc wins over the reward variable
-        "math500/std@16": 25.0,
-        "math500/pass@16": 90.0,  # best@16/mean; best@16/std is not a metric of ours
+        "math500/std_per_problem@16": 25.0,  # verl's std@16: not our std@16, so not under that name
+        "math500/best@16_bootstrap": 90.0,  # verl's bootstrap best@16/mean: not pass@16; its /std is not a metric
         "aime24/mean@16": 6.25,
     }
     assert upstream_validation(steps[5], {**DEFAULT_SOURCE_MAP, "math_dapo": "dapo"})["dapo/mean@16"] == pytest.approx(30.0)
-    assert upstream_validation(steps[5], DEFAULT_SOURCE_MAP)["math500/maj@16"] == pytest.approx(70.0)
+    # maj@16/mean is dropped: the reference reward gives no prediction, every vote ties
+    assert not any("maj" in name for name in upstream_validation(steps[5], DEFAULT_SOURCE_MAP))
 
 
-def test_dumps_give_exact_per_benchmark_metrics(tmp_path):
-    problems = {"math500": ["What is 1+1?", "What is 2+3?"], "aime24": ["Find the number of primes below 30."]}
-    scores = {  # prompt -> 4 sample scores
-        "<|im_start|>user\nWhat is 1+1?\n\nLet's think step by step": [1, 1, 0, 1],
-        "<|im_start|>user\nWhat is 2+3?\n\nLet's think step by step": [0, 0, 0, 0],
-        "<|im_start|>user\nFind the number of primes below 30.\n\nLet's think": [0, 1, 0, 0],
+def _pstd(xs):
+    mu = sum(xs) / len(xs)
+    return math.sqrt(sum((x - mu) ** 2 for x in xs) / len(xs))
+
+
+def test_bootstrap_expectation_matches_a_simulation_of_verls_draw():
+    """best@k_bootstrap on our side is the exact expectation of verl's draw (k of k with replacement, best kept)."""
+    rng = random.Random(0)
+    for scores in ([1, 0, 0, 0], [0.0, 0.5, 1.0, 0.5, 0.25], [0, 0, 0], [1, 1]):
+        draws = [max(rng.choice(scores) for _ in scores) for _ in range(40000)]
+        assert _bootstrap_best(list(map(float, scores))) == pytest.approx(sum(draws) / len(draws), abs=0.01)
+    # 0/1 scores: 1 - (1 - c/k)^k, below pass@k (1.0 here) as verl's estimate is
+    assert _bootstrap_best([1.0, 0.0, 0.0, 0.0]) == pytest.approx(1 - 0.75 ** 4)
+
+
+def test_dumps_give_exact_per_benchmark_metrics_and_regrade(tmp_path):
+    problems = {"math500": {"What is 1+1?": "2", "What is 2+3?": "5"}, "aime24": {"Find the number of primes below 30.": "10"}}
+    scores = {  # prompt -> 4 (score, output) samples; upstream graded 1/2 as wrong, math-verify takes 0.5 = 1/2 too
+        "<|im_start|>user\nWhat is 1+1?\n\nLet's think step by step": [(1, "\\boxed{2}")] * 3 + [(0, "\\boxed{4/2}")],
+        "<|im_start|>user\nWhat is 2+3?\n\nLet's think step by step": [(0, "\\boxed{6}")] * 4,
+        "<|im_start|>user\nFind the number of primes below 30.\n\nLet's think": [(0, "no")] * 3 + [(1, "\\boxed{10}")],
     }
     dump = tmp_path / "5.jsonl"
-    dump.write_text("".join(json.dumps({"input": p, "output": "...", "gts": "2", "score": float(s), "step": 5}) + "\n"
-                            for p, ss in scores.items() for s in ss))
-    got = dump_metrics(dump, problems)
-
-    def pstd(xs):
-        mu = sum(xs) / len(xs)
-        return math.sqrt(sum((x - mu) ** 2 for x in xs) / len(xs))
-
-    m1, m2, a1 = scores.values()
+    dump.write_text("".join(json.dumps({"input": p, "output": out, "score": float(sc), "step": 5}) + "\n"
+                            for p, samples in scores.items() for sc, out in samples))
+    got = dump_metrics(dump, problems, regrade=True)
+    m1, m2, a1 = ([float(sc) for sc, _ in samples] for samples in scores.values())
     assert got["math500/mean@4"] == pytest.approx(100 * (3 + 0) / 8)
     assert got["math500/pass@4"] == pytest.approx(100 * (1 + 0) / 2)
-    assert got["math500/std@4"] == pytest.approx(100 * (pstd(m1) + pstd(m2)) / 2)
+    assert got["math500/std_per_problem@4"] == pytest.approx(100 * (_pstd(m1) + _pstd(m2)) / 2)
+    assert got["math500/best@4_bootstrap"] == pytest.approx(100 * ((1 - 0.25 ** 4) + 0) / 2)
     assert got["aime24/mean@4"] == pytest.approx(25.0)
     assert got["aime24/pass@4"] == pytest.approx(100.0)
+    # math-verify accepts 4/2 = 2, the upstream score did not: 4 of 8 right instead of 3
+    assert got["math500/mean@4 [math-verify]"] == pytest.approx(50.0)
+    assert got["aime24/mean@4 [math-verify]"] == pytest.approx(25.0)
+    assert "math500/mean@4 [math-verify]" not in dump_metrics(dump, problems)  # only when asked
 
 
 def _our_run(run_dir: Path) -> None:
     run_dir.mkdir(parents=True)
     records = [
-        {"step": 1, "opd/loss": 0.3, "opd/entropy": 0.9, "timing/step_s": 100.0, "perf/max_memory_allocated_gb": 40.0},
+        {"step": 1, "opd/loss": 0.3, "opd/entropy": 0.9, "opd/num_tokens": 4000, "timing/step_s": 100.0,
+         "perf/max_memory_allocated_gb": 40.0},
         {"step": 2, "opd/loss": 0.26, "opd/entropy": 0.8},
-        {"step": 5, "opd/loss": 0.13, "val/math500/mean@16": 60.0, "val/aime24/mean@16": 12.5, "val/heldout/mean@16": 31.0},
+        {"step": 5, "opd/loss": 0.13, "val/math500/mean@16": 60.0, "val/aime24/mean@16": 12.5, "val/heldout/mean@16": 31.0,
+         "val/math500/std@16": 2.0},
         {"step": 10, "opd/loss": 0.11, "opd/grad_norm": "nan"},
     ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -89,40 +110,80 @@ def _our_run(run_dir: Path) -> None:
         bench = {"mean@k": mean, "std@k": 20.0, "pass@k": 92.0, "maj@k": 72.0, "n_problems": 500, "mean_length": 800.0,
                  "truncation_rate": 0.0}
         path.write_text(json.dumps({"step": step, "k": 16, "benchmarks": {"math500": bench}}))
+    # final samples: two math500 problems x 16; problem a right 8 times (one of them as 0.5 for 1/2), b never
+    samples = [{"benchmark": "math500", "problem_id": "a", "sample": j, "response": "\\boxed{0.5}" if j == 0 else
+                ("\\boxed{\\frac{1}{2}}" if j < 8 else "\\boxed{1}"), "correct": j < 8, "answer": "\\frac{1}{2}"}
+               for j in range(16)]
+    samples += [{"benchmark": "math500", "problem_id": "b", "sample": j, "response": "\\boxed{3}", "correct": False,
+                 "answer": "7"} for j in range(16)]
+    (run_dir / "eval" / "final" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
 
 
-def _rows(stdout: str) -> dict[tuple[str, str], tuple[float, float, float]]:
+def _rows(stdout: str) -> dict[tuple[str, str], tuple]:
     out = {}
     for line in stdout.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 5 and cells[0] not in ("step", "---"):
-            out[(cells[0], cells[1])] = tuple(float(c) for c in cells[2:])
+        if len(cells) == 6 and cells[0] not in ("step", "---"):
+            out[(cells[0], cells[1])] = (*(float(c) for c in cells[2:5]), cells[5])
     return out
 
 
-def test_diff_table_lines_up_steps_and_final(tmp_path, capsys):
+def test_diff_table_compares_the_same_statistics(tmp_path, capsys):
     log = tmp_path / "upstream.log"
-    log.write_text(VERL_LOG)
+    log.write_text(VERL_LOG + "(TaskRunner pid=4242) step:11 - val-core/math/acc/mean@16:0.75 - "
+                   "val-aux/math/acc/std@16:0.3 - val-core/math/acc/best@16/mean:0.4\n")
     _our_run(tmp_path / "run")
     assert main(["--upstream-log", str(log), "--run", str(tmp_path / "run"), "--out", str(tmp_path / "diff.md")]) == 0
     out = capsys.readouterr().out
     rows = _rows(out)
-    # step 5: our eval summary (61.0) wins over the metrics.jsonl value (60.0)
-    assert rows[("5", "math500/mean@16")] == (62.5, 61.0, -1.5)
-    assert rows[("5", "aime24/mean@16")] == (12.5, 12.5, 0.0)
-    assert rows[("5", "heldout/mean@16")] == (30.0, 31.0, 1.0)
-    assert rows[("5", "math500/maj@16")] == (70.0, 72.0, 2.0)
-    assert rows[("5", "opd/loss")] == (0.125, 0.13, pytest.approx(0.005))
+    # step 5: our eval summary (61.0) wins over the metrics.jsonl value (60.0); graders named
+    assert rows[("5", "math500/mean@16")] == (62.5, 61.0, -1.5, "reference string match / math-verify")
+    assert rows[("5", "aime24/mean@16")][:3] == (12.5, 12.5, 0.0)
+    assert rows[("5", "heldout/mean@16")][:3] == (30.0, 31.0, 1.0)
+    assert not any("maj" in metric or metric == "opd/loss" or "/std@" in metric for _, metric in rows)
     # training-only steps are left out unless asked for
     assert not any(step in ("1", "2") for step, _ in rows)
-    assert rows[("final (upstream step 10)", "math500/mean@16")] == (75.0, 77.5, 2.5)
-    assert (tmp_path / "diff.md").read_text() == out
+    final = "final (upstream step 11)"
+    assert rows[(final, "math500/mean@16")][:3] == (75.0, 77.5, 2.5)
+    # verl's statistics computed from our 32 samples: per-problem std (0.5 and 0) averaged; bootstrap 1 - 0.5^16 and 0
+    assert rows[(final, "math500/std_per_problem@16")][:2] == (30.0, pytest.approx(25.0))
+    assert rows[(final, "math500/best@16_bootstrap")][:2] == (40.0, pytest.approx(100 * (1 - 0.5 ** 16) / 2, abs=1e-3))
+    assert "std_per_problem@k: verl's std@k" in out and (tmp_path / "diff.md").read_text() == out
 
     assert main(["--upstream-log", str(log), "--run", str(tmp_path / "run"), "--all-steps"]) == 0
     rows = _rows(capsys.readouterr().out)
-    assert rows[("1", "opd/entropy")] == (0.875, 0.9, pytest.approx(0.025))
-    assert rows[("1", "timing/step_s")] == (300.0, 100.0, -200.0)
+    assert rows[("1", "opd/entropy")][:2] == (0.875, 0.9)
+    assert rows[("1", "timing/step_s")][:3] == (300.0, 100.0, -200.0)
     assert ("10", "opd/grad_norm") not in rows  # "nan" on our side is not compared
+    assert ("1", "opd/num_tokens") not in rows  # per rank upstream: only with --upstream-world-size
+
+
+def test_num_tokens_is_compared_on_the_same_footing_and_regrade_adds_rows(tmp_path, capsys):
+    log = tmp_path / "upstream.log"
+    log.write_text("step:1 - opd/num_tokens:500 - opd/entropy:0.8\nstep:10 - val-core/math/acc/mean@16:0.25\n")
+    _our_run(tmp_path / "run")
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    dumps.joinpath("10.jsonl").write_text("".join(
+        json.dumps({"input": "user: What is half of one?", "output": "\\boxed{0.5}", "gts": "\\frac{1}{2}", "score": 0.0})
+        + "\n" for _ in range(16)))
+    bench = tmp_path / "math500.jsonl"
+    bench.write_text(json.dumps({"problem": "What is half of one?", "answer": "\\frac{1}{2}"}) + "\n")
+    argv = ["--upstream-log", str(log), "--run", str(tmp_path / "run"), "--all-steps", "--upstream-world-size", "8",
+            "--upstream-dumps", str(dumps), "--bench", f"math500={bench}", "--regrade"]
+    assert main(argv) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows[("1", "opd/num_tokens")][:2] == (4000.0, 4000.0)  # 500 per rank x 8 ranks
+    final = "final (upstream step 10)"
+    # upstream's own score (0) vs our samples by string match: 0.5 is not \frac{1}{2} as a string, 7 of 16 match
+    assert rows[(final, "math500/mean@16 [string match]")][:2] == (0.0, pytest.approx(100 * 7 / 32, abs=0.01))
+    # upstream's outputs regraded by math-verify (0.5 = 1/2: all right) vs ours (math-verify natively)
+    assert rows[(final, "math500/mean@16 [math-verify]")] == (100.0, 77.5, -22.5, "math-verify (regraded) / math-verify")
+    assert rows[(final, "math500/pass@16")][:2] == (0.0, 92.0)  # exact from the dump
+    assert main(argv[:-1] + ["--upstream-dumps", str(dumps)]) == 0  # without --regrade: no regraded rows
+    assert not any("[" in metric for _, metric in _rows(capsys.readouterr().out))
+    assert main(["--upstream-log", str(log), "--run", str(tmp_path / "run"), "--regrade"]) == 2
+    assert "--regrade needs --upstream-dumps" in capsys.readouterr().err
 
 
 def test_nothing_in_common_is_an_error_that_lists_both_sides(tmp_path, capsys):

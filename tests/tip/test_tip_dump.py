@@ -28,11 +28,11 @@ def setup(n=12, topk=5):
 
 def test_records_of_every_token_when_n_is_large():
     student, teacher, stats, selection, quad, token_ids = setup()
-    records = tip.token_records(stats, selection, quad, token_ids, decode, n=100, step=7)
-    assert [r["position"] for r in records] == list(range(12))
-    for r in records:
-        i = r["position"]
-        assert r["step"] == 7 and r["sequence"] == i // 4
+    places = torch.arange(12) % 4  # 3 rollouts of 4 response tokens
+    records = tip.token_records(stats, selection, quad, token_ids, decode, n=100, step=7, response_positions=places)
+    assert [(r["rollout"], r["response_position"]) for r in records] == [(i // 4, i % 4) for i in range(12)]
+    for i, r in enumerate(records):
+        assert r["step"] == 7 and "position" not in r and "sequence" not in r
         assert r["token"] == VOCAB[int(token_ids[i])]
         assert r["entropy"] == pytest.approx(float(stats.entropy[i]), rel=1e-5)
         assert r["divergence"] == pytest.approx(float(stats.divergence[i]), rel=1e-5)
@@ -53,8 +53,9 @@ def test_random_subset_is_reproducible_and_top_lists_are_optional():
     _, _, stats, selection, quad, token_ids = setup(topk=0)
     a = tip.token_records(stats, selection, quad, token_ids, decode, n=4, generator=torch.Generator().manual_seed(3))
     b = tip.token_records(stats, selection, quad, token_ids, decode, n=4, generator=torch.Generator().manual_seed(3))
-    assert a == b and len(a) == 4 and len({r["position"] for r in a}) == 4
+    assert a == b and len(a) == 4 and len({r["token"] + str(r["entropy"]) for r in a}) == 4
     assert "student_top5" not in a[0] and "teacher_top5" not in a[0]
+    assert "response_position" not in a[0]  # not given, not invented
     assert tip.token_records(stats, selection, quad, token_ids, decode, n=0) == []
 
 
@@ -72,3 +73,5 @@ def test_mismatched_lengths_are_errors():
     _, _, stats, selection, quad, token_ids = setup()
     with pytest.raises(ValueError, match="token_ids has 11 tokens"):
         tip.token_records(stats, selection, quad, token_ids[:11], decode, n=3)
+    with pytest.raises(ValueError, match="response_positions has 5 tokens"):
+        tip.token_records(stats, selection, quad, token_ids, decode, n=3, response_positions=torch.arange(5))
