@@ -7,6 +7,7 @@ runs a training step.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import time
@@ -85,6 +86,7 @@ def setup(cfg: Config, config_paths=()) -> Run:
     ds_plugin = acc.state.deepspeed_plugin
     zero3 = ds_plugin is not None and ds_plugin.zero_stage == 3
     run_dir = prepare_run_dir(cfg, config_paths, acc)
+    given = copy.deepcopy(cfg)  # what config.yaml records: `demo:teacher`, not this machine's cache path
     resolve_demo_paths(cfg, acc)
 
     with loading("model.tokenizer", cfg.model.tokenizer or cfg.model.path):
@@ -116,7 +118,8 @@ def setup(cfg: Config, config_paths=()) -> Run:
         cfg=cfg, accelerator=acc, run_dir=run_dir, tokenizer=tokenizer, policy=policy, student=student,
         teacher=teacher, teacher_head=teacher_head_for(teacher, loss, teacher_engine, cfg, use_cuda), loss=loss,
         optimizer=optimizer, scheduler=scheduler, sampler=PromptSampler(train_prompts, cfg.train.seed),
-        heldout=heldout_benchmark(cfg, val_prompts, acc), log=MetricsLog(run_dir, cfg.logging, to_dict(cfg), enabled=acc.is_main_process),
+        heldout=heldout_benchmark(cfg, val_prompts, acc),
+        log=MetricsLog(run_dir, cfg.logging, to_dict(cfg), enabled=acc.is_main_process),
         settings=step_settings(cfg), selector_state=new_selector_state(),
         reward=reward_fn(cfg.opd.reward, cfg.eval.grade_timeout_s), eos_ids=eos_ids(tokenizer, student_lm),
         total_steps=total_steps, zero3=zero3, teacher_engine=teacher_engine, started=started,
@@ -124,7 +127,7 @@ def setup(cfg: Config, config_paths=()) -> Run:
     resume(run)
     if acc.is_main_process and not (run.step >= total_steps and (run_dir / "summary.json").is_file()):
         with writing(run_dir / "config.yaml"):  # a no-op rerun of a finished run changes no file
-            save_config(cfg, run_dir / "config.yaml")
+            save_config(given, run_dir / "config.yaml")
     if cfg.logging.progress_bar and acc.is_main_process and run.step < total_steps:
         run.bar = tqdm(total=total_steps, initial=run.step, desc="opd", dynamic_ncols=True)
     return run
