@@ -208,7 +208,7 @@ def test_a_no_op_rerun_with_changed_resumable_keys_changes_no_file(finished, tmp
     before = tree_digest(run)
     out = run_cli([*args, "train.steps=2", "eval.every=1"])
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "already finished at step 3; nothing to do" in out.stdout
+    assert "already finished at step 3; nothing to train" in out.stdout
     assert tree_digest(run) == before
 
 
