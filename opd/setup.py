@@ -27,6 +27,7 @@ from opd.checkpoint import resume
 from opd.config import Config, save_config, to_dict
 from opd.data import Prompt, PromptSampler, load_prompts
 from opd.distributed import built_whole, gathered, global_sum, make_accelerator, rows, zero3_inference_engine
+from opd.engine import build_engine, rollout_sampling
 from opd.errors import RunError
 from opd.policy import PolicyModel
 from opd.preflight import check_run_dir, run_directory
@@ -61,6 +62,8 @@ class Run:
     step: int = 0
     zero3: bool = False  # DeepSpeed ZeRO-3: the student's weights are sharded over the processes
     teacher_engine: object = None  # the teacher's ZeRO-3 inference engine (owns its sharding hooks), or None
+    engine: object = None  # the rollout engine (lm.engines: HF generate or a colocated vLLM), built after resuming
+    sampling: object = None  # lm.engines.Sampling of the training rollouts
     bar: tqdm | None = None
     started: float = field(default_factory=time.time)
     evals: dict[str, dict] = field(default_factory=dict)  # evaluation name -> eval summary
@@ -113,6 +116,7 @@ def setup(cfg: Config, config_paths=()) -> Run:
         total_steps=total_steps, zero3=zero3, teacher_engine=teacher_engine,
     )
     resume(run)
+    run.engine, run.sampling = build_engine(run), rollout_sampling(run)
     if cfg.logging.progress_bar and acc.is_main_process:
         run.bar = tqdm(total=total_steps, initial=run.step, desc="opd", dynamic_ncols=True)
     return run
