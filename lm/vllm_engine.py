@@ -35,7 +35,7 @@ MISSING = ("rollout.engine=vllm needs vLLM in this environment: `pip install vll
 
 def vllm_available() -> bool:
     try:
-        import vllm  # noqa: F401  optional: only rollout.engine=vllm needs it
+        from vllm import LLM  # noqa: F401  optional: only rollout.engine=vllm needs it (and a bare folder named vllm has no LLM)
     except ImportError:
         return False
     return True

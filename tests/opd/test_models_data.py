@@ -124,3 +124,23 @@ def test_dedup_drops_repeated_prompts_before_the_split(tmp_path):
     train, val, report = load_prompts(DataConfig(train_path=path, dedup=True, val_ratio=0.2), tok, seed=0)
     assert len(train) + len(val) == 5 and report.skipped == {"repeated prompts": 35}
     assert len(load_prompts(DataConfig(train_path=path), tok, seed=0)[0]) == 40
+
+
+def test_the_batched_rowwise_sampler_draws_from_the_warped_distribution():
+    from lm.rollout import RowwiseSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    seeds = list(range(20000))
+    scores = RowwiseSampler(seeds, prompt_width=3, temperature=1.0, top_k=0, top_p=1.0)(
+        torch.zeros(len(seeds), 3, dtype=torch.long), logits.expand(len(seeds), -1))
+    assert ((scores == 0).sum(1) == 1).all() and (scores[scores != 0] == float("-inf")).all()  # one token kept per row
+    share = torch.bincount(scores.argmax(1), minlength=5).double() / len(seeds)
+    assert torch.allclose(share, torch.softmax(logits[0].double(), 0), atol=0.01)  # 20k draws: sd <= 0.0035
+    # a row's draw depends on its seed and counter only: the same seeds in another order draw the same tokens
+    shuffled = RowwiseSampler(seeds[::-1], prompt_width=3, temperature=1.0, top_k=0, top_p=1.0)(
+        torch.zeros(len(seeds), 3, dtype=torch.long), logits.expand(len(seeds), -1))
+    assert torch.equal(shuffled.argmax(1).flip(0), scores.argmax(1))
+    # the next token (counter 1) is a fresh draw
+    later = RowwiseSampler(seeds, prompt_width=3, temperature=1.0, top_k=0, top_p=1.0)(
+        torch.zeros(len(seeds), 4, dtype=torch.long), logits.expand(len(seeds), -1))
+    assert (later.argmax(1) != scores.argmax(1)).float().mean() > 0.3

@@ -157,3 +157,22 @@ def test_two_cpu_processes_each_with_an_engine_sample_what_one_process_samples(t
         assert a["opd/num_tokens"] == b["opd/num_tokens"]  # the same rollouts (their lengths) on 1 and 2 processes
         assert b["rollout/logprob_diff_max"] <= 1e-3
         assert b["opd/loss"] == pytest.approx(a["opd/loss"], rel=1e-4, abs=1e-6)
+
+
+def test_eval_command_samples_through_vllm_reproducibly(tmp_path):
+    from lm.models import save_pretrained
+
+    model = load_model(ModelConfig(arch="qwen3", **SMALL), TOK, torch.device("cpu"), trainable=False)
+    save_pretrained(model, TOK, tmp_path / "ckpt")
+    bench = tmp_path / "sums.jsonl"
+    bench.write_text("".join(f'{{"id": "{i}", "problem": "{i}+{i}=", "answer": "{2 * i}"}}\n' for i in range(3)))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **VLLM_ENV}
+    summaries = []
+    for name in ("a", "b"):
+        out = subprocess.run(
+            [sys.executable, "-m", "eval", "--model", str(tmp_path / "ckpt"), "--benchmarks", f"sums={bench}",
+             "--k", "2", "--max-new-tokens", "8", "--no-chat-template", "--engine", "vllm", "--out", str(tmp_path / name)],
+            capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        summaries.append((tmp_path / name / "samples.jsonl").read_text())
+    assert summaries[0] == summaries[1] and len(summaries[0].splitlines()) == 6
