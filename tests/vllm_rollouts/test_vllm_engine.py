@@ -144,18 +144,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_each_with_an_engine_sample_what_one_process_samples(tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """A 2-step single-process run with rollout.engine=vllm: (its config, its metrics)."""
+    tmp_path = tmp_path_factory.mktemp("one")
     cfg = write_config(tmp_path / "c.yaml", vllm_config(tmp_path, train={"steps": 2}))
-    assert run_cli(["--config", str(cfg), "train.run_name=one"], timeout=900, env=VLLM_ENV).returncode == 0
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", **VLLM_ENV}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(REPO / "train.py"), "--config", str(cfg), "train.run_name=two"]
+    out = run_cli(["--config", str(cfg), "train.run_name=one"], timeout=900, env=VLLM_ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return cfg, read_metrics(tmp_path / "runs" / "one")
+
+
+# torchrun with gloo (DDP), and accelerate's ZeRO-3 file (the student sharded: each parameter is gathered
+# alone for the sync)
+LAUNCHERS = {
+    "ddp": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "{port}"],
+    "zero3": ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/zero3.yaml"),
+              "--num_processes", "2", "--main_process_port", "{port}"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_cpu_processes_each_with_an_engine_train_what_one_process_trains(one_process, launcher):
+    cfg, one = one_process
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **VLLM_ENV,
+           **({"ACCELERATE_USE_CPU": "true"} if launcher == "ddp" else {})}
+    command = [sys.executable, *(a.format(port=free_port()) for a in LAUNCHERS[launcher]), str(REPO / "train.py"),
+               "--config", str(cfg), f"train.run_name={launcher}"]
     out = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
     assert out.returncode == 0, out.stderr[-4000:]
-    one, two = read_metrics(tmp_path / "runs" / "one"), read_metrics(tmp_path / "runs" / "two")
+    two = read_metrics(cfg.parent / "runs" / launcher)
+    assert len(two) == len(one) == 2
     for a, b in zip(one, two):
         assert a["opd/num_tokens"] == b["opd/num_tokens"]  # the same rollouts (their lengths) on 1 and 2 processes
-        assert b["rollout/logprob_diff_max"] <= 1e-3
+        assert b["rollout/logprob_diff_max"] <= 1e-3  # step 2 samples after a synced update
         assert b["opd/loss"] == pytest.approx(a["opd/loss"], rel=1e-4, abs=1e-6)
 
 
