@@ -8,6 +8,8 @@ next rollout (and any evaluation in between) samples from the updated student.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from lm.engines import HFEngine, Sampling
@@ -68,9 +70,10 @@ def rollout_gap(run, rollouts: Rollouts) -> dict:
     all processes (nats). The trainer side is one extra no-grad student forward over the step's rollouts
     (micro-batch by micro-batch, LM head chunked), run before any update of the step: so the gap measures
     a stale or broken sync and precision differences, never the step's own updates. 0 on the HF path,
-    which samples from the trained model itself (and then costs nothing)."""
+    which samples from the trained model itself (and then costs nothing). Its time: timing/logprob_check_s."""
     if rollouts.logprobs is None:
         return {"rollout/logprob_diff_mean": 0.0, "rollout/logprob_diff_max": 0.0}
+    started = time.perf_counter()
     acc, cfg = run.accelerator, run.cfg
     head = run.student_head()
     total, count, biggest = 0.0, 0, 0.0
@@ -85,7 +88,7 @@ def rollout_gap(run, rollouts: Rollouts) -> dict:
         biggest = max(biggest, float(diff.max())) if diff.numel() else biggest
     worst = acc.gather(torch.tensor([biggest], device=acc.device)).max() if acc.num_processes > 1 else biggest
     return {"rollout/logprob_diff_mean": global_sum(acc, total) / max(global_sum(acc, count), 1.0),
-            "rollout/logprob_diff_max": float(worst)}
+            "rollout/logprob_diff_max": float(worst), "timing/logprob_check_s": time.perf_counter() - started}
 
 
 def sampled_logprobs(states: torch.Tensor, head: torch.Tensor, tokens: torch.Tensor, chunk_size: int) -> torch.Tensor:
