@@ -26,6 +26,7 @@ from demo import task as demo_task
 from eval.benchmarks import BenchmarkError, parse_spec
 from lm.config import ModelConfig
 from lm.tokenizers import check_tokenizers, load_tokenizer
+from lm.vllm_engine import MISSING, vllm_available
 from opd.config import Config, to_dict
 from opd.data import DataError, field_value, load_prompts
 from opd.step import known_selectors
@@ -344,6 +345,13 @@ def check_selector(cfg: Config) -> list[str]:
     return []
 
 
+def check_engine(cfg: Config) -> list[str]:
+    """rollout.engine=vllm needs vLLM importable here: said before anything loads."""
+    if cfg.rollout.engine == "vllm" and not vllm_available():
+        return [f"rollout.engine: {MISSING}"]
+    return []
+
+
 def check_eval(cfg: Config) -> list[str]:
     """Benchmark names and files: a typo must not surface at the first evaluation, hours in."""
     if not cfg.eval.benchmarks:
@@ -416,7 +424,7 @@ def preflight(cfg: Config, paths=(), deep: bool = False, ignore=(), notes: list 
     model_problems = check_model("model", cfg.model) + check_model("teacher", cfg.teacher)
     data_problems = check_data(cfg)
     problems = model_problems + data_problems + check_output(cfg, paths) + check_run_dir(cfg, paths, ignore)
-    problems += check_selector(cfg) + check_eval(cfg) + check_demo(cfg)
+    problems += check_selector(cfg) + check_engine(cfg) + check_eval(cfg) + check_demo(cfg)
     demo = cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")
     if not demo:
         problems += check_deep(cfg, models_ok=not model_problems, data_ok=deep and not data_problems, notes=notes)
