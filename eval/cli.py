@@ -25,6 +25,7 @@ from eval.runner import evaluate, prompt_format
 from lm.config import ModelConfig
 from lm.models import load_model
 from lm.tokenizers import load_tokenizer
+from lm.vllm_engine import MISSING, build_vllm_engine, vllm_available
 
 # command-line flag -> EvalConfig field
 _CFG_FLAGS = {
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when available")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="hf: transformers generate; vllm: a vLLM engine holding the loaded weights (README, 'Rollouts on vLLM')")
+    p.add_argument("--max-model-len", type=int, default=0,
+                   help="vllm: prompt + response tokens at most (default: --max-new-tokens + 2048)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.8, help="vllm on a GPU: share of its memory the engine takes")
     return p
 
 
@@ -109,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    if args.engine == "vllm" and not vllm_available():
+        print(f"error: {MISSING.replace('rollout.engine=vllm', '--engine vllm')}", file=sys.stderr)
+        return 2
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     mc = ModelConfig(path=args.model, tokenizer=args.tokenizer, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     try:
@@ -119,9 +128,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: could not load model {args.model!r}: {first}", file=sys.stderr)
         return 2
     out = args.out or str(Path("runs") / "eval" / re.sub(r"[^A-Za-z0-9_.\-]+", "_", args.model.strip("/")))
+    engine = vllm_engine(model, args, cfg, device, out) if args.engine == "vllm" else None
     evaluate(
         model, tokenizer, specs, cfg, out, seed=args.seed, chat_template=not args.no_chat_template,
-        enable_thinking=args.enable_thinking, system_prompt=args.system_prompt,
+        enable_thinking=args.enable_thinking, system_prompt=args.system_prompt, engine=engine,
     )
     print(f"wrote {Path(out) / 'summary.json'} and {Path(out) / 'samples.jsonl'}")
     return 0
+
+
+def vllm_engine(model, args: argparse.Namespace, cfg: EvalConfig, device: torch.device, out: str):
+    """A vLLM engine holding `model`'s weights (built from its config, then synced: the checkpoint is read once)."""
+    longest = args.max_model_len or cfg.max_new_tokens + 2048
+    engine = build_vllm_engine(
+        model, Path(out) / "vllm_model", dtype=next(model.parameters()).dtype,
+        max_model_len=min(longest, getattr(model.config, "max_position_embeddings", longest)), device=device,
+        num_processes=1, gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=4, sleep=False,
+        enforce_eager=False,
+    )
+    engine.sync(model.named_parameters())
+    return engine

@@ -26,6 +26,7 @@ from eval import metrics
 from eval.benchmarks import Benchmark, PromptFormat, load_benchmark
 from eval.grader import normalize_answer
 from eval.config import EvalConfig
+from lm.engines import Sampling
 from lm.rollout import sample
 
 SUMMARY_KEYS = ("mean@k", "std@k", "pass@k", "maj@k", "n_problems", "mean_length", "truncation_rate")
@@ -46,6 +47,7 @@ def evaluate(
     shard: tuple[int, int] = (0, 1),
     gather=None,
     title: str | None = None,
+    engine=None,
 ) -> dict:
     """Evaluate `model` on each benchmark (a spec, see eval.benchmarks, or a loaded Benchmark) and return the summary.
 
@@ -62,6 +64,9 @@ def evaluate(
     writes `out_dir` and prints the table (headed `title`, default "step N"). Each process makes the same number
     of generate calls (short shards are padded), so ZeRO-3 style sharded
     models can generate in lockstep.
+
+    `engine` (an lm.engines engine holding `model`'s weights, e.g. the trainer's vLLM engine) samples
+    instead of `model.generate`; each sample is then seeded by (seed, benchmark, problem, sample index).
     """
     rank, world = shard
     if world < 1 or not 0 <= rank < world:
@@ -83,7 +88,7 @@ def evaluate(
         started = time.time()
         results = _run_benchmark(
             model, tokenizer, bench, cfg, seed=seed, rank=rank, world=world, chat_template=chat_template,
-            enable_thinking=enable_thinking, system_prompt=system_prompt,
+            enable_thinking=enable_thinking, system_prompt=system_prompt, engine=engine,
         )
         if gather is not None:
             results = [r for part in gather(results) for r in part]
@@ -190,7 +195,7 @@ def _chunk_seed(seed: int, name: str, rank: int, chunk: int) -> int:
 
 
 def _run_benchmark(model, tokenizer, bench: Benchmark, cfg: EvalConfig, *, seed: int, rank: int, world: int,
-                   chat_template: bool, enable_thinking: bool, system_prompt: str) -> list[dict]:
+                   chat_template: bool, enable_thinking: bool, system_prompt: str, engine=None) -> list[dict]:
     """This process's share of a benchmark, sampled and graded: one dict per problem."""
     mine = list(range(rank, len(bench.problems), world))
     if world > 1:
@@ -213,11 +218,17 @@ def _run_benchmark(model, tokenizer, bench: Benchmark, cfg: EvalConfig, *, seed:
     by_problem: dict[int, list] = {i: [None] * cfg.k for i in mine if i >= 0}
     for chunk_no, start in enumerate(range(0, len(rows), cfg.batch_size)):
         chunk = rows[start:start + cfg.batch_size]
-        rollouts = sample(
-            model, [ids[i] for i, _ in chunk], pad_token_id=pad_id, eos_token_id=eos,
-            temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
-            n=1, batch_size=0, seed=_chunk_seed(seed, bench.name, rank, chunk_no), synced_gpus=synced,
-        )
+        if engine is not None:
+            sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
+                                n=1, eos_ids=tuple(eos), pad_token_id=pad_id)
+            seeds = [_chunk_seed(seed, bench.name, max(i, 0), j) for i, j in chunk]
+            rollouts = engine.generate([ids[i] for i, _ in chunk], seeds, sampling)
+        else:
+            rollouts = sample(
+                model, [ids[i] for i, _ in chunk], pad_token_id=pad_id, eos_token_id=eos,
+                temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
+                n=1, batch_size=0, seed=_chunk_seed(seed, bench.name, rank, chunk_no), synced_gpus=synced,
+            )
         responses = rollouts.response_ids()
         for r, (row, resp) in enumerate(zip(rollouts.prompt_index.tolist(), responses)):
             i, j = chunk[row]

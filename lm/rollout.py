@@ -1,7 +1,9 @@
-"""Student rollouts: sample responses to prompts with HF `generate`.
+"""Student rollouts with HF `generate`, and the `Rollouts` every engine returns.
 
-`sample` is the one function the loop (and evaluation) calls; a faster engine
-(vLLM, SGLang) can replace it as long as it returns the same `Rollouts`.
+`sample` is the HF path (the reference, and the engine of machines without
+vLLM); `lm.engines` wraps it and the vLLM engine behind one interface. Both
+seed every response by `row_seed(prompt seed, j)`, so a prompt's rollouts do
+not depend on its batch, process or process count.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class Rollouts:
     response_mask  (B, L)  1 on tokens the student generated (EOS included), 0 on prompt and padding
     prompt_index   (B,)    which prompt of the input list each row answers
     truncated      (B,)    True when the response hit max_new_tokens without EOS
+    logprobs       (B, L)  the engine's log-probability (nats, temperature 1) of each response token,
+                           0 elsewhere; None when the engine is the trainer's own model (HF)
     """
 
     input_ids: torch.Tensor
@@ -31,6 +35,7 @@ class Rollouts:
     prompt_length: int
     prompt_index: torch.Tensor
     truncated: torch.Tensor
+    logprobs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -47,28 +52,31 @@ class Rollouts:
         return Rollouts(
             self.input_ids[index], self.attention_mask[index], self.response_mask[index],
             self.prompt_length, self.prompt_index[index], self.truncated[index],
+            None if self.logprobs is None else self.logprobs[index],
         )
 
     def to(self, device) -> "Rollouts":
         return Rollouts(
             self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
             self.prompt_length, self.prompt_index.to(device), self.truncated.to(device),
+            None if self.logprobs is None else self.logprobs.to(device),
         )
 
 
 class RowwiseSampler(LogitsProcessor):
-    """Draws each row's next token from that row's own generator, so a row's response
-    does not depend on which rows share its batch, its process or its generate call.
+    """Draws each row's next token with that row's own counter-based uniform, so a row's response does
+    not depend on which rows share its batch, its process or its generate call.
 
-    generate runs custom processors before its own temperature / top-k / top-p, so this
-    one applies them itself (transformers' warpers) and generate is then given none.
-    Gumbel-max: argmax(scores - log E), E ~ Exp(1) per vocabulary entry, is a draw from
-    softmax(scores). The returned scores keep only the drawn token, so generate's own
-    multinomial then picks it with probability 1.
+    The t-th token of the row seeded `s` is the inverse-CDF draw at u = uniform(s, t) from the row's
+    warped distribution (temperature, top-k, top-p: transformers' warpers, applied here because
+    generate runs custom processors before its own). One softmax, cumsum and searchsorted for all
+    rows per token; the noise is one number per row (no per-row generator, no (B, V) noise). The
+    returned scores keep only the drawn token, so generate runs greedy (do_sample=False) and picks it.
     """
 
-    def __init__(self, seeds: list[int], device, temperature: float, top_k: int, top_p: float):
-        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    def __init__(self, seeds: list[int], prompt_width: int, temperature: float, top_k: int, top_p: float):
+        self.seeds = seeds
+        self.prompt_width = prompt_width
         self.warpers = LogitsProcessorList(
             ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
             + ([TopKLogitsWarper(top_k)] if top_k else [])
@@ -76,12 +84,24 @@ class RowwiseSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = self.warpers(input_ids, scores.float())
-        # One draw per row per decoding step, finished rows included: a row's t-th token
-        # always uses its generator's t-th draw.
-        noise = torch.stack([torch.empty(scores.shape[1], device=scores.device).exponential_(generator=g)
-                             for g in self.generators])
-        choice = (scores - noise.log()).argmax(-1, keepdim=True)
+        t = input_ids.shape[1] - self.prompt_width  # tokens generated so far: the counter
+        u = torch.tensor([uniform(s, t) for s in self.seeds], dtype=torch.float64, device=scores.device)
+        # float64: a float32 running sum over 150k entries drifts by up to ~1e-3
+        cdf = torch.softmax(scores, dim=-1, dtype=torch.float64).cumsum(-1)
+        choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=scores.shape[1] - 1)
         return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
+
+
+def uniform(seed: int, counter: int) -> float:
+    """A uniform in (0, 1) fixed by (seed, counter): splitmix64 of seed + counter * golden ratio."""
+    x = (seed + (counter + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x ^= x >> 31
+    return ((x >> 11) + 0.5) * 2.0 ** -53
+
+
+_MASK64 = (1 << 64) - 1
 
 
 class VocabLimit(LogitsProcessor):
@@ -133,7 +153,7 @@ def sample(
     The draw is fixed by `seed` alone (the global RNG is left untouched), so
     the same seed reproduces the same rollouts on the same device.
     `prompt_seeds` (one per prompt) instead gives every response its own
-    generator (RowwiseSampler): the responses to a prompt then depend only on
+    counter-based draws (RowwiseSampler, seeded by row_seed): the responses to a prompt then depend only on
     its seed and the model, not on the batch it was sampled in, so a run split
     over any number of processes samples what a single process would.
     `synced_gpus`: keep generating until every process is done (ZeRO-3, whose
@@ -149,12 +169,13 @@ def sample(
     index = [i for i in range(len(prompts)) for _ in range(n)]
     seeds = None if prompt_seeds is None else [row_seed(prompt_seeds[i], j) for i in range(len(prompts)) for j in range(n)]
     batch_size = batch_size * n if batch_size else len(rows)
-    rowwise = seeds is not None and temperature > 0  # RowwiseSampler then applies temperature, top-k, top-p
+    rowwise = seeds is not None and temperature > 0  # RowwiseSampler draws; generate then runs greedy
+    sampled = temperature > 0 and not rowwise
     gen_cfg = GenerationConfig(
-        do_sample=temperature > 0,
-        temperature=(1.0 if rowwise else temperature) if temperature > 0 else None,
-        top_p=(1.0 if rowwise else top_p) if temperature > 0 else None,
-        top_k=(0 if rowwise else top_k) if temperature > 0 else None,
+        do_sample=sampled,
+        temperature=temperature if sampled else None,
+        top_p=top_p if sampled else None,
+        top_k=top_k if sampled else None,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad_token_id,
         eos_token_id=eos or None,
@@ -162,7 +183,6 @@ def sample(
     )
     was_training = model.training
     model.eval()
-    prompt_len = max(len(p) for p in rows)
     responses: list[list[int]] = []
     truncated: list[bool] = []
     devices = [device] if device.type == "cuda" else []
@@ -179,7 +199,7 @@ def sample(
                     att[r, width - len(p):] = 1
                 processors = [VocabLimit(vocab_limit)] if vocab_limit is not None else []
                 if rowwise:
-                    processors.append(RowwiseSampler(seeds[start:start + batch_size], device, temperature, top_k, top_p))
+                    processors.append(RowwiseSampler(seeds[start:start + batch_size], width, temperature, top_k, top_p))
                 extra = {"logits_processor": LogitsProcessorList(processors)} if processors else {}
                 out = model.generate(
                     input_ids=ids.to(device), attention_mask=att.to(device),
@@ -196,11 +216,20 @@ def sample(
                     responses.append(resp)
     finally:
         model.train(was_training)
+    return assemble(rows, index, responses, truncated, pad_token_id)
+
+
+def assemble(rows: list[list[int]], index: list[int], responses: list[list[int]], truncated: list[bool],
+             pad_token_id: int, logprobs: list[list[float]] | None = None) -> Rollouts:
+    """`Rollouts` from each row's prompt ids, response ids (EOS included when produced) and, from an
+    engine that reports them, the log-probabilities of the response tokens."""
+    prompt_len = max(len(p) for p in rows)
     resp_len = max(1, max(len(r) for r in responses))
     total = prompt_len + resp_len
     input_ids = torch.full((len(rows), total), pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(rows), total), dtype=torch.long)
     response_mask = torch.zeros((len(rows), total), dtype=torch.long)
+    engine_logprobs = None if logprobs is None else torch.zeros((len(rows), total), dtype=torch.float32)
     for r, (p, resp) in enumerate(zip(rows, responses)):
         input_ids[r, prompt_len - len(p):prompt_len] = torch.tensor(p)
         attention[r, prompt_len - len(p):prompt_len] = 1
@@ -208,8 +237,10 @@ def sample(
             input_ids[r, prompt_len:prompt_len + len(resp)] = torch.tensor(resp)
             attention[r, prompt_len:prompt_len + len(resp)] = 1
             response_mask[r, prompt_len:prompt_len + len(resp)] = 1
+            if engine_logprobs is not None:
+                engine_logprobs[r, prompt_len:prompt_len + len(resp)] = torch.tensor(logprobs[r], dtype=torch.float32)
     return Rollouts(
         input_ids=input_ids, attention_mask=attention, response_mask=response_mask,
         prompt_length=prompt_len, prompt_index=torch.tensor(index, dtype=torch.long),
-        truncated=torch.tensor(truncated, dtype=torch.bool),
+        truncated=torch.tensor(truncated, dtype=torch.bool), logprobs=engine_logprobs,
     )

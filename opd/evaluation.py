@@ -35,6 +35,8 @@ def run_eval(run, name: str, model=None) -> dict:
             run.run_dir / "eval" / name, seed=cfg.train.seed, step=run.step, chat_template=cfg.data.chat_template,
             enable_thinking=cfg.data.enable_thinking, system_prompt=cfg.data.system_prompt,
             shard=(acc.process_index, acc.num_processes), gather=gather_fn(acc), title=eval_title(name, run.step),
+            # the student through the rollout engine when it has its own (vLLM): the same engine, freshly synced
+            engine=run.engine if model is None and cfg.rollout.engine == "vllm" else None,
         )
     run.evals[name] = summary
     return flat_metrics(summary)

@@ -32,6 +32,7 @@ from opd.config import Config, drop_unused, to_dict
 from opd.data import DataError, Prompt, field_value, load_prompts
 from opd.errors import first_line, hub_unreachable
 from opd.rewards import load_reward
+from lm.vllm_engine import MISSING, vllm_available
 from opd.step import known_selectors
 
 PEEK_RECORDS = 200  # records read from the head of a data file to catch misnamed fields early
@@ -397,6 +398,13 @@ def check_reward(cfg: Config) -> list[str]:
     return []
 
 
+def check_engine(cfg: Config) -> list[str]:
+    """rollout.engine=vllm needs vLLM importable here: said before anything loads."""
+    if cfg.rollout.engine == "vllm" and not vllm_available():
+        return [f"rollout.engine: {MISSING}"]
+    return []
+
+
 def check_eval(cfg: Config) -> list[str]:
     """Benchmark names and files: a typo must not surface at the first evaluation, hours in."""
     if not cfg.eval.benchmarks:
@@ -501,7 +509,7 @@ def preflight(cfg: Config, paths=(), deep: bool = False, ignore=(), notes: list 
     model_problems = check_model("model", cfg.model) + check_model("teacher", cfg.teacher)
     data_problems = check_data(cfg)
     problems = model_problems + data_problems + check_output(cfg, paths) + check_run_dir(cfg, paths, ignore)
-    problems += check_selector(cfg) + check_reward(cfg) + check_eval(cfg) + check_demo(cfg)
+    problems += check_selector(cfg) + check_reward(cfg) + check_engine(cfg) + check_eval(cfg) + check_demo(cfg)
     demo = cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")
     if not demo:
         problems += check_deep(cfg, models_ok=not model_problems, data_ok=deep and not data_problems, notes=notes)

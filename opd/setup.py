@@ -28,6 +28,7 @@ from opd.checkpoint import holds_run, resume
 from opd.config import Config, save_config, to_dict
 from opd.data import DataError, Prompt, PromptSampler, load_prompts
 from opd.distributed import built_whole, gathered, global_sum, make_accelerator, rows, zero3_inference_engine
+from opd.engine import build_engine, rollout_sampling
 from opd.errors import RunError, first_line, hub_unreachable
 from opd.policy import PolicyModel
 from opd.preflight import check_run_dir, run_directory, unknown_characters
@@ -62,6 +63,8 @@ class Run:
     step: int = 0
     zero3: bool = False  # DeepSpeed ZeRO-3: the student's weights are sharded over the processes
     teacher_engine: object = None  # the teacher's ZeRO-3 inference engine (owns its sharding hooks), or None
+    engine: object = None  # the rollout engine (lm.engines: HF generate or a colocated vLLM), built after resuming
+    sampling: object = None  # lm.engines.Sampling of the training rollouts
     bar: tqdm | None = None
     started: float = field(default_factory=time.time)
     evals: dict[str, dict] = field(default_factory=dict)  # evaluation name -> eval summary
@@ -125,6 +128,7 @@ def setup(cfg: Config, config_paths=()) -> Run:
         total_steps=total_steps, zero3=zero3, teacher_engine=teacher_engine, started=started,
     )
     resume(run)
+    run.engine, run.sampling = build_engine(run), rollout_sampling(run)
     if acc.is_main_process and not (run.step >= total_steps and (run_dir / "summary.json").is_file()):
         with writing(run_dir / "config.yaml"):  # a no-op rerun of a finished run changes no file
             save_config(given, run_dir / "config.yaml")

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from lm.rollout import Rollouts, sample
+from lm.rollout import Rollouts
 from opd.checkpoint import latest_checkpoint, save
 from opd.config import Config
 from opd.distributed import (backward_fn, clip_gradients, gather_fn, gathered, global_mean, global_sum, rows,
                              shard_places)
+from opd.engine import rollout_gap, sync_engine
 from opd.errors import RunError
 from opd.evaluation import finish, print_finished, run_eval, run_initial_evals
 from opd.rewards import reward_weights
@@ -50,6 +51,8 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
         # 1. rollout: this process's share of the step's prompts, sampled by the student
         prompts, rollouts, row_ids = rollout(run, step)
         t_generate = time.perf_counter() - t_step
+        gap = rollout_gap(run, rollouts)  # the engine's log-probs vs the student's, before any update
+        run.engine.sleep()  # GPU vLLM: its memory goes to training until the sync
         # 2. rewards (optional): verifiable reward per rollout, softmax sample weights
         rewards = run.reward(run.tokenizer, rollouts, [prompts[i].answer for i in rollouts.prompt_index.tolist()])
         weights = reward_weights(rewards, cfg.opd.reward_beta, run.accelerator)
@@ -59,8 +62,10 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
                                 run.accelerator)
         cached = teacher_phase(run, updates)
         per_update = [run_update(run, micro, cached[u], step, u) for u, micro in enumerate(updates)]
+        sync_engine(run)  # the next rollout (and any evaluation) samples from the updated student
         # 4. log, evaluate, checkpoint
         metrics = step_metrics(run, per_update, rewards, rollouts, t_generate, time.perf_counter() - t0, t_step)
+        metrics.update(gap)
         consecutive_skips = consecutive_skips + 1 if metrics["opd/skipped_updates"] == len(updates) else 0
         run.step = step
         if cfg.eval.every and step % cfg.eval.every == 0 and step != run.total_steps:
@@ -136,15 +141,9 @@ def rollout(run: Run, step: int) -> tuple[list, Rollouts, torch.Tensor]:
     prompts = [batch[i] for i in places]
     # Seeded per prompt by its place in the global step batch, not by process: the rollouts are
     # then the same whatever the number of processes (tests/distributed compare 1 and 2).
+    rollouts = run.engine.generate([p.ids for p in prompts],
+                                   [derive_seed(cfg.train.seed, "rollout", step, i) for i in places], run.sampling)
     rc = cfg.rollout
-    rollouts = sample(
-        run.policy.lm, [p.ids for p in prompts], pad_token_id=run.tokenizer.pad_token_id,
-        eos_token_id=run.eos_ids, temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
-        max_new_tokens=rc.max_new_tokens, n=rc.n, batch_size=rc.batch_size,
-        synced_gpus=run.zero3 and acc.num_processes > 1,
-        prompt_seeds=[derive_seed(cfg.train.seed, "rollout", step, i) for i in places],
-        vocab_limit=min(rows(run.student_head()), rows(run.teacher.get_output_embeddings().weight)),
-    )
     row_ids = torch.tensor([place * rc.n + j for place in places for j in range(rc.n)])
     return prompts, rollouts, row_ids
 

@@ -103,6 +103,7 @@ def test_pairs_carry_the_papers_hyperparameters(pair):
     assert cfg.rollout.max_new_tokens == 8192
     assert cfg.rollout.n == 1
     assert (cfg.rollout.temperature, cfg.rollout.top_p) == (1.0, 1.0)
+    assert cfg.rollout.engine == "vllm"  # the paper's runs generate with an inference engine (SGLang upstream)
     assert cfg.opd.loss_type == "reverse_kl"
     assert cfg.opd.chunk_size == 256
     assert cfg.optim.weight_decay == 0.1

@@ -141,3 +141,23 @@ def test_dapo_prompt_format_strips_dapos_instruction_and_dedups_the_stripped_pro
     assert report.skipped == {"repeated prompts": 2}
     as_is = load_prompts(DataConfig(train_path=path, prompt_format="as_is", chat_template=False), tok, seed=0)[0]
     assert sum("Answer:" in tok.decode(p.ids) for p in as_is) == 2
+
+
+def test_the_batched_rowwise_sampler_draws_from_the_warped_distribution():
+    from lm.rollout import RowwiseSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    seeds = list(range(20000))
+    scores = RowwiseSampler(seeds, prompt_width=3, temperature=1.0, top_k=0, top_p=1.0)(
+        torch.zeros(len(seeds), 3, dtype=torch.long), logits.expand(len(seeds), -1))
+    assert ((scores == 0).sum(1) == 1).all() and (scores[scores != 0] == float("-inf")).all()  # one token kept per row
+    share = torch.bincount(scores.argmax(1), minlength=5).double() / len(seeds)
+    assert torch.allclose(share, torch.softmax(logits[0].double(), 0), atol=0.01)  # 20k draws: sd <= 0.0035
+    # a row's draw depends on its seed and counter only: the same seeds in another order draw the same tokens
+    shuffled = RowwiseSampler(seeds[::-1], prompt_width=3, temperature=1.0, top_k=0, top_p=1.0)(
+        torch.zeros(len(seeds), 3, dtype=torch.long), logits.expand(len(seeds), -1))
+    assert torch.equal(shuffled.argmax(1).flip(0), scores.argmax(1))
+    # the next token (counter 1) is a fresh draw
+    later = RowwiseSampler(seeds, prompt_width=3, temperature=1.0, top_k=0, top_p=1.0)(
+        torch.zeros(len(seeds), 4, dtype=torch.long), logits.expand(len(seeds), -1))
+    assert (later.argmax(1) != scores.argmax(1)).float().mean() > 0.3

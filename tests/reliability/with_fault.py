@@ -102,10 +102,10 @@ def fail_write(value: str) -> None:
 
 
 def empty_rollouts(value: str) -> None:
-    import opd.trainer
+    import lm.engines
 
     counts = iter(int(n) for n in value.split(","))
-    real = opd.trainer.sample
+    real = lm.engines.sample
 
     def sample(*args, pad_token_id, **kwargs):
         rollouts = real(*args, pad_token_id=pad_token_id, **kwargs)
@@ -115,7 +115,7 @@ def empty_rollouts(value: str) -> None:
         rollouts.response_mask[:n] = 0
         return rollouts
 
-    opd.trainer.sample = sample
+    lm.engines.sample = sample
 
 
 FAULTS = {"disk_free": fake_disk_free, "stall_save": stall_checkpoint_write, "empty_rollouts": empty_rollouts,
