@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from opd import cli
 from opd.config import load_config, to_dict
 import tip
 from scripts.paper import launch
@@ -167,18 +168,21 @@ def test_blocked_cells_are_not_started_and_fail_the_table(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("table", [5, 7])
-def test_planned_commands_are_accepted_by_the_trainer_cli(table):
-    """Each cell's train.py arguments resolve through the real CLI (--print-config loads no model)."""
+def test_planned_commands_are_accepted_by_the_trainer_cli(table, capsys, monkeypatch):
+    """Each cell's train.py arguments resolve through the real CLI (--print-config loads no model); in this
+    process, through the same `main` train.py calls (a process per cell would spend its time importing torch)."""
     if not (ROOT / "train.py").is_file():
         pytest.skip("train.py is not in this checkout yet")
     proc = run_script(table, "--dry-run")
     assert proc.returncode == 0, proc.stderr
+    monkeypatch.chdir(ROOT)  # the plan's config paths are relative to the repository, as train.py sees them
     for cell in parse_plan(proc.stdout):
         argv = cell["command"].split()
         train_args = argv[argv.index("train.py") + 1:]
-        out = subprocess.run([sys.executable, str(ROOT / "train.py"), *train_args, "--print-config"],
-                             capture_output=True, text=True, cwd=ROOT, timeout=60)
-        assert out.returncode == 0, out.stdout + out.stderr
-        resolved = yaml.safe_load(out.stdout)
+        capsys.readouterr()
+        status = cli.main([*train_args, "--print-config"])
+        out = capsys.readouterr()
+        assert status == 0, out.out + out.err
+        resolved = yaml.safe_load(out.out)
         assert resolved["train"]["run_name"] == f"{cell['pair']}__{cell['method']}"
         assert (resolved["tip"]["selector"], resolved["tip"]["ratio"]) == METHOD[cell["method"]]
