@@ -35,10 +35,64 @@ def char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
     return fast
 
 
+QWEN3_STYLE_TEMPLATE = (
+    # Qwen3's conventions, written for a character tokenizer: tools named in the system turn, tool calls as
+    # <tool_call>{json}</tool_call>, consecutive tool results in one user turn of <tool_response> blocks, and
+    # the thinking of assistant turns before the last user message dropped (as Qwen3's own template does).
+    "{% set ns = namespace(last_user=-1) %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% if tools or messages[0]['role'] == 'system' %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% if tools %}{{ '\n' }}{% endif %}{% endif %}"
+    "{% if tools %}# Tools: {% for t in tools %}{{ t['function']['name'] if 'function' in t else t['name'] }}"
+    "{% if not loop.last %},{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|im_start|>user\n{{ m['content'] }}<|im_end|>\n"
+    "{% elif m['role'] == 'assistant' %}"
+    "{% set content = m['content'] or '' %}{% set thought = '' %}"
+    "{% if '</think>' in content %}{% set thought = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
+    "{% set content = content.split('</think>')[-1].lstrip('\n') %}{% endif %}"
+    "<|im_start|>assistant\n{% if loop.index0 > ns.last_user %}<think>\n{{ thought }}\n</think>\n\n{% endif %}{{ content }}"
+    "{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif m['role'] == 'tool' %}"
+    "{% if loop.index0 == 0 or messages[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user{% endif %}"
+    "{{ '\n' }}<tool_response>\n{{ m['content'] }}\n</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}<|im_end|>\n{% endif %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def chat_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer in Qwen3's chat format (tests and the agent demo; no download).
+
+    Special tokens: <pad>=0, <|im_end|>=1 (EOS, the end of a turn), <|im_start|>, <think>, </think>,
+    <tool_call>, </tool_call>, <tool_response>, </tool_response>; then one id per character.
+    """
+    if alphabet is None:
+        alphabet = string.ascii_letters + string.digits + string.punctuation + " \n"
+    specials = ["<pad>", "<|im_end|>", "<|im_start|>", "<think>", "</think>", "<tool_call>", "</tool_call>",
+                "<tool_response>", "</tool_response>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    # not special: <think> and <tool_call> are text the model writes, kept by decode(skip_special_tokens=True)
+    tok.add_tokens(specials[2:])
+    tok.add_special_tokens(specials[:2])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>")
+    fast.chat_template = QWEN3_STYLE_TEMPLATE
+    return fast
+
+
 def load_tokenizer(mc: ModelConfig):
     name = mc.tokenizer or mc.path
     if name == "chars" or not name:
         return char_tokenizer()
+    if name == "chat_chars":
+        return chat_char_tokenizer()
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=mc.trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

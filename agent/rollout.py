@@ -1,0 +1,239 @@
+"""Multi-turn, tool-using rollouts: conversations built incrementally, batched across conversations (SPEC §6).
+
+Every live conversation advances one assistant turn per engine call (`lm.engines`: HF `generate` or vLLM,
+the same `generate(prompts, prompt_seeds, sampling)` call as single-turn OPD). A conversation is one token
+sequence: the student's tokens are kept verbatim, and only each new tool message is rendered by the chat
+template and appended (re-rendering the history would drop Qwen3's earlier thinking blocks, so the tokens
+would no longer be the student's). `response_mask` is 1 exactly on the student's tokens.
+
+Seeds: the j-th conversation on a task whose seed is s draws its t-th turn with the engine seed
+derive(row_seed(s, j), t): a conversation depends on its seed, the weights and the environment only, not on
+its batch, its process or the other conversations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from agent.calls import Call
+from agent.env import Environment, Score, Task, ToolError, final_text
+from lm.engines import Sampling
+from lm.rollout import Rollouts, row_seed
+
+
+@dataclass(frozen=True)
+class Caps:
+    max_turns: int  # assistant turns
+    max_response_tokens: int  # every token after the opening prompt (student, tool results, template glue)
+    max_tool_response_tokens: int  # one tool result is cut to this many tokens
+
+
+class Chat:
+    """Renders what comes after a student turn: the template's glue, the tool messages, the next turn's opening.
+
+    Computed once per set of tool results from the chat template itself: a reference conversation
+    [user, assistant] rendered with and without the tool messages appended; the difference is what the
+    template puts after an assistant turn. The template must extend a conversation without changing what
+    it rendered before (Qwen3, Llama 3, Hermes templates do); one that does not is refused.
+    """
+
+    def __init__(self, tokenizer, tools: list[dict], enable_thinking: bool):
+        self.tokenizer = tokenizer
+        self.tools = tools or None
+        self.enable_thinking = enable_thinking
+        base = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+        self._base = base
+        self._base_text = self._render(base, generation_prompt=False)
+        # after the model's end-of-turn token, the template still writes this (Qwen3: the "\n" after <|im_end|>)
+        closing = self._base_text[self._base_text.rindex("a") + 1:]
+        eos_text = tokenizer.decode([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else ""
+        self._after_eos = closing[len(eos_text):] if eos_text and closing.startswith(eos_text) else closing
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=False,
+                                                  add_generation_prompt=generation_prompt,
+                                                  enable_thinking=self.enable_thinking)
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        """The opening prompt (system with the tools, user), the first assistant turn opened."""
+        return self.tokenizer(self._render(list(messages), True), add_special_tokens=False)["input_ids"]
+
+    def tool_turn(self, results: list[str]) -> list[int]:
+        """Token ids appended after a student turn that ended with its end-of-turn token."""
+        full = self._render(self._base + [{"role": "tool", "content": r} for r in results], True)
+        if not full.startswith(self._base_text):
+            raise ValueError("the chat template changes earlier turns when a tool message is appended; "
+                             "a conversation cannot be built incrementally with it")
+        text = self._after_eos + full[len(self._base_text):]
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def cut(self, text: str, max_tokens: int) -> tuple[str, bool]:
+        """A tool result cut to `max_tokens` tokens (and whether it was cut)."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_tokens:
+            return text, False
+        return self.tokenizer.decode(ids[:max_tokens]), True
+
+
+@dataclass
+class Conversation:
+    task: Task
+    seed: int
+    state: object
+    ids: list[int]  # the whole conversation, prompt first
+    student: list[int]  # 1 where the student generated the token
+    prompt_length: int
+    logprobs: list[float] = field(default_factory=list)  # per token; 0 outside the student's turns
+    turns: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    tool_results_cut: int = 0
+    capped: bool = False
+    done: bool = False
+    last_text: str = ""
+    score: Score | None = None
+
+    def budget(self, caps: Caps) -> int:
+        return caps.max_response_tokens - (len(self.ids) - self.prompt_length)
+
+    def append(self, tokens: list[int], by_student: bool, logprobs: list[float] | None = None) -> None:
+        self.ids += tokens
+        self.student += [int(by_student)] * len(tokens)
+        self.logprobs += logprobs if logprobs is not None else [0.0] * len(tokens)
+
+
+@dataclass
+class AgentRollouts:
+    """The conversations of one batch as `Rollouts` (prompt_index: which task), and each one's record."""
+
+    rollouts: Rollouts
+    conversations: list[Conversation]
+
+    def scores(self) -> list[float]:
+        return [c.score.value for c in self.conversations]
+
+
+def derive(*parts) -> int:
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def run_call(env: Environment, state, call: Call) -> tuple[str, bool]:
+    """(the tool message, whether it is an error). Nothing a tool does ends the run."""
+    if call.error:
+        return f"Error: {call.error}", True
+    try:
+        return str(env.call(state, call.name, call.arguments)), False
+    except ToolError as exc:
+        return f"Error: {exc}", True
+    except Exception as exc:  # a failing tool is the model's problem to read about, not the run's end
+        return f"Error: tool {call.name!r} failed ({type(exc).__name__}: {exc})", True
+
+
+def converse(engine, env: Environment, chat: Chat, parse, tasks: list[Task], prompts: list[list[int]],
+             task_seeds: list[int], n: int, sampling: Sampling, caps: Caps) -> AgentRollouts:
+    """`n` conversations per task, all advanced together one turn per engine call, then scored.
+
+    prompts: each task's opening prompt ids (Chat.prompt); task_seeds: one seed per task.
+    sampling.max_new_tokens caps one turn; caps bound the conversation.
+    """
+    convs = [Conversation(task, row_seed(seed, j), env.start(task), list(p), [0] * len(p), len(p),
+                          [0.0] * len(p))
+             for task, p, seed in zip(tasks, prompts, task_seeds) for j in range(n)]
+    eos = set(sampling.eos_ids)
+    for turn in range(caps.max_turns):
+        live = [c for c in convs if not c.done]
+        if not live:
+            break
+        longest = min(sampling.max_new_tokens, max(c.budget(caps) for c in live))
+        out = engine.generate([c.ids for c in live], [derive(c.seed, "turn", turn) for c in live],
+                              dataclasses.replace(sampling, n=1, max_new_tokens=longest))
+        new_logprobs = _response_logprobs(out)
+        for i, (c, tokens) in enumerate(zip(live, out.response_ids())):
+            tokens = tokens[:min(sampling.max_new_tokens, c.budget(caps))]
+            c.append(tokens, True, None if new_logprobs is None else new_logprobs[i][:len(tokens)])
+            c.turns += 1
+            _after_turn(c, tokens, eos, env, chat, parse, caps, last_turn=turn == caps.max_turns - 1)
+    for c in convs:
+        c.score = env.score(c.task, c.state, final_text(c.last_text))
+    return AgentRollouts(assemble(convs, tasks, sampling.pad_token_id, with_logprobs=new_logprobs is not None), convs)
+
+
+def _after_turn(c: Conversation, tokens: list[int], eos: set[int], env, chat: Chat, parse, caps: Caps,
+                last_turn: bool) -> None:
+    """Parse the turn; run its tool calls and append their messages, or end the conversation."""
+    c.last_text = chat.tokenizer.decode(tokens, skip_special_tokens=True)
+    if not tokens or tokens[-1] not in eos:  # cut by the turn or conversation token cap
+        c.done = c.capped = True
+        return
+    calls = parse(c.last_text)
+    if not calls:
+        c.done = True  # the final answer
+        return
+    if last_turn:
+        c.done = c.capped = True  # the turn cap: scored as it stands
+        return
+    results = []
+    for call in calls:
+        text, error = run_call(env, c.state, call)
+        text, was_cut = chat.cut(text, caps.max_tool_response_tokens)
+        c.tool_calls += 1
+        c.tool_errors += int(error)
+        c.tool_results_cut += int(was_cut)
+        results.append(text)
+    glue = chat.tool_turn(results)
+    if len(glue) >= c.budget(caps):  # no room left for the tool results and another turn
+        c.done = c.capped = True
+        return
+    c.append(glue, False)
+
+
+def _response_logprobs(out: Rollouts) -> list[list[float]] | None:
+    if out.logprobs is None:
+        return None
+    return [[lp for lp, m in zip(row, mask) if m] for row, mask in
+            zip(out.logprobs.tolist(), out.response_mask.tolist())]
+
+
+def assemble(convs: list[Conversation], tasks: list[Task], pad_token_id: int, with_logprobs: bool) -> Rollouts:
+    """Conversations as `Rollouts`: the opening prompt left-padded to a common width, the rest after it;
+    response_mask 1 on the student's tokens only, attention 1 on every real token."""
+    task_index = {id(t): i for i, t in enumerate(tasks)}
+    prompt_len = max(c.prompt_length for c in convs)
+    tail = max(1, max(len(c.ids) - c.prompt_length for c in convs))
+    shape = (len(convs), prompt_len + tail)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    attention = torch.zeros(shape, dtype=torch.long)
+    response = torch.zeros(shape, dtype=torch.long)
+    logprobs = torch.zeros(shape, dtype=torch.float32) if with_logprobs else None
+    for r, c in enumerate(convs):
+        lo, hi = prompt_len - c.prompt_length, prompt_len - c.prompt_length + len(c.ids)
+        input_ids[r, lo:hi] = torch.tensor(c.ids)
+        attention[r, lo:hi] = 1
+        response[r, lo:hi] = torch.tensor(c.student)
+        if logprobs is not None:
+            logprobs[r, lo:hi] = torch.tensor(c.logprobs)
+    return Rollouts(input_ids=input_ids, attention_mask=attention, response_mask=response, prompt_length=prompt_len,
+                    prompt_index=torch.tensor([task_index[id(c.task)] for c in convs]),
+                    truncated=torch.tensor([c.capped for c in convs]), logprobs=logprobs)
+
+
+def metrics(convs: list[Conversation]) -> dict[str, float]:
+    """Per-batch sums (turns, calls, errors, tokens, caps) and maxima: the caller averages over conversations
+    of all processes (agent/turns_mean = agent/turns_sum / agent/conversations)."""
+    return {
+        "agent/conversations": float(len(convs)),
+        "agent/turns_sum": float(sum(c.turns for c in convs)),
+        "agent/turns_max": float(max((c.turns for c in convs), default=0)),
+        "agent/tool_calls": float(sum(c.tool_calls for c in convs)),
+        "agent/tool_errors": float(sum(c.tool_errors for c in convs)),
+        "agent/tool_results_cut": float(sum(c.tool_results_cut for c in convs)),
+        "agent/student_tokens": float(sum(sum(c.student[c.prompt_length:]) for c in convs)),
+        "agent/tool_tokens": float(sum(len(c.ids) - c.prompt_length - sum(c.student) for c in convs)),
+        "agent/capped": float(sum(c.capped for c in convs)),
+        "agent/score_sum": float(sum(c.score.value for c in convs if c.score is not None)),
+    }
