@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -35,23 +36,20 @@ class Caps:
 class Chat:
     """Renders what comes after a student turn: the template's glue, the tool messages, the next turn's opening.
 
-    Computed once per set of tool results from the chat template itself: a reference conversation
-    [user, assistant] rendered with and without the tool messages appended; the difference is what the
-    template puts after an assistant turn. The template must extend a conversation without changing what
-    it rendered before (Qwen3, Llama 3, Hermes templates do); one that does not is refused.
+    Read off the chat template itself: a reference conversation [user, assistant, tool...] is rendered
+    with the next turn opened, and everything after the assistant's content is what the template puts
+    there (its end-of-turn token, which the student generated itself, is dropped). Only these new tokens
+    are appended to a conversation; earlier turns are never re-rendered.
     """
+
+    SENTINEL = "ASSISTANTCONTENTENDSHERE"
 
     def __init__(self, tokenizer, tools: list[dict], enable_thinking: bool):
         self.tokenizer = tokenizer
         self.tools = tools or None
         self.enable_thinking = enable_thinking
-        base = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
-        self._base = base
-        self._base_text = self._render(base, generation_prompt=False)
-        # after the model's end-of-turn token, the template still writes this (Qwen3: the "\n" after <|im_end|>)
-        closing = self._base_text[self._base_text.rindex("a") + 1:]
-        eos_text = tokenizer.decode([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else ""
-        self._after_eos = closing[len(eos_text):] if eos_text and closing.startswith(eos_text) else closing
+        eos = tokenizer.eos_token_id
+        self._eos_text = tokenizer.decode([eos]) if eos is not None else ""
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=False,
@@ -64,11 +62,15 @@ class Chat:
 
     def tool_turn(self, results: list[str]) -> list[int]:
         """Token ids appended after a student turn that ended with its end-of-turn token."""
-        full = self._render(self._base + [{"role": "tool", "content": r} for r in results], True)
-        if not full.startswith(self._base_text):
-            raise ValueError("the chat template changes earlier turns when a tool message is appended; "
-                             "a conversation cannot be built incrementally with it")
-        text = self._after_eos + full[len(self._base_text):]
+        messages = [{"role": "user", "content": "u"}, {"role": "assistant", "content": self.SENTINEL}]
+        full = self._render(messages + [{"role": "tool", "content": r} for r in results], True)
+        at = full.rfind(self.SENTINEL)
+        if at < 0:
+            raise ValueError("the chat template does not show an assistant message's content; "
+                             "tool messages cannot be appended after a student turn")
+        text = full[at + len(self.SENTINEL):]
+        if self._eos_text and text.startswith(self._eos_text):
+            text = text[len(self._eos_text):]
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def cut(self, text: str, max_tokens: int) -> tuple[str, bool]:
@@ -84,6 +86,7 @@ class Conversation:
     task: Task
     seed: int
     state: object
+    chat: Chat
     ids: list[int]  # the whole conversation, prompt first
     student: list[int]  # 1 where the student generated the token
     prompt_length: int
@@ -134,38 +137,66 @@ def run_call(env: Environment, state, call: Call) -> tuple[str, bool]:
         return f"Error: tool {call.name!r} failed ({type(exc).__name__}: {exc})", True
 
 
-def converse(engine, env: Environment, chat: Chat, parse, tasks: list[Task], prompts: list[list[int]],
-             task_seeds: list[int], n: int, sampling: Sampling, caps: Caps) -> AgentRollouts:
-    """`n` conversations per task, all advanced together one turn per engine call, then scored.
+class Agent:
+    """An environment with the chat format and caps its conversations follow: what the trainer and the
+    evaluation hold. `prompt(task)` is a task's opening prompt ids; `run(...)` its conversations."""
 
-    prompts: each task's opening prompt ids (Chat.prompt); task_seeds: one seed per task.
-    sampling.max_new_tokens caps one turn; caps bound the conversation.
-    """
-    convs = [Conversation(task, row_seed(seed, j), env.start(task), list(p), [0] * len(p), len(p),
-                          [0.0] * len(p))
-             for task, p, seed in zip(tasks, prompts, task_seeds) for j in range(n)]
-    eos = set(sampling.eos_ids)
-    for turn in range(caps.max_turns):
-        live = [c for c in convs if not c.done]
-        if not live:
-            break
-        longest = min(sampling.max_new_tokens, max(c.budget(caps) for c in live))
-        out = engine.generate([c.ids for c in live], [derive(c.seed, "turn", turn) for c in live],
-                              dataclasses.replace(sampling, n=1, max_new_tokens=longest))
-        new_logprobs = _response_logprobs(out)
-        for i, (c, tokens) in enumerate(zip(live, out.response_ids())):
-            tokens = tokens[:min(sampling.max_new_tokens, c.budget(caps))]
-            c.append(tokens, True, None if new_logprobs is None else new_logprobs[i][:len(tokens)])
-            c.turns += 1
-            _after_turn(c, tokens, eos, env, chat, parse, caps, last_turn=turn == caps.max_turns - 1)
-    for c in convs:
-        c.score = env.score(c.task, c.state, final_text(c.last_text))
-    return AgentRollouts(assemble(convs, tasks, sampling.pad_token_id, with_logprobs=new_logprobs is not None), convs)
+    def __init__(self, env: Environment, tokenizer, parse, caps: Caps, enable_thinking: bool):
+        self.env, self.tokenizer, self.parse, self.caps = env, tokenizer, parse, caps
+        self.enable_thinking = enable_thinking
+        self._chats: dict[str, Chat] = {}
+
+    def chat(self, task: Task) -> Chat:
+        tools = self.env.tools(task)
+        key = json.dumps(tools, sort_keys=True)
+        if key not in self._chats:
+            self._chats[key] = Chat(self.tokenizer, tools, self.enable_thinking)
+        return self._chats[key]
+
+    def prompt(self, task: Task) -> list[int]:
+        return self.chat(task).prompt(list(task.messages))
+
+    def run(self, engine, tasks: list[Task], task_seeds: list[int], n: int, sampling: Sampling,
+            any_live=None) -> AgentRollouts:
+        """`n` conversations per task, all advanced together one turn per engine call, then scored.
+
+        sampling.max_new_tokens caps one turn; self.caps bound the conversation. `any_live(bool) -> bool`
+        (several processes): whether any process still has a live conversation; a process without one
+        keeps calling the engine on a 1-token dummy so that lockstep engines (ZeRO-3 generate) stay in step.
+        """
+        convs = [Conversation(task, row_seed(seed, j), self.env.start(task), self.chat(task), list(p), [0] * len(p),
+                              len(p), [0.0] * len(p))
+                 for task, p, seed in zip(tasks, [self.prompt(t) for t in tasks], task_seeds) for j in range(n)]
+        eos, caps, with_logprobs = set(sampling.eos_ids), self.caps, False
+        for turn in range(caps.max_turns):
+            live = [c for c in convs if not c.done]
+            if any_live is not None and not any_live(bool(live)):
+                break
+            if not live:
+                if any_live is not None and convs:  # others still generate: take part in their calls
+                    engine.generate([convs[0].ids], [0], dataclasses.replace(sampling, n=1, max_new_tokens=1))
+                    continue
+                break
+            longest = min(sampling.max_new_tokens, max(c.budget(caps) for c in live))
+            out = engine.generate([c.ids for c in live], [derive(c.seed, "turn", turn) for c in live],
+                                  dataclasses.replace(sampling, n=1, max_new_tokens=longest))
+            new_logprobs = _response_logprobs(out)
+            with_logprobs = new_logprobs is not None
+            for i, (c, tokens) in enumerate(zip(live, out.response_ids())):
+                tokens = tokens[:min(sampling.max_new_tokens, c.budget(caps))]
+                c.append(tokens, True, None if new_logprobs is None else new_logprobs[i][:len(tokens)])
+                c.turns += 1
+                _after_turn(c, tokens, eos, self.env, self.parse, caps, last_turn=turn == caps.max_turns - 1)
+        for c in convs:
+            if not c.done:  # live after the last turn: only possible when the loop ended early
+                c.capped = True
+            c.score = self.env.score(c.task, c.state, final_text(c.last_text))
+        return AgentRollouts(assemble(convs, tasks, sampling.pad_token_id, with_logprobs), convs)
 
 
-def _after_turn(c: Conversation, tokens: list[int], eos: set[int], env, chat: Chat, parse, caps: Caps,
-                last_turn: bool) -> None:
+def _after_turn(c: Conversation, tokens: list[int], eos: set[int], env, parse, caps: Caps, last_turn: bool) -> None:
     """Parse the turn; run its tool calls and append their messages, or end the conversation."""
+    chat = c.chat
     c.last_text = chat.tokenizer.decode(tokens, skip_special_tokens=True)
     if not tokens or tokens[-1] not in eos:  # cut by the turn or conversation token cap
         c.done = c.capped = True

@@ -99,3 +99,23 @@ def maj_at_k(correct: Sequence[Sequence[bool]], keys: Sequence[Sequence[str | No
         j = majority_vote(row_keys)
         wins += j is not None and bool(row_correct[j])
     return 100.0 * wins / p
+
+
+def avg_at_k(scores: Sequence[Sequence[float]]) -> float:
+    """Avg@k of fractional scores in [0, 1], percent: the mean score over every sample of every task."""
+    p, k = _check(scores)
+    return 100.0 * sum(sum(map(float, row)) for row in scores) / (p * k)
+
+
+def best_at_k(scores: Sequence[Sequence[float]]) -> float:
+    """Best@k, percent: the mean over tasks of the best of the task's k scores."""
+    p, _ = _check(scores)
+    return 100.0 * sum(max(map(float, row)) for row in scores) / p
+
+
+def score_std_at_k(scores: Sequence[Sequence[float]]) -> float:
+    """Spread of Avg@k across the k sample sets (sample j of every task), percent, population std."""
+    p, k = _check(scores)
+    sets = [100.0 * sum(float(row[j]) for row in scores) / p for j in range(k)]
+    mean = sum(sets) / k
+    return math.sqrt(sum((a - mean) ** 2 for a in sets) / k)

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from agent.evaluate import AgentBenchmark
 from eval import metrics
 from eval.benchmarks import Benchmark, PromptFormat, load_benchmark
 from eval.grader import normalize_answer
 from eval.config import EvalConfig
-from lm.engines import Sampling
+from lm.engines import HFEngine, Sampling
 from lm.rollout import sample
 
 SUMMARY_KEYS = ("mean@k", "std@k", "pass@k", "maj@k", "n_problems", "mean_length", "truncation_rate")
@@ -76,8 +77,9 @@ def evaluate(
     if not benchmarks:
         raise ValueError("no benchmarks to evaluate (eval.benchmarks is empty)")
     fmt = prompt_format(cfg)
-    loaded = [spec if isinstance(spec, Benchmark) else load_benchmark(spec, cfg.max_problems, fmt) for spec in benchmarks]
-    loaded = [dataclasses.replace(b, problems=b.problems[:cfg.max_problems]) if cfg.max_problems else b for b in loaded]
+    loaded = [spec if isinstance(spec, (Benchmark, AgentBenchmark)) else load_benchmark(spec, cfg.max_problems, fmt)
+              for spec in benchmarks]
+    loaded = [_first(b, cfg.max_problems) for b in loaded]
     names = [b.name for b in loaded]
     if len(set(names)) != len(names):
         raise ValueError(f"benchmark names must be distinct, got {names}")
@@ -86,14 +88,18 @@ def evaluate(
     samples: list[dict] = []
     for bench in loaded:
         started = time.time()
-        results = _run_benchmark(
-            model, tokenizer, bench, cfg, seed=seed, rank=rank, world=world, chat_template=chat_template,
-            enable_thinking=enable_thinking, system_prompt=system_prompt, engine=engine,
-        )
+        if isinstance(bench, AgentBenchmark):
+            results = _run_agent(model, tokenizer, bench, cfg, seed, rank, world, gather, engine)
+        else:
+            results = _run_benchmark(
+                model, tokenizer, bench, cfg, seed=seed, rank=rank, world=world, chat_template=chat_template,
+                enable_thinking=enable_thinking, system_prompt=system_prompt, engine=engine,
+            )
         if gather is not None:
             results = [r for part in gather(results) for r in part]
         results.sort(key=lambda r: r["index"])
-        summary["benchmarks"][bench.name] = benchmark_metrics(results)
+        summary["benchmarks"][bench.name] = (agent_metrics if isinstance(bench, AgentBenchmark)
+                                             else benchmark_metrics)(results)
         for r in results:
             for s in r["samples"]:
                 samples.append({"benchmark": bench.name, "problem_id": r["id"], **s, "answer": r["answer"]})
@@ -130,13 +136,38 @@ def benchmark_metrics(results: list[dict]) -> dict:
     }
 
 
+def agent_metrics(results: list[dict]) -> dict:
+    """Metrics of an agent benchmark (fractional scores): Avg@k (also as mean@k, so tables and compare read it
+    like accuracy), Best@k, their spread, conversation shape, and each sub-score's mean."""
+    scores = [[s["score"] for s in r["samples"]] for r in results]
+    flat = [s for r in results for s in r["samples"]]
+    parts = sorted({name for s in flat for name in s["parts"]})
+    return {
+        "mean@k": metrics.avg_at_k(scores),
+        "std@k": metrics.score_std_at_k(scores),
+        "avg@k": metrics.avg_at_k(scores),
+        "best@k": metrics.best_at_k(scores),
+        "n_problems": len(results),
+        "mean_length": sum(s["length"] for s in flat) / len(flat),
+        "truncation_rate": sum(bool(s["truncated"]) for s in flat) / len(flat),
+        "turns_mean": sum(s["turns"] for s in flat) / len(flat),
+        "tool_calls_mean": sum(s["tool_calls"] for s in flat) / len(flat),
+        "tool_errors_mean": sum(s["tool_errors"] for s in flat) / len(flat),
+        "parts": {name: sum(float(s["parts"].get(name, 0.0)) for s in flat) / len(flat) for name in parts},
+    }
+
+
 def flat_metrics(summary: dict) -> dict:
-    """The trainer's metric names (spec §1): {"val/<name>/mean@<k>", "val/<name>/std@<k>", "val/<name>/pass@<k>"}."""
+    """The trainer's metric names (spec §1): {"val/<name>/mean@<k>", "val/<name>/std@<k>", "val/<name>/pass@<k>"};
+    agent benchmarks: avg@<k>, best@<k> and std@<k>, and val/<name>/score/<part> for each sub-score."""
     k = summary["k"]
     out = {}
     for name, m in summary["benchmarks"].items():
-        for key in ("mean", "std", "pass"):
-            out[f"val/{name}/{key}@{k}"] = m[f"{key}@k"]
+        for key in ("mean", "std", "pass", "avg", "best"):
+            if f"{key}@k" in m:
+                out[f"val/{name}/{key}@{k}"] = m[f"{key}@k"]
+        for part, value in m.get("parts", {}).items():
+            out[f"val/{name}/score/{part}"] = value
     return out
 
 
@@ -149,6 +180,12 @@ def format_table(summary: dict, title: str | None = None) -> str:
     lines = [title, header, "-" * len(header)]
     for name, m in summary["benchmarks"].items():
         mean = f"{m['mean@k']:.1f} ± {m['std@k']:.1f}"
+        if "best@k" in m:  # an agent benchmark: Avg@k and Best@k of fractional scores
+            lines.append(f"{name:<16} {m['n_problems']:>8} {mean:>15} {'best':>8} {m['best@k']:>8.1f} "
+                         f"{m['mean_length']:>8.1f} {100 * m['truncation_rate']:>7.1f}   (Avg@{k} ± std, Best@{k}; "
+                         f"{m['turns_mean']:.1f} turns, {m['tool_calls_mean']:.1f} tool calls, "
+                         f"{m['tool_errors_mean']:.1f} errors per conversation)")
+            continue
         lines.append(
             f"{name:<16} {m['n_problems']:>8} {mean:>15} {m['pass@k']:>8.1f} {m['maj@k']:>8.1f} "
             f"{m['mean_length']:>8.1f} {100 * m['truncation_rate']:>7.1f}"
@@ -248,6 +285,28 @@ def _run_benchmark(model, tokenizer, bench: Benchmark, cfg: EvalConfig, *, seed:
         {"index": i, "id": bench.problems[i].id, "answer": bench.problems[i].answer, "samples": by_problem[i]}
         for i in sorted(by_problem)
     ]
+
+
+def _first(bench, n: int):
+    """The first `n` problems (tasks) of a benchmark; all when n = 0."""
+    if not n:
+        return bench
+    if isinstance(bench, AgentBenchmark):
+        return dataclasses.replace(bench, tasks=bench.tasks[:n])
+    return dataclasses.replace(bench, problems=bench.problems[:n])
+
+
+def _run_agent(model, tokenizer, bench: AgentBenchmark, cfg: EvalConfig, seed: int, rank: int, world: int, gather,
+               engine) -> list[dict]:
+    """This process's share of an agent benchmark: k conversations per task through `engine` (HF generate on
+    `model` when None), one engine call per turn for all of them."""
+    synced = world > 1 and dist.is_available() and dist.is_initialized()
+    eos = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
+                        n=1, eos_ids=tuple(eos), pad_token_id=pad_id)
+    any_live = (lambda live: any(any(part) for part in gather([live]))) if world > 1 else None
+    return bench.run(engine or HFEngine(model, synced_gpus=synced), cfg.k, sampling, seed, rank, world, any_live)
 
 
 def _write_atomic(path: Path, text: str) -> None:

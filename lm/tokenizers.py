@@ -38,9 +38,7 @@ def char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
 QWEN3_STYLE_TEMPLATE = (
     # Qwen3's conventions, written for a character tokenizer: tools named in the system turn, tool calls as
     # <tool_call>{json}</tool_call>, consecutive tool results in one user turn of <tool_response> blocks, and
-    # the thinking of assistant turns before the last user message dropped (as Qwen3's own template does).
-    "{% set ns = namespace(last_user=-1) %}"
-    "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    # the thinking blocks of earlier assistant turns dropped when the history is rendered (SPEC §6).
     "{% if tools or messages[0]['role'] == 'system' %}<|im_start|>system\n"
     "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% if tools %}{{ '\n' }}{% endif %}{% endif %}"
     "{% if tools %}# Tools: {% for t in tools %}{{ t['function']['name'] if 'function' in t else t['name'] }}"
@@ -51,7 +49,7 @@ QWEN3_STYLE_TEMPLATE = (
     "{% set content = m['content'] or '' %}{% set thought = '' %}"
     "{% if '</think>' in content %}{% set thought = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
     "{% set content = content.split('</think>')[-1].lstrip('\n') %}{% endif %}"
-    "<|im_start|>assistant\n{% if loop.index0 > ns.last_user %}<think>\n{{ thought }}\n</think>\n\n{% endif %}{{ content }}"
+    "<|im_start|>assistant\n{% if loop.last %}<think>\n{{ thought }}\n</think>\n\n{% endif %}{{ content }}"
     "{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
     "{% elif m['role'] == 'tool' %}"
     "{% if loop.index0 == 0 or messages[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user{% endif %}"

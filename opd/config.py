@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from agent.config import AgentConfig
 from demo.config import DemoConfig, check_demo
 from eval.config import EvalConfig
 from lm.config import RANDOM_INIT_FIELDS, ModelConfig, RolloutConfig
@@ -140,6 +141,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tip: TipConfig = field(default_factory=TipConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
 
 
 # ----------------------------------------------------------------------------
@@ -274,8 +276,11 @@ def validate(cfg: Config) -> list[str]:
             problems.append(f"{side}.hidden_size = {mc.hidden_size} must be divisible by {side}.num_heads = {mc.num_heads}")
         if mc.arch and mc.num_heads % mc.num_kv_heads:
             problems.append(f"{side}.num_heads = {mc.num_heads} must be divisible by {side}.num_kv_heads = {mc.num_kv_heads}")
-    if not cfg.data.train_path:
-        problems.append("data.train_path is empty: name a prompt file, hub data set or task")
+    if not cfg.data.train_path and not cfg.agent.env:
+        problems.append("data.train_path is empty: name a prompt file, hub data set or task (or an agent.env)")
+    if cfg.data.train_path and cfg.agent.env:
+        problems.append(f"data.train_path = {cfg.data.train_path!r} and agent.env = {cfg.agent.env!r}: an agentic run "
+                        "takes its tasks from the environment; leave data.train_path empty")
     problems += check_demo(cfg.demo)
     return problems
 

@@ -20,6 +20,9 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from agent.env import Task
+from agent.evaluate import AgentBenchmark
+from agent.rollout import Agent
 from demo.prepare import prepare_pair
 from eval.benchmarks import Benchmark, Problem
 from lm.models import load_model
@@ -31,6 +34,7 @@ from opd.distributed import built_whole, gathered, global_sum, make_accelerator,
 from opd.engine import build_engine, rollout_sampling
 from opd.errors import RunError, first_line, hub_unreachable
 from opd.policy import PolicyModel
+from opd.agentic import agent_prompts, build_agent
 from opd.preflight import check_run_dir, run_directory, unknown_characters
 from opd.rewards import benchmark_grader, reward_fn
 from opd.step import LOSS_IMPLS, LossImpl, SelectorState, StepSettings, head_weight, new_selector_state
@@ -53,7 +57,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: PromptSampler
-    heldout: Benchmark | None  # the held-out training prompts, evaluated as val/heldout/... (eval.heldout)
+    heldout: Benchmark | AgentBenchmark | None  # held-out prompts or tasks, evaluated as val/heldout/... (eval.heldout)
     log: MetricsLog
     settings: StepSettings
     selector_state: SelectorState
@@ -68,6 +72,8 @@ class Run:
     bar: tqdm | None = None
     started: float = field(default_factory=time.time)
     evals: dict[str, dict] = field(default_factory=dict)  # evaluation name -> eval summary
+    agent: Agent | None = None  # agentic OPD (agent.env): the environment, chat format and caps
+    tasks: dict[str, Task] = field(default_factory=dict)  # agentic OPD: the environment's tasks by id (Prompt.source)
 
     def student_head(self) -> torch.Tensor:
         return head_weight(self.policy.lm)
@@ -97,13 +103,7 @@ def setup(cfg: Config, config_paths=()) -> Run:
     with loading("teacher.tokenizer", cfg.teacher.tokenizer or cfg.teacher.path):
         teacher_tok = load_tokenizer(cfg.teacher)
     # data before models: a bad record refused with its file and line costs seconds, not a model load
-    with loading("data.train_path", cfg.data.train_path):
-        train_prompts, val_prompts, report = load_prompts(cfg.data, tokenizer, seed=cfg.train.seed,
-                                                          need_answers=cfg.opd.reward_beta > 0)
-    unknown = unknown_characters(train_prompts + val_prompts, tokenizer)
-    if unknown:
-        raise RunError(unknown)
-    acc.print(f"data: {report.summary()}: {len(train_prompts)} for training, {len(val_prompts)} held out")
+    train_prompts, heldout, agent, tasks = load_training(cfg, tokenizer, run_dir, acc)
     acc.print(f"models: student {cfg.model.path or cfg.model.arch + ' (random init)'}, "
               f"teacher {cfg.teacher.path or cfg.teacher.arch + ' (random init)'}")
     student_lm, teacher = load_pair(cfg, tokenizer, teacher_tok, acc, zero3)
@@ -121,7 +121,7 @@ def setup(cfg: Config, config_paths=()) -> Run:
         cfg=cfg, accelerator=acc, run_dir=run_dir, tokenizer=tokenizer, policy=policy, student=student,
         teacher=teacher, teacher_head=teacher_head_for(teacher, loss, teacher_engine, cfg, use_cuda), loss=loss,
         optimizer=optimizer, scheduler=scheduler, sampler=PromptSampler(train_prompts, cfg.train.seed),
-        heldout=heldout_benchmark(cfg, val_prompts, acc),
+        heldout=heldout, agent=agent, tasks=tasks,
         log=MetricsLog(run_dir, cfg.logging, to_dict(cfg), enabled=acc.is_main_process),
         settings=step_settings(cfg), selector_state=new_selector_state(),
         reward=reward_fn(cfg.opd.reward, cfg.eval.grade_timeout_s), eos_ids=eos_ids(tokenizer, student_lm),
@@ -135,6 +135,25 @@ def setup(cfg: Config, config_paths=()) -> Run:
     if cfg.logging.progress_bar and acc.is_main_process and run.step < total_steps:
         run.bar = tqdm(total=total_steps, initial=run.step, desc="opd", dynamic_ncols=True)
     return run
+
+
+def load_training(cfg: Config, tokenizer, run_dir: Path, acc: Accelerator):
+    """(training prompts, held-out benchmark or None, Agent or None, tasks by id): from data.train_path, or
+    from the environment's tasks (agent.env)."""
+    if cfg.agent.env:
+        with loading("agent.env", cfg.agent.env):
+            agent = build_agent(cfg, tokenizer)
+            train_prompts, heldout, tasks, line = agent_prompts(agent, cfg, run_dir, acc.is_main_process)
+        acc.print(f"tasks: {line}")
+        return train_prompts, heldout, agent, tasks
+    with loading("data.train_path", cfg.data.train_path):
+        train_prompts, val_prompts, report = load_prompts(cfg.data, tokenizer, seed=cfg.train.seed,
+                                                          need_answers=cfg.opd.reward_beta > 0)
+    unknown = unknown_characters(train_prompts + val_prompts, tokenizer)
+    if unknown:
+        raise RunError(unknown)
+    acc.print(f"data: {report.summary()}: {len(train_prompts)} for training, {len(val_prompts)} held out")
+    return train_prompts, heldout_benchmark(cfg, val_prompts, acc), None, {}
 
 
 def load_pair(cfg: Config, tokenizer, teacher_tok, acc: Accelerator, zero3: bool):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lm.rollout import Rollouts
+from opd.agentic import agent_rollout
 from opd.checkpoint import latest_checkpoint, save
 from opd.config import Config
 from opd.distributed import (backward_fn, clip_gradients, gather_fn, gathered, global_mean, global_sum, rows,
@@ -49,12 +50,12 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
         t_step = time.perf_counter()
         reset_peak_memory(run.accelerator.device)
         # 1. rollout: this process's share of the step's prompts, sampled by the student
-        prompts, rollouts, row_ids = rollout(run, step)
+        # (agentic runs: multi-turn conversations with the environment's tools, scored by it)
+        rollouts, row_ids, rewards, agent_metrics = rollout(run, step)
         t_generate = time.perf_counter() - t_step
         gap = rollout_gap(run, rollouts)  # the engine's log-probs vs the student's, before any update
         run.engine.sleep()  # GPU vLLM: its memory goes to training until the sync
-        # 2. rewards (optional): verifiable reward per rollout, softmax sample weights
-        rewards = run.reward(run.tokenizer, rollouts, [prompts[i].answer for i in rollouts.prompt_index.tolist()])
+        # 2. rewards (optional): verifiable reward (or environment score) per rollout, softmax sample weights
         weights = reward_weights(rewards, cfg.opd.reward_beta, run.accelerator)
         # 3. teacher side of every micro-batch (phase 1), then the student's optimiser updates (phase 2)
         t0 = time.perf_counter()
@@ -66,6 +67,7 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
         # 4. log, evaluate, checkpoint
         metrics = step_metrics(run, per_update, rewards, rollouts, t_generate, time.perf_counter() - t0, t_step)
         metrics.update(gap)
+        metrics.update(agent_metrics)
         consecutive_skips = consecutive_skips + 1 if metrics["opd/skipped_updates"] == len(updates) else 0
         run.step = step
         if cfg.eval.every and step % cfg.eval.every == 0 and step != run.total_steps:
@@ -132,20 +134,23 @@ def run_update(run: Run, micro: list[MicroBatch], cached: list[torch.Tensor], st
 # the pieces of a step
 
 
-def rollout(run: Run, step: int) -> tuple[list, Rollouts, torch.Tensor]:
-    """This process's prompts of the step, the student's rollouts of them, and each rollout's global
-    place in the step (prompt place x rollout.n + j: the same whatever the process count)."""
+def rollout(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, list[float] | None, dict]:
+    """This process's rollouts of the step's prompts, each rollout's global place in the step (prompt place x
+    rollout.n + j: the same whatever the process count), their rewards (None: not graded) and agent/... metrics."""
     cfg, acc = run.cfg, run.accelerator
     batch = run.sampler.next_batch(cfg.train.prompts_per_step)
     places = shard_places(len(batch), cfg.train.mini_batch_size or len(batch), acc.process_index, acc.num_processes)
     prompts = [batch[i] for i in places]
     # Seeded per prompt by its place in the global step batch, not by process: the rollouts are
     # then the same whatever the number of processes (tests/distributed compare 1 and 2).
-    rollouts = run.engine.generate([p.ids for p in prompts],
-                                   [derive_seed(cfg.train.seed, "rollout", step, i) for i in places], run.sampling)
-    rc = cfg.rollout
-    row_ids = torch.tensor([place * rc.n + j for place in places for j in range(rc.n)])
-    return prompts, rollouts, row_ids
+    seeds = [derive_seed(cfg.train.seed, "rollout", step, i) for i in places]
+    row_ids = torch.tensor([place * cfg.rollout.n + j for place in places for j in range(cfg.rollout.n)])
+    if run.agent is not None:
+        rollouts, scores, metrics = agent_rollout(run, prompts, seeds)
+        return rollouts, row_ids, scores, metrics
+    rollouts = run.engine.generate([p.ids for p in prompts], seeds, run.sampling)
+    rewards = run.reward(run.tokenizer, rollouts, [prompts[i].answer for i in rollouts.prompt_index.tolist()])
+    return rollouts, row_ids, rewards, {}
 
 
 def derive_seed(*parts) -> int:

@@ -1,7 +1,7 @@
 """The house rules, checked on the syntax tree (like tests/reliability/test_safe_loading.py).
 
-- Dependencies point one way: train.py -> opd -> {tip, eval, demo, lm}; eval -> {lm, demo};
-  demo -> lm; lm and tip import nothing of ours. Imports inside functions and
+- Dependencies point one way: train.py -> opd -> {tip, eval, demo, agent, lm}; eval -> {agent, lm, demo};
+  demo -> {agent, lm}; agent -> lm; lm and tip import nothing of ours. Imports inside functions and
   importlib/__import__ strings count too.
 - Inside opd, only the training step (opd/step.py) imports tip.
 - An import inside a function is only for a heavy or optional third-party library,
@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("lm", "tip", "demo", "eval", "opd")
+PACKAGES = ("lm", "tip", "agent", "demo", "eval", "opd")
 ALLOWED = {
     "lm": {"lm"},
     "tip": {"tip"},
-    "demo": {"demo", "lm"},
-    "eval": {"eval", "lm", "demo"},
-    "opd": {"opd", "tip", "eval", "demo", "lm"},
+    "agent": {"agent", "lm"},
+    "demo": {"demo", "agent", "lm"},
+    "eval": {"eval", "agent", "lm", "demo"},
+    "opd": {"opd", "tip", "eval", "demo", "agent", "lm"},
     "train.py": {"opd"},
 }
 LAZY_OK = {"deepspeed", "matplotlib", "wandb", "math_verify", "vllm", "torch.utils.tensorboard"}
