@@ -35,6 +35,7 @@ def _intercity(modes: tuple[str, ...], key: str) -> Checker:
                 return False, f"required {direction} {key} {wanted} not in the plan"
         return True, None
 
+    check.__name__ = f"check_{key}"
     return check
 
 
