@@ -2,6 +2,7 @@
 
     python -m eval --model Qwen/Qwen3-4B --benchmarks math500,aime24,aime25 --k 16 --out runs/eval/qwen3-4b
     python -m eval --model runs/x/final --benchmarks math500=data/math500.jsonl --max-problems 50
+    python -m eval --model runs/x/checkpoints/step_000200 --env lookup --split runs/x/split.json --k 4
 
 Sampling options left out keep the defaults of `opd.config.EvalConfig`. The
 model loads through transformers (bfloat16 on a GPU that supports it,
@@ -13,12 +14,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import sys
 from pathlib import Path
 
 import torch
 
+from agent.calls import PARSERS
+from agent.config import AgentConfig
+from agent.evaluate import AgentBenchmark
+from agent.registry import load_env
+from agent.rollout import Agent, Caps
 from eval.benchmarks import BenchmarkError, load_benchmark, parse_spec
 from eval.config import EvalConfig
 from eval.runner import evaluate, prompt_format
@@ -47,8 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval", description="mean@k / pass@k / maj@k evaluation of a causal LM.")
     p.add_argument("--model", required=True, help="local checkpoint directory or hub id")
     p.add_argument("--tokenizer", default="", help="tokenizer path or hub id (default: the model's)")
-    p.add_argument("--benchmarks", required=True,
+    p.add_argument("--benchmarks", default="",
                    help="comma-separated: math500, aime24, aime25, dapo, demo, NAME=PATH.jsonl or PATH.jsonl")
+    agent_defaults = AgentConfig()
+    p.add_argument("--env", default="", help="an agent environment (lookup, deepplanning_travel or module:Class): "
+                   "Avg@k / Best@k of multi-turn tool-using conversations on its tasks")
+    p.add_argument("--env-args", default="{}", help='the environment\'s options as JSON, e.g. \'{"task_file": "..."}\'')
+    p.add_argument("--split", default="",
+                   help="a training run's split.json: evaluate its held-out tasks (default: every task of --env)")
+    p.add_argument("--max-turns", type=int, default=agent_defaults.max_turns, help="assistant turns per conversation at most")
+    p.add_argument("--max-response-tokens", type=int, default=agent_defaults.max_response_tokens,
+                   help="tokens after the opening prompt at most (student turns, tool results, template glue)")
+    p.add_argument("--max-tool-response-tokens", type=int, default=agent_defaults.max_tool_response_tokens,
+                   help="a tool result is cut to this many tokens")
     p.add_argument("--k", type=int, help=f"{help_of['k']} (default {defaults.k})")
     p.add_argument("--temperature", type=float, help=f"{help_of['temperature']} (default {defaults.temperature})")
     p.add_argument("--top-p", type=float, help=f"{help_of['top_p']} (default {defaults.top_p})")
@@ -97,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     specs = [s.strip() for s in args.benchmarks.split(",") if s.strip()]
     try:
-        if not specs:
-            raise BenchmarkError("--benchmarks is empty")
+        if not specs and not args.env:
+            raise BenchmarkError("give --benchmarks or an agent --env")
+        env = agent_env(args)
         for spec in specs:
             parse_spec(spec)
         cfg = eval_config(args)
@@ -129,12 +148,58 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or str(Path("runs") / "eval" / re.sub(r"[^A-Za-z0-9_.\-]+", "_", args.model.strip("/")))
     engine = vllm_engine(model, args, cfg, device, out) if args.engine == "vllm" else None
+    if env is not None:
+        try:
+            specs.append(agent_benchmark(env, args, tokenizer))
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     evaluate(
         model, tokenizer, specs, cfg, out, seed=args.seed, chat_template=not args.no_chat_template,
         enable_thinking=args.enable_thinking, system_prompt=args.system_prompt, engine=engine,
     )
     print(f"wrote {Path(out) / 'summary.json'} and {Path(out) / 'samples.jsonl'}")
     return 0
+
+
+def agent_env(args: argparse.Namespace):
+    """The --env environment (None without one); ValueError (one line) for bad options or missing data."""
+    if not args.env:
+        return None
+    try:
+        options = json.loads(args.env_args)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--env-args is not JSON ({exc.msg})") from None
+    if not isinstance(options, dict):
+        raise ValueError("--env-args must be a JSON object")
+    for flag in ("max_turns", "max_response_tokens", "max_tool_response_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    env = load_env(args.env, options)
+    problems = env.check()
+    if problems:
+        raise ValueError(problems[0])
+    return env
+
+
+def agent_benchmark(env, args: argparse.Namespace, tokenizer) -> AgentBenchmark:
+    """The environment's tasks (or a run's held-out ones, --split) as a benchmark named after the environment."""
+    tasks = env.tasks()
+    name = "heldout" if args.split else args.env.replace(":", "_")
+    if args.split:
+        try:
+            wanted = json.loads(Path(args.split).read_text())["heldout"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"--split {args.split}: not a run's split.json ({type(exc).__name__})") from None
+        by_id = {t.id: t for t in tasks}
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            raise ValueError(f"--split {args.split}: task {missing[0]!r} is not among the environment's tasks")
+        tasks = [by_id[i] for i in wanted]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--env: the tokenizer has no chat template (tool messages are rendered with it)")
+    caps = Caps(args.max_turns, args.max_response_tokens, args.max_tool_response_tokens)
+    return AgentBenchmark(name, Agent(env, tokenizer, PARSERS["hermes"], caps, args.enable_thinking), tasks)
 
 
 def vllm_engine(model, args: argparse.Namespace, cfg: EvalConfig, device: torch.device, out: str):

@@ -4,7 +4,7 @@ Each argument is a summary.json, an evaluation directory holding one, or a
 training run directory (its own summary.json is the run's, not an evaluation's),
 whose latest evaluation is used: among RUN/eval/*/summary.json,
 `final` wins, then the highest `step_<N>`, then (other names) the newest file.
-Rows are benchmarks, columns are runs, cells are mean@k ± std; columns after
+Rows are benchmarks, columns are runs, cells are mean@k ± std (agent benchmarks: Avg@k ± std and Best@k); columns after
 the first also show the difference of mean@k to the first. An `average` row
 (mean over benchmarks) appears when every run has every benchmark.
 """
@@ -67,6 +67,8 @@ def format_comparison(summaries: list[dict], labels: list[str]) -> str:
         if m is None:
             return "-"
         text = f"{m['mean@k']:.1f} ± {m['std@k']:.1f}"
+        if "best@k" in m:  # an agent benchmark: mean@k is Avg@k; Best@k beside it
+            text += f" best {m['best@k']:.1f}"
         if base is not None and name in base["benchmarks"]:
             text += f" ({m['mean@k'] - base['benchmarks'][name]['mean@k']:+.1f})"
         return text

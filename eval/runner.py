@@ -172,24 +172,30 @@ def flat_metrics(summary: dict) -> dict:
 
 
 def format_table(summary: dict, title: str | None = None) -> str:
-    """A fixed-width table of a summary, one row per benchmark, headed `title` (default: its step)."""
+    """A fixed-width table of a summary, one row per benchmark, headed `title` (default: its step); agent
+    benchmarks (fractional scores) in a table of their own: Avg@k ± std, Best@k and the conversations' shape."""
     k = summary["k"]
-    header = f"{'benchmark':<16} {'problems':>8} {f'mean@{k}':>15} {f'pass@{k}':>8} {f'maj@{k}':>8} {'length':>8} {'trunc%':>7}"
     if title is None:
         title = f"step {summary['step']}" if summary.get("step") is not None else "evaluation"
-    lines = [title, header, "-" * len(header)]
-    for name, m in summary["benchmarks"].items():
-        mean = f"{m['mean@k']:.1f} ± {m['std@k']:.1f}"
-        if "best@k" in m:  # an agent benchmark: Avg@k and Best@k of fractional scores
-            lines.append(f"{name:<16} {m['n_problems']:>8} {mean:>15} {'best':>8} {m['best@k']:>8.1f} "
-                         f"{m['mean_length']:>8.1f} {100 * m['truncation_rate']:>7.1f}   (Avg@{k} ± std, Best@{k}; "
-                         f"{m['turns_mean']:.1f} turns, {m['tool_calls_mean']:.1f} tool calls, "
-                         f"{m['tool_errors_mean']:.1f} errors per conversation)")
-            continue
-        lines.append(
-            f"{name:<16} {m['n_problems']:>8} {mean:>15} {m['pass@k']:>8.1f} {m['maj@k']:>8.1f} "
-            f"{m['mean_length']:>8.1f} {100 * m['truncation_rate']:>7.1f}"
-        )
+    lines = [title]
+    plain = {n: m for n, m in summary["benchmarks"].items() if "best@k" not in m}
+    agents = {n: m for n, m in summary["benchmarks"].items() if "best@k" in m}
+    if plain:
+        header = f"{'benchmark':<16} {'problems':>8} {f'mean@{k}':>15} {f'pass@{k}':>8} {f'maj@{k}':>8} {'length':>8} {'trunc%':>7}"
+        lines += [header, "-" * len(header)]
+        for name, m in plain.items():
+            mean = f"{m['mean@k']:.1f} ± {m['std@k']:.1f}"
+            lines.append(f"{name:<16} {m['n_problems']:>8} {mean:>15} {m['pass@k']:>8.1f} {m['maj@k']:>8.1f} "
+                         f"{m['mean_length']:>8.1f} {100 * m['truncation_rate']:>7.1f}")
+    if agents:
+        header = (f"{'agent tasks':<16} {'tasks':>8} {f'Avg@{k}':>15} {f'Best@{k}':>8} {'turns':>6} {'calls':>6} "
+                  f"{'errors':>6} {'length':>8} {'capped%':>7}")
+        lines += [header, "-" * len(header)]
+        for name, m in agents.items():
+            mean = f"{m['avg@k']:.1f} ± {m['std@k']:.1f}"
+            lines.append(f"{name:<16} {m['n_problems']:>8} {mean:>15} {m['best@k']:>8.1f} {m['turns_mean']:>6.1f} "
+                         f"{m['tool_calls_mean']:>6.1f} {m['tool_errors_mean']:>6.1f} {m['mean_length']:>8.1f} "
+                         f"{100 * m['truncation_rate']:>7.1f}")
     return "\n".join(lines)
 
 

@@ -78,6 +78,7 @@ def build_summary(run) -> dict:
     evals = run.evals
     before = evals.get("step_000000")
     return {
+        "metric": "Avg@k (agent score, %)" if run.agent is not None else "mean@k (accuracy, %)",
         "teacher_accuracy": _first_mean(evals.get("teacher")),
         "student_accuracy_before": _first_mean(before),
         "student_accuracy_after": _first_mean(evals.get("final")),
@@ -103,7 +104,7 @@ def print_summary(summary: dict, when: str = "this train.py") -> None:
             ("student after", summary["student_accuracy_after"])]
     if all(v is None for _, v in rows):
         return
-    print("\n  model            accuracy (mean@k, %)")
+    print(f"\n  model            {summary.get('metric', 'accuracy (mean@k, %)')}")
     for name, value in rows:
         print(f"  {name:<16} {'—' if value is None else f'{value:6.1f}'}")
     print(f"  wall time {summary['wall_time_s']:.0f} s ({when}: preparation, loading, training, evaluation)\n")
