@@ -67,7 +67,7 @@ def test_eval_command_bad_benchmark_is_one_line_exit_2(tmp_path):
     [
         (["--benchmarks", "gsm8k"], "unknown benchmark 'gsm8k'"),
         (["--benchmarks", "x=/no/such.jsonl"], "benchmark file not found"),
-        (["--benchmarks", ","], "--benchmarks is empty"),
+        (["--benchmarks", ","], "give --benchmarks or an agent --env"),
         (["--benchmarks", "{aime}", "--k", "0"], "--k = 0 is below the minimum 1"),
         (["--benchmarks", "{aime}", "--top-p", "1.5"], "--top-p = 1.5 is above the maximum 1.0"),
         (["--benchmarks", "{aime}", "--model", "/no/such/model"], "model directory not found"),
