@@ -15,11 +15,14 @@ import sys
 import pytest
 import torch
 
+from agent.calls import hermes
+from agent.lookup import LookupEnv
+from agent.rollout import Agent, Caps
 from conftest import REPO, read_metrics, run_cli, tiny_config, write_config
 from lm.config import ModelConfig
 from lm.engines import HFEngine, Sampling
 from lm.models import load_model
-from lm.tokenizers import char_tokenizer
+from lm.tokenizers import char_tokenizer, chat_char_tokenizer
 from lm.vllm_engine import build_vllm_engine, vllm_available
 from opd.engine import sampled_logprobs
 
@@ -197,3 +200,40 @@ def test_eval_command_samples_through_vllm_reproducibly(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         summaries.append((tmp_path / name / "samples.jsonl").read_text())
     assert summaries[0] == summaries[1] and len(summaries[0].splitlines()) == 6
+
+
+def test_agent_conversations_through_vllm_are_well_formed_and_match_the_student(tmp_path):
+    """Multi-turn rollouts through the vLLM engine (the same generate call per turn as HF): the student's
+    turns are masked in, the engine's log-probs of them are the student's own."""
+    chat_tok = chat_char_tokenizer()
+    model = load_model(ModelConfig(arch="qwen3", **SMALL, init_seed=6), chat_tok, torch.device("cpu"), trainable=True)
+    built = build_vllm_engine(model, tmp_path / "model", dtype=torch.float32, max_model_len=256,
+                              device=torch.device("cpu"), num_processes=1, gpu_memory_utilization=0.3,
+                              cpu_kv_cache_gb=1, sleep=False, enforce_eager=True)
+    built.sync(model.named_parameters())
+    env = LookupEnv(num_tasks=6)
+    agent = Agent(env, chat_tok, hermes, Caps(max_turns=3, max_response_tokens=80, max_tool_response_tokens=8),
+                  enable_thinking=False)
+    s = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=20, n=1, eos_ids=(chat_tok.eos_token_id,),
+                 pad_token_id=chat_tok.pad_token_id)
+    out = agent.run(built, env.tasks(), list(range(6)), 2, s)
+    alone = agent.run(built, env.tasks()[2:3], [2], 2, s)
+    assert [c.ids for c in alone.conversations] == [c.ids for c in out.conversations[4:6]]
+    r = out.rollouts
+    assert r.logprobs is not None and bool((r.logprobs[r.response_mask == 0] == 0).all())
+    for c in out.conversations:
+        assert sum(c.student[:c.prompt_length]) == 0 and sum(c.student) >= 1
+    assert gap(model, r) <= 1e-4
+
+
+def test_agentic_run_on_vllm(tmp_path):
+    chat = {"tokenizer": "chat_chars", **SMALL}
+    cfg = vllm_config(tmp_path, model=chat, teacher={**chat, "init_seed": 1},
+                      agent={"env": "lookup", "env_args": {"num_tasks": 20}, "max_turns": 2,
+                             "max_response_tokens": 60, "max_tool_response_tokens": 8, "eval_tasks": 2},
+                      train={"steps": 2}, eval={"every": 0, "k": 1, "max_new_tokens": 12})
+    cfg["data"] = {k: v for k, v in cfg["data"].items() if k != "train_path"}
+    out = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))], timeout=900, env=VLLM_ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = [m for m in read_metrics(tmp_path / "runs" / "run") if "opd/loss" in m]
+    assert len(metrics) == 2 and all(m["rollout/logprob_diff_max"] <= 1e-3 and "agent/turns_mean" in m for m in metrics)
