@@ -23,6 +23,7 @@ from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
 from transformers import CONFIG_MAPPING, AttentionInterface
 
+from agent.registry import load_env
 from demo import task as demo_task
 from eval.benchmarks import BenchmarkError, parse_spec
 from lm.config import ModelConfig
@@ -430,6 +431,25 @@ def check_demo(cfg: Config) -> list[str]:
     return problems
 
 
+def check_agent(cfg: Config, notes: list | None = None) -> list[str]:
+    """agent.env builds with its agent.env_args, and the environment finds its files (env.check(): task file,
+    databases, ...). `notes` receives the task count when all is well."""
+    if not cfg.agent.env:
+        return []
+    try:
+        env = load_env(cfg.agent.env, cfg.agent.env_args)
+    except ValueError as exc:
+        return [f"agent.env: {exc}"]
+    try:
+        problems = [f"agent.env_args: {line}" for line in env.check()]
+        if not problems and notes is not None:
+            tasks = len(env.tasks())
+            notes.append(f"agent: {cfg.agent.env}: {tasks} tasks, {round(cfg.agent.heldout_ratio * tasks)} held out")
+    except Exception as exc:  # a file that is there but unreadable (bad JSON, a missing field): one line
+        problems = [f"agent.env_args: {cfg.agent.env} cannot read its files ({type(exc).__name__}: {first_line(exc)})"]
+    return problems
+
+
 def check_deep(cfg: Config, models_ok: bool = True, data_ok: bool = True, notes: list | None = None) -> list[str]:
     """Read and compare both tokenizers (when the model paths are fine), and the whole data set when `data_ok`.
 
@@ -504,13 +524,16 @@ def preflight(cfg: Config, paths=(), deep: bool = False, ignore=(), notes: list 
     """Every problem found without loading model weights, one line each, each starting with its config key.
 
     ignore: config keys already reported (a partially valid config): problems about them are dropped.
-    deep: also read the whole data set (train.py --check).
+    deep: also read the whole data set (train.py --check); an agentic run (agent.env) has none: its tasks are
+    the environment's, which check_agent looks at.
     """
     model_problems = check_model("model", cfg.model) + check_model("teacher", cfg.teacher)
     data_problems = check_data(cfg)
     problems = model_problems + data_problems + check_output(cfg, paths) + check_run_dir(cfg, paths, ignore)
     problems += check_selector(cfg) + check_reward(cfg) + check_engine(cfg) + check_eval(cfg) + check_demo(cfg)
+    problems += check_agent(cfg, notes=notes if deep else None)
     demo = cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")
     if not demo:
-        problems += check_deep(cfg, models_ok=not model_problems, data_ok=deep and not data_problems, notes=notes)
+        data_ok = deep and not data_problems and not cfg.agent.env
+        problems += check_deep(cfg, models_ok=not model_problems, data_ok=data_ok, notes=notes)
     return [p for p in problems if p.split(":", 1)[0] not in ignore]

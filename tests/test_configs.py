@@ -99,7 +99,8 @@ def test_pairs_carry_the_papers_hyperparameters(pair):
     assert cfg.train.prompts_per_step == 256
     assert cfg.train.mini_batch_size in (0, cfg.train.prompts_per_step)  # ONE optimiser update per step
     assert cfg.train.micro_batch_size == 4
-    assert cfg.data.max_prompt_length == 2048
+    # SPEC section 6: the reference agent script's prompt cap is 4,096 tokens
+    assert cfg.data.max_prompt_length == (2048 if pair in MATH_PAIRS else 4096)
     assert cfg.rollout.max_new_tokens == 8192
     assert cfg.rollout.n == 1
     assert (cfg.rollout.temperature, cfg.rollout.top_p) == (1.0, 1.0)
@@ -130,7 +131,11 @@ def test_pairs_carry_the_papers_hyperparameters(pair):
         assert (cfg.eval.instruction_separator, cfg.eval.instruction) == ("\n\n", REFERENCE_INSTRUCTION)
     else:
         assert cfg.data.enable_thinking is True
-        assert [b.split("=")[0] for b in cfg.eval.benchmarks] == ["deepplanning_travel"]
+        # SPEC section 6: DeepPlanning travel tasks, 80% train / 20% held out (evaluated as `heldout`),
+        # the reference agent script's conversation caps
+        assert cfg.agent.env == "deepplanning_travel" and cfg.data.train_path == ""
+        assert cfg.agent.heldout_ratio == 0.2 and cfg.eval.heldout and cfg.eval.benchmarks == []
+        assert (cfg.agent.max_response_tokens, cfg.agent.max_turns, cfg.agent.max_tool_response_tokens) == (24576, 50, 1024)
 
 
 @pytest.mark.parametrize("pair", MATH_PAIRS)

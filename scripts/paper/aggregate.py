@@ -3,7 +3,8 @@
     python -m scripts.paper.aggregate --table N [--runs runs/tableN] [--pairs P1,P2] [--methods M1,M2] [--out FILE]
 
 Each cell is the run <runs>/<pair>__<method>/: accuracy from its
-eval/final/summary.json (mean@k ± std@k per benchmark, in %), peak memory
+eval/final/summary.json (mean@k ± std@k per benchmark, in %; table 7: the
+held-out tasks' Avg@k ± std@k and Best@k, benchmark `heldout`), peak memory
 (max of `perf/max_memory_allocated_gb` over the steps of metrics.jsonl) for
 table 3, kept tokens (`tip/num_kept`, `tip/num_tokens`) for table 4. Where
 the paper's text gives a figure for a cell it is shown with the difference
@@ -104,7 +105,8 @@ def read_run(run_dir: Path) -> RunResult:
 
 
 def benchmark_value(summary: dict | None, benchmark: str, which: str) -> float | None:
-    """`which` in mean/std/pass/maj -> the summary's `<which>@k` for a benchmark (%), or None."""
+    """`which` in mean/std/pass/maj (avg/best for agent benchmarks) -> the summary's `<which>@k` for a benchmark
+    (%), or None."""
     if not summary:
         return None
     bench = (summary.get("benchmarks") or {}).get(benchmark)
@@ -160,12 +162,12 @@ def _accuracy_cells(spec: TableSpec, table: int, pair: str, method: str, res: Ru
                 cells.append(MISSING)
                 continue
             text = f"{value:.1f}"
-            if which == "mean":
+            if which in ("mean", "avg"):
                 std = benchmark_value(res.summary, bench, "std")
                 text += f" ± {std:.2f}" if std is not None else ""
             paper = published.get((bench, which))
             if paper is not None:
-                text += _vs_paper(value, paper, PUBLISHED_STD.get((pair, method)) if table == 7 and which == "mean" else None,
+                text += _vs_paper(value, paper, PUBLISHED_STD.get((pair, method)) if table == 7 and which == "avg" else None,
                                   CARRIED_FROM.get((table, pair, method)))
             cells.append(text)
     return cells

@@ -31,7 +31,7 @@ import yaml
 import tip
 from opd.config import Config, ConfigError, drop_unused, load_config, to_dict
 from scripts.paper import aggregate
-from scripts.paper.tables import AGENT14, AGENT32, LLAMA
+from scripts.paper.tables import LLAMA
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,11 +40,6 @@ ROOT = Path(__file__).resolve().parents[2]
 # additionally needs parameters and optimizer state offloaded to CPU.
 ACCELERATE = {LLAMA: "zero3_offload"}
 DEFAULT_ACCELERATE = "zero3"
-
-# The paper trains these pairs with multi-turn tool-call rollouts in the
-# DeepPlanning environment, which the trainer does not have yet: their cells
-# are planned and resolved but never launched.
-NEEDS_AGENT_ROLLOUTS = {AGENT14: "multi-turn DeepPlanning tool rollouts", AGENT32: "multi-turn DeepPlanning tool rollouts"}
 
 # Keys the table sets per cell; a reused run may differ only in these.
 _CELL_KEYS = ("output_dir", "run_name")
@@ -155,7 +150,7 @@ def _local_missing(path: str) -> bool:
 
 
 def blockers(cfg: Config, pair: str) -> list[str]:
-    """Why a resolved cell cannot start on this checkout (placeholders, missing trainer features)."""
+    """Why a resolved cell cannot start on this checkout (placeholder paths, a selector the registry lacks)."""
     out = []
     for side, flag in (("model", "--student"), ("teacher", "--teacher")):
         path = getattr(cfg, side).path
@@ -168,10 +163,12 @@ def blockers(cfg: Config, pair: str) -> list[str]:
         name, sep, path = bench.partition("=")
         if sep and _local_missing(path):
             out.append(f"eval benchmark {name} = {path} does not exist")
+    for key, value in cfg.agent.env_args.items():  # an agentic pair's benchmark files (task file, databases)
+        if isinstance(value, str) and _local_missing(value):
+            out.append(f"agent.env_args.{key} = {value} does not exist (a placeholder in configs/pairs/{pair}.yaml); "
+                       f"pass agent.env_args.{key}=PATH (docs/reproducing.md)")
     if cfg.tip.selector not in tip.SELECTORS:
         out.append(f"tip.selector = {cfg.tip.selector} is not in this checkout's tip registry")
-    if pair in NEEDS_AGENT_ROLLOUTS:
-        out.append(f"needs {NEEDS_AGENT_ROLLOUTS[pair]}, which the trainer does not support yet (docs/reproducing.md)")
     return out
 
 
@@ -202,8 +199,9 @@ def describe(cell: Cell) -> str:
     if cell.config is None:
         return f"pair={cell.pair} method={cell.method}"
     c = cell.config
+    env = f" env={c.agent.env}" if c.agent.env else ""
     return (f"pair={cell.pair} method={cell.method} selector={c.tip.selector} ratio={c.tip.ratio:g} "
-            f"lr={c.optim.lr:g} student={c.model.path} teacher={c.teacher.path}")
+            f"lr={c.optim.lr:g} student={c.model.path} teacher={c.teacher.path}{env}")
 
 
 def print_plan(table: int, cells: list[Cell], runs: str) -> None:

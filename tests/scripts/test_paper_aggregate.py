@@ -103,14 +103,32 @@ def test_row_label_is_the_resolved_teacher_and_carried_baselines_say_so(tmp_path
     assert "from section 7.2" not in render(4, runs, [QWEN3], ["all"])
 
 
-def test_table7_reports_avg_and_best_at_16_against_the_paper(tmp_path):
+def fake_agent_summary(path: Path, avg: float, std: float, best: float) -> None:
+    """An agentic run's final summary as eval/runner.py agent_metrics writes it: the held-out tasks are the
+    benchmark `heldout`, Avg@k also under mean@k, no pass@k; parts are fractions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    heldout = {"mean@k": avg, "std@k": std, "avg@k": avg, "best@k": best, "n_problems": 24, "mean_length": 9000.0,
+               "truncation_rate": 0.1, "turns_mean": 12.0, "tool_calls_mean": 14.0, "tool_errors_mean": 1.0,
+               "parts": {"hard_constraint_rate": avg / 100, "hard_all_pass": 0.02, "commonsense": 0.4,
+                         "composite": 0.21, "case_acc": 0.0, "parse_failed": 0.3, "commonsense_dims": 8.0}}
+    path.write_text(json.dumps({"step": 45, "k": 16, "benchmarks": {"heldout": heldout}}))
+
+
+def test_table7_reports_heldout_avg_and_best_at_16_against_the_paper(tmp_path):
     runs = tmp_path / "table7"
-    fake_summary(runs / f"{AGENT14}__soft_or_20/eval/final/summary.json", {"deepplanning_travel": (12.4, 0.06, 21.0)})
-    fake_summary(runs / f"{AGENT32}__q3_only_20/eval/final/summary.json", {"deepplanning_travel": (13.0, 0.07, 19.5)})
+    fake_agent_summary(runs / f"{AGENT14}__soft_or_20/eval/final/summary.json", 12.4, 0.06, 21.0)
+    fake_agent_summary(runs / f"{AGENT32}__q3_only_20/eval/final/summary.json", 13.0, 0.07, 19.5)
+    # a run still going: its latest in-training evaluation is not a result
+    fake_agent_summary(runs / f"{AGENT14}__q3_only_20/eval/step_000005/summary.json", 9.0, 0.1, 15.0)
     text = render(7, runs, [AGENT14, AGENT32], ["soft_or_20", "q3_only_20"])
-    assert "DeepPlanning Avg@16 ± std | DeepPlanning Best@16" in text
-    assert "| 12.4 ± 0.06 (paper 12.1 ± 0.06, Δ +0.3) | 21.0 (paper 20.3, Δ +0.7) |" in text
-    assert "| 13.0 ± 0.07 (paper 13.6 ± 0.07, Δ -0.6) | 19.5 (paper 20.1, Δ -0.6) |" in text
+    assert "| Pair | Method | DeepPlanning held-out Avg@16 ± std | DeepPlanning held-out Best@16 |" in text
+    assert "| soft_or_20 | 12.4 ± 0.06 (paper 12.1 ± 0.06, Δ +0.3) | 21.0 (paper 20.3, Δ +0.7) |" in text
+    assert "| q3_only_20 | 13.0 ± 0.07 (paper 13.6 ± 0.07, Δ -0.6) | 19.5 (paper 20.1, Δ -0.6) |" in text
+    # the paper gives no Best@16 for these two cells: ours alone; the unfinished run has no figures yet
+    assert "| Qwen3-32B → Qwen3-1.7B (agentic) | soft_or_20 | — | — |" in text
+    assert "| Qwen3-14B → Qwen3-1.7B (agentic) | q3_only_20 | — | — |" in text
+    assert f"{AGENT14}__q3_only_20: no eval/final/summary.json yet (latest evaluation step_000005)" in text
+    assert "hard constraints" in text and "hosted LLM" in text
 
 
 def test_grid_comes_from_plan_file_or_run_directories(tmp_path):

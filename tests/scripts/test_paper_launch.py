@@ -159,11 +159,34 @@ def test_finished_run_of_another_table_is_linked_not_rerun(tmp_path, capsys):
     assert json.loads((tmp_path / "table5" / "plan.json").read_text())["methods"] == ["all"]
 
 
-def test_blocked_cells_are_not_started_and_fail_the_table(tmp_path, capsys):
+def test_table7_plans_its_agentic_runs_once_the_benchmark_paths_are_given(tmp_path):
+    """Table 7 is planned like the others: 2 pairs x 6 methods, each an agentic run of deepplanning_travel."""
+    task_file, databases = tmp_path / "travelplanning_query_en.json", tmp_path / "database_en"
+    task_file.write_text("[]")
+    databases.mkdir()
+    paths = [f"agent.env_args.task_file={task_file}", f"agent.env_args.database_root={databases}"]
+    proc = run_script(7, "--dry-run", *paths)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("table 7: 2 pair(s) x 6 method(s) = 12 runs under runs/table7")
+    cells = parse_plan(proc.stdout)
+    pairs, methods = TABLES[7]
+    assert [(c["pair"], c["method"]) for c in cells] == [(p, m) for p in pairs for m in methods]
+    for cell in cells:
+        assert cell["status"] == "todo" and cell["env"] == "deepplanning_travel"
+        assert cell["command"].endswith(" ".join(paths))
+    assert "note:" not in proc.stdout
+
+
+def test_placeholder_benchmark_paths_block_table7_cells_and_fail_the_table(tmp_path, capsys):
+    """Without the DeepPlanning files the cells are planned but not started; the table run says which key to set."""
+    proc = run_script(7, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert all(c["status"] == "blocked" for c in parse_plan(proc.stdout))
     argv = ["--table", "7", "--pairs", AGENT14, "--methods", "all", "--runs", str(tmp_path / "table7")]
     assert launch.main(argv) == 1
     err = capsys.readouterr().err
-    assert "multi-turn DeepPlanning tool rollouts" in err
+    assert "agent.env_args.task_file = ./data/deepplanning/travelplanning_query_en.json does not exist" in err
+    assert "agent.env_args.database_root" in err
     assert not (tmp_path / "table7" / f"{AGENT14}__all").exists()
 
 
