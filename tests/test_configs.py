@@ -96,7 +96,8 @@ def test_method_selectors_are_registered_in_tip(method):
 def test_pairs_carry_the_papers_hyperparameters(pair):
     cfg = load_config([CONFIGS / "pairs" / f"{pair}.yaml"])
     # SPEC section 5, reference-implementation defaults
-    assert cfg.train.prompts_per_step == 256
+    # the agentic pairs: 32 tasks per step, so 15 epochs are 15 passes over DeepPlanning's 96 training tasks
+    assert cfg.train.prompts_per_step == (256 if pair in MATH_PAIRS else 32)
     assert cfg.train.mini_batch_size in (0, cfg.train.prompts_per_step)  # ONE optimiser update per step
     assert cfg.train.micro_batch_size == 4
     # SPEC section 6: the reference agent script's prompt cap is 4,096 tokens
