@@ -15,10 +15,11 @@ tool call the rendered tool message (Chat.tool_turn). The pair learns on LookupE
 measured on LookupEnv(seed=eval_env_seed), the distillation run's environment, with real multi-turn
 rollouts (converse, HFEngine, T=1.0): the values differ per task and per seed, so a score there is tool use.
 
-Stopping: every `check_every` steps both models are checked on tasks of the training environment they
-never saw; the teacher stops once that score reaches `teacher_target`, the student (deliberately
-under-trained) once it reaches `student_target`. The scores in pair.json are measured afterwards on
-`eval_tasks` x `eval_k` conversations of the evaluation environment.
+Stopping: every `teacher_check_every` (`student_check_every`) steps a model is checked on tasks of the
+training environment it never saw; the teacher stops once that score reaches `teacher_target`, the student
+(deliberately under-trained) once it reaches `student_target`. The scores in pair.json are measured
+afterwards on `eval_tasks` x `eval_k` conversations of the evaluation environment, and compared with what
+the demo needs of them (TEACHER_FLOOR, STUDENT_BAND: `meets_spec` in pair.json, a warning when missed).
 
 The pair is written to a temporary directory and renamed into place, so an interrupted preparation never
 leaves half a pair; a later call with the same settings returns the cached pair at once.
@@ -61,6 +62,12 @@ FORMAT = 1
 
 ENV = "lookup"
 
+TEACHER_FLOOR = 0.92
+"""The teacher's measured score must reach this: it is the upper bound a distilled student is compared with."""
+
+STUDENT_BAND = (0.15, 0.45)
+"""The student's measured score should lie here: clearly weaker than the teacher, yet with the format learned."""
+
 
 def agent_settings(settings: dict | AgentDemoConfig | None = None) -> AgentDemoConfig:
     """Validated settings from a dict (YAML-typed or command-line text values); ValueError names every bad key."""
@@ -96,7 +103,7 @@ def build_model(s: AgentDemoConfig, side: str, tok):
     """A randomly initialised causal LM of the given side ("teacher" or "student"), fp32."""
     hidden, heads = getattr(s, f"{side}_hidden"), getattr(s, f"{side}_heads")
     mc = ModelConfig(arch=s.arch, hidden_size=hidden, num_layers=getattr(s, f"{side}_layers"), num_heads=heads,
-                     num_kv_heads=heads, intermediate_size=4 * hidden)
+                     num_kv_heads=heads, intermediate_size=s.mlp_ratio * hidden)
     cfg = random_model_config(mc, len(tok), tok)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed + (0 if side == "teacher" else 1))
@@ -164,8 +171,8 @@ def score(model, chat: Chat, env: LookupEnv, tasks: list[Task], s: AgentDemoConf
 def supervised_train(model, chat: Chat, s: AgentDemoConfig, side: str, train: list[Task], check: list[Task],
                      env: LookupEnv, log=print) -> dict:
     """AdamW on worked conversations (warm-up, then cosine to 5% of lr over `<side>_max_steps`), checked every
-    `check_every` steps on `check`; stops once the check score reaches `<side>_target`. Returns what happened."""
-    steps, lr, target = (getattr(s, f"{side}_{k}") for k in ("max_steps", "lr", "target"))
+    `<side>_check_every` steps on `check`; stops once the check score reaches `<side>_target`. Returns what happened."""
+    steps, lr, target, every = (getattr(s, f"{side}_{k}") for k in ("max_steps", "lr", "target", "check_every"))
     side_seed = s.seed + (0 if side == "teacher" else 1)
     order = list(range(len(train)))
     random.Random(f"agent-demo-{side_seed}").shuffle(order)
@@ -186,7 +193,7 @@ def supervised_train(model, chat: Chat, s: AgentDemoConfig, side: str, train: li
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % s.check_every == 0 or step == steps:
+        if step % every == 0 or step == steps:
             t0 = time.time()
             result = score(model, chat, env, check, s, k=1, seed=("check", side_seed, step))
             check_seconds += time.time() - t0
@@ -267,6 +274,14 @@ def _train_pair(s: AgentDemoConfig, out: Path, log) -> dict:
         model.save_pretrained(out / side, safe_serialization=True)
         save_tokenizer(tok, out / side)
         info[side] = {**measured, **trained, "eval_seconds": round(eval_seconds, 1), "parameters": n_params}
+    low, high = STUDENT_BAND
+    info["meets_spec"] = {"teacher": info["teacher"]["score"] >= TEACHER_FLOOR,
+                          "student": low <= info["student"]["score"] <= high}
+    for side, ok in info["meets_spec"].items():
+        if not ok:
+            want = f"at least {TEACHER_FLOOR:.0%}" if side == "teacher" else f"between {low:.0%} and {high:.0%}"
+            log(f"agent demo: WARNING: the {side} scores {info[side]['score']:.1%}, the demo needs {want} "
+                f"(change {side}_max_steps or {side}_target)")
     info["prepare_seconds"] = round(time.time() - began, 1)
     return info
 

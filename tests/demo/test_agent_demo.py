@@ -19,7 +19,7 @@ from lm.rollout import assemble
 
 TINY = {"teacher_layers": 1, "teacher_hidden": 16, "teacher_heads": 2, "teacher_max_steps": 2,
         "student_layers": 1, "student_hidden": 8, "student_heads": 2, "student_max_steps": 1,
-        "batch_size": 2, "warmup_steps": 1, "check_every": 2, "check_tasks": 2, "train_tasks": 8,
+        "batch_size": 2, "warmup_steps": 1, "teacher_check_every": 2, "student_check_every": 1, "check_tasks": 2, "train_tasks": 8,
         "eval_tasks": 3, "eval_k": 1, "max_new_tokens": 8, "max_turns": 2, "max_response_tokens": 64}
 
 
