@@ -9,11 +9,11 @@ template and special tokens included):
     <cache_dir>/agent-pair-<hash of the settings>/student/
     <cache_dir>/agent-pair-<hash of the settings>/pair.json  settings, scores, steps, timings
 
-A training conversation is the token sequence agent.rollout.converse builds at rollout time, token for
+A training conversation is the token sequence agent.rollout.Agent.run builds at rollout time, token for
 token: the opening prompt (Chat.prompt), then for each assistant turn its tokens and EOS, then after a
 tool call the rendered tool message (Chat.tool_turn). The pair learns on LookupEnv(seed=env_seed) and is
 measured on LookupEnv(seed=eval_env_seed), the distillation run's environment, with real multi-turn
-rollouts (converse, HFEngine, T=1.0): the values differ per task and per seed, so a score there is tool use.
+rollouts (Agent.run, HFEngine, T=1.0): the values differ per task and per seed, so a score there is tool use.
 
 Stopping: every `teacher_check_every` (`student_check_every`) steps a model is checked on tasks of the
 training environment it never saw; the teacher stops once that score reaches `teacher_target`, the student
@@ -49,7 +49,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from agent.calls import hermes
 from agent.env import Task
 from agent.lookup import LookupEnv, worked_solution
-from agent.rollout import Caps, Chat, converse, derive
+from agent.rollout import Agent, Caps, Chat, derive
 from demo.agent_config import AgentDemoConfig, agent_pair_fields, check_agent_demo
 from lm.config import ModelConfig
 from lm.engines import HFEngine, Sampling
@@ -111,7 +111,7 @@ def build_model(s: AgentDemoConfig, side: str, tok):
 
 
 def conversation(chat: Chat, task: Task, turns: list[str], results: list[str]) -> tuple[list[int], list[int]]:
-    """(ids, student mask) of a conversation as converse builds it: prompt, then each turn's tokens and EOS,
+    """(ids, student mask) of a conversation as Agent.run builds it: prompt, then each turn's tokens and EOS,
     each followed (but the last) by the rendered tool message of its result; mask 1 on turn tokens and EOS."""
     if len(results) != len(turns) - 1:
         raise ValueError(f"{len(turns)} turns need {len(turns) - 1} tool results, got {len(results)}")
@@ -153,13 +153,12 @@ def caps(s: AgentDemoConfig) -> Caps:
 
 
 def score(model, chat: Chat, env: LookupEnv, tasks: list[Task], s: AgentDemoConfig, k: int, seed) -> dict:
-    """Mean score of `k` conversations per task (real rollouts: converse, HFEngine, T=1.0) and how they went."""
+    """Mean score of `k` conversations per task (real rollouts: Agent.run, HFEngine, T=1.0) and how they went."""
     tok = chat.tokenizer
     sampling = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=s.max_new_tokens, n=1,
                         eos_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
-    prompts = [chat.prompt(list(t.messages)) for t in tasks]
     seeds = [derive(seed, t.id) for t in tasks]
-    out = converse(HFEngine(model), env, chat, hermes, tasks, prompts, seeds, k, sampling, caps(s))
+    out = Agent(env, tok, hermes, caps(s), enable_thinking=False).run(HFEngine(model), tasks, seeds, k, sampling)
     convs = out.conversations
     n = len(convs)
     return {"score": sum(out.scores()) / n, "conversations": n,

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from agent.config import AgentConfig
+from demo.agent_config import AgentDemoConfig, check_agent_demo
 from demo.config import DemoConfig, check_demo
 from eval.config import EvalConfig
 from lm.config import RANDOM_INIT_FIELDS, ModelConfig, RolloutConfig
@@ -142,6 +143,7 @@ class Config:
     tip: TipConfig = field(default_factory=TipConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    agent_demo: AgentDemoConfig = field(default_factory=AgentDemoConfig)
 
 
 # ----------------------------------------------------------------------------
@@ -282,6 +284,7 @@ def validate(cfg: Config) -> list[str]:
         problems.append(f"data.train_path = {cfg.data.train_path!r} and agent.env = {cfg.agent.env!r}: an agentic run "
                         "takes its tasks from the environment; leave data.train_path empty")
     problems += check_demo(cfg.demo)
+    problems += check_agent_demo(cfg.agent_demo, prefix="agent_demo.")
     return problems
 
 

@@ -419,6 +419,9 @@ def check_eval(cfg: Config) -> list[str]:
     return problems
 
 
+DEMO_MODELS = ("demo:teacher", "demo:student", "demo:agent_teacher", "demo:agent_student")
+
+
 def check_demo(cfg: Config) -> list[str]:
     """The demo task and model names, checked before anything is trained (the demo.* settings are typed config)."""
     problems = []
@@ -426,8 +429,8 @@ def check_demo(cfg: Config) -> list[str]:
         problems.append(f"data.train_path: unknown demo task {cfg.data.train_path!r} "
                         f"(the demo task is demo:{demo_task.NAME})")
     for side, mc in (("model", cfg.model), ("teacher", cfg.teacher)):
-        if mc.path.startswith("demo:") and mc.path not in ("demo:teacher", "demo:student"):
-            problems.append(f"{side}.path: unknown demo model {mc.path!r} (known: demo:teacher, demo:student)")
+        if mc.path.startswith("demo:") and mc.path not in DEMO_MODELS:
+            problems.append(f"{side}.path: unknown demo model {mc.path!r} (known: {', '.join(DEMO_MODELS)})")
     return problems
 
 

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from agent.env import Task
 from agent.evaluate import AgentBenchmark
 from agent.rollout import Agent
+from demo.agent_prepare import prepare_agent_pair
 from demo.prepare import prepare_pair
 from eval.benchmarks import Benchmark, Problem
 from lm.models import load_model
@@ -35,7 +36,7 @@ from opd.engine import build_engine, rollout_sampling
 from opd.errors import RunError, first_line, hub_unreachable
 from opd.policy import PolicyModel
 from opd.agentic import agent_prompts, build_agent
-from opd.preflight import check_run_dir, run_directory, unknown_characters
+from opd.preflight import DEMO_MODELS, check_run_dir, run_directory, unknown_characters
 from opd.rewards import benchmark_grader, reward_fn
 from opd.step import LOSS_IMPLS, LossImpl, SelectorState, StepSettings, head_weight, new_selector_state
 from opd.tracking import MetricsLog, writing
@@ -257,19 +258,24 @@ def loading(key: str, name: str):
 
 
 def resolve_demo_paths(cfg: Config, acc) -> None:
-    """`demo:teacher` / `demo:student` name the demo pair, prepared (or reused) on first use."""
-    if not (cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")):
-        return
-    if acc.is_main_process:
-        paths = prepare_pair(cfg.demo, log=acc.print)
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
-        paths = prepare_pair(cfg.demo, log=lambda *a: None)
-    pair = {"demo:teacher": str(paths[0]), "demo:student": str(paths[1])}
+    """`demo:teacher` / `demo:student` name the demo pair, `demo:agent_teacher` / `demo:agent_student` the agentic
+    demo pair; each is prepared (or reused) on first use."""
+    names = {mc.path for mc in (cfg.model, cfg.teacher) if mc.path.startswith("demo:")}
+    pair = {}
+    for prefix, prepare, settings in (("demo:", prepare_pair, cfg.demo),
+                                      ("demo:agent_", prepare_agent_pair, cfg.agent_demo)):
+        if not names & {prefix + "teacher", prefix + "student"}:
+            continue
+        if acc.is_main_process:
+            paths = prepare(settings, log=acc.print)
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            paths = prepare(settings, log=lambda *a: None)
+        pair.update({prefix + "teacher": str(paths[0]), prefix + "student": str(paths[1])})
     for mc in (cfg.model, cfg.teacher):
         if mc.path.startswith("demo:"):
             if mc.path not in pair:
-                raise RunError(f"unknown demo model {mc.path!r} (known: demo:teacher, demo:student)")
+                raise RunError(f"unknown demo model {mc.path!r} (known: {', '.join(DEMO_MODELS)})")
             mc.path = pair[mc.path]
 
 

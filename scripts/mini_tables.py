@@ -1,11 +1,13 @@
-"""The paper's tables in miniature, on the demo task.
+"""The paper's tables in miniature, on the demo tasks.
 
     scripts/mini_tables.sh [--quick] [--seeds 0,1,2] [--steps 100] [--out DIR] [--only M1,M2]
                            [--threads N] [key=value ...]
 
 Every method of tables 3, 4, 5, 6 and 8 runs once per seed as its own
 `python train.py --config configs/demo.yaml --config configs/methods/<method>.yaml`
-process, all with the same number of optimiser steps and evaluated only before
+process; table 7's methods (named `agent:<method>`) run on the agentic demo,
+`configs/demo_agent.yaml` (the lookup tool, Avg@k and Best@k). All runs have
+the same number of optimiser steps and are evaluated only before
 and after training. Runs go one after the other into <out>/<method>_s<seed>/. A
 run that already has its summary.json is reused, so an interrupted script
 resumes where it stopped; a run that fails is reported and the others go on
@@ -39,7 +41,8 @@ from scripts.paper.tables import method_sort_key
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
-REFERENCE = "all"  # every table's first row; the "Δ vs all" column is measured from it
+AGENT_CONFIG = ROOT / "configs" / "demo_agent.yaml"
+AGENT = "agent:"  # table 7's methods: the same method configs, run on the agentic demo
 
 TABLES = {
     3: ("Table 3: entropy sampling (p ∝ h) at 50% and 20% retention",
@@ -53,16 +56,32 @@ TABLES = {
     # adaptive_kl_50 (entropy sampling 50% + teacher-entropy loss weights) is our reading of the
     # paper's adaptive KL; teacher_entropy (all tokens, reweighted) is an ablation. The row of
     # adaptive_kl_50 appears once the tip registry has the adaptive_kl selector.
+    7: ("Table 7 (agentic): all tokens vs entropy top-k vs Q3-only vs Soft-OR, multi-turn tool use (lookup demo)",
+        tuple(AGENT + m for m in ("all", "entropy_topk_50", "entropy_topk_20", "q3_only_20", "soft_or_50",
+                                  "soft_or_20"))),
     8: ("Table 8: adaptive KL (entropy sampling 50% + teacher-entropy loss weights) vs entropy sampling 50%",
         ("all", "entropy_sample_50", *(("adaptive_kl_50",) if "adaptive_kl" in tip.SELECTORS else ()),
          "teacher_entropy")),
 }
-METHODS = sorted({m for _, methods in TABLES.values() for m in methods}, key=method_sort_key)
+# every table's first row is its reference: the "Δ vs all" column is measured from it
+
+
+def sort_key(method: str) -> tuple:
+    return (method.startswith(AGENT), method_sort_key(method.removeprefix(AGENT)))
+
+
+def is_agentic(method: str) -> bool:
+    return method.startswith(AGENT)
+
+
+METHODS = sorted({m for _, methods in TABLES.values() for m in methods}, key=sort_key)
 
 # Every run: evaluation before and after only, no pictures or token dumps (the tables do not read them).
 RUN_SETTINGS = ("eval.every=0", "eval.at_start=true", "eval.at_end=true", "eval.teacher=true",
                 "logging.progress_bar=false", "tip.plots=false", "tip.dump_tokens=0")
 QUICK_SETTINGS = ("demo.teacher_steps=20", "demo.student_steps=20", "demo.eval_problems=32",
+                  "agent_demo.teacher_max_steps=20", "agent_demo.student_max_steps=20", "agent_demo.eval_tasks=8",
+                  "agent_demo.check_tasks=8", "agent_demo.eval_k=1", "agent.eval_tasks=8",
                   "eval.max_problems=16", "eval.k=1", "train.prompts_per_step=16", "train.micro_batch_size=16",
                   "train.save_final=false")
 MANAGED_KEYS = {"train.seed": "--seeds", "train.steps": "--steps", "train.output_dir": "--out",
@@ -84,7 +103,7 @@ class UsageError(Exception):
 class RunStats:
     """One finished run: accuracies (%) from summary.json, per-step figures from metrics.jsonl."""
 
-    after: float
+    after: float  # mean@k (accuracy) or, agentic, Avg@k (mean score), %
     before: float | None
     teacher: float | None
     steps: int
@@ -96,6 +115,7 @@ class RunStats:
     peak_memory_gb: float | None = None  # max over the run
     memory_key: str | None = None
     step_times: list[float] = field(default_factory=list)  # timing/step_s of every step
+    best: float | None = None  # agentic runs: Best@k after training, %
 
 
 def _mean(values: list[float]) -> float | None:
@@ -129,7 +149,7 @@ def read_run(run_dir: Path) -> RunStats | None:
         if series(key):
             peak, memory_key = max(series(key)), key
             break
-    final = next(iter((summary.get("benchmarks") or {}).get("final", {}).values()), {})
+    final = next(iter((summary.get("benchmarks") or {}).get("final", {}).values()), {})  # the first benchmark
     config_file = run_dir / "config.yaml"
     k = (yaml.safe_load(config_file.read_text()) or {}).get("eval", {}).get("k") if config_file.is_file() else None
     return RunStats(
@@ -137,7 +157,7 @@ def read_run(run_dir: Path) -> RunStats | None:
         teacher=summary.get("teacher_accuracy"), steps=summary.get("steps", len(steps)),
         wall_time_s=summary.get("wall_time_s"), k=k, problems=final.get("n_problems"),
         kept_share=100.0 * kept / tokens if tokens else None, quadrants=quadrants,
-        peak_memory_gb=peak, memory_key=memory_key, step_times=series("timing/step_s"),
+        peak_memory_gb=peak, memory_key=memory_key, step_times=series("timing/step_s"), best=final.get("best@k"),
     )
 
 
@@ -153,6 +173,7 @@ class MethodStats:
     peak_memory_gb: float | None  # max over seeds
     step_time_s: float | None  # median over all steps of all seeds
     after: list[float]  # per seed, in seed order
+    best: list[float] = field(default_factory=list)  # agentic: Best@k per seed
 
 
 def aggregate(runs: list[RunStats]) -> MethodStats | None:
@@ -170,6 +191,7 @@ def aggregate(runs: list[RunStats]) -> MethodStats | None:
         kept_share=_mean([r.kept_share for r in runs if r.kept_share is not None]),
         quadrants=quadrants, peak_memory_gb=max(peaks) if peaks else None,
         step_time_s=statistics.median(times) if times else None, after=after,
+        best=[r.best for r in runs if r.best is not None],
     )
 
 
@@ -203,27 +225,32 @@ def render_table(number: int, rows: dict[str, MethodStats | None], runs: dict[st
     k = next((r.k for r in table_runs if r.k), None)
     before = _mean_std([r.before for r in table_runs if r.before is not None])
     teacher = _mean_std([r.teacher for r in table_runs if r.teacher is not None])
+    agentic = any(is_agentic(m) for m in methods)
+    score = f"Avg@{k or 'k'} %" if agentic else f"mean@{k or 'k'} %"
     lines = [f"## {title}", "",
-             f"Student before OPD: {before} · teacher: {teacher} (mean@{k or 'k'} %, over the {len(table_runs)} "
+             f"Student before OPD: {before} · teacher: {teacher} ({score}, over the {len(table_runs)} "
              "runs of this table)", ""]
-    header = ["Method", f"Accuracy after, mean@{k or 'k'} % (mean ± std)", "Δ vs all (points)", "Kept %",
+    header = ["Method", f"{'Score' if agentic else 'Accuracy'} after, {score} (mean ± std)",
+              *([f"Best@{k or 'k'} % after"] if agentic else []), "Δ vs all (points)", "Kept %",
               "Q1 / Q2 / Q3 / Q4 of all tokens %", "Q1 / Q2 / Q3 / Q4 of kept tokens %", "Peak memory (GB)",
               "Step time (s, median)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    reference = rows.get(REFERENCE)
+    reference_method = TABLES[number][1][0]
+    reference = rows.get(reference_method)
     for method in methods:
         stats = rows.get(method)
         if stats is None:
             lines.append("| " + " | ".join([method] + [MISSING] * (len(header) - 1)) + " |")
             continue
         accuracy = _mean_std(stats.after) + (f" (n={stats.runs})" if stats.runs < seeds else "")
-        if method == REFERENCE:
+        if method == reference_method:
             delta = "reference"
         else:
             delta = MISSING if reference is None else f"{stats.after_mean - reference.after_mean:+.1f}"
         lines.append("| " + " | ".join([
-            method, accuracy, delta, _num(stats.kept_share), _quadrant_cell(stats, ""),
-            _quadrant_cell(stats, "kept_"), _num(stats.peak_memory_gb, 2), _num(stats.step_time_s, 3),
+            method, accuracy, *([_mean_std(stats.best)] if agentic else []), delta, _num(stats.kept_share),
+            _quadrant_cell(stats, ""), _quadrant_cell(stats, "kept_"), _num(stats.peak_memory_gb, 2),
+            _num(stats.step_time_s, 3),
         ]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -282,11 +309,12 @@ class Plan:
                 f"train.run_name={run_name(method, seed)}", f"train.num_threads={self.threads}", *self.overrides]
 
     def configs(self, method: str) -> list[str]:
-        return [str(DEMO_CONFIG), str(ROOT / "configs" / "methods" / f"{method}.yaml")]
+        base = AGENT_CONFIG if is_agentic(method) else DEMO_CONFIG
+        return [str(base), str(ROOT / "configs" / "methods" / f"{method.removeprefix(AGENT)}.yaml")]
 
 
 def run_name(method: str, seed: int) -> str:
-    return f"{method}_s{seed}"
+    return f"{method.replace(':', '_')}_s{seed}"
 
 
 def stale_reason(plan: Plan, method: str, seed: int, cfg) -> str | None:
@@ -321,18 +349,19 @@ def launch(plan: Plan, method: str, seed: int) -> tuple[int, str]:
     return status, (errors or lines or [""])[-1][:300]
 
 
-def prepare_pair(plan: Plan, cfg) -> str | None:
-    """Prepare (or find cached) the demo pair in its own process; returns why it failed, or None.
+def prepare_pair(plan: Plan, cfg, agentic: bool) -> str | None:
+    """Prepare (or find cached) the demo pair (agentic: the agent demo pair) in its own process; returns why it
+    failed, or None.
 
     Left to the first run, the preparation would count in that run's peak memory and wall time.
     """
-    settings = asdict(cfg.demo)  # the typed demo: section
+    settings = asdict(cfg.agent_demo if agentic else cfg.demo)  # the typed agent_demo: / demo: section
     cache = settings.pop("cache_dir")  # relative to the repository root, as the trainer reads it
     settings.pop("num_threads")  # --threads decides
-    log = plan.out / "logs" / "prepare_pair.log"
+    log = plan.out / "logs" / ("prepare_agent_pair.log" if agentic else "prepare_pair.log")
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "demo.prepare", "--cache", str(cache), f"num_threads={plan.threads}",
-               *(f"{k}={v}" for k, v in settings.items())]
+    command = [sys.executable, "-m", "demo.agent_prepare" if agentic else "demo.prepare", "--cache", str(cache),
+               f"num_threads={plan.threads}", *(f"{k}={v}" for k, v in settings.items())]
     env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads), "PYTHONPATH": str(ROOT)}
     with open(log, "w") as fh:
         status = subprocess.run(command, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
@@ -352,12 +381,14 @@ def execute(plan: Plan) -> tuple[dict[str, list[RunStats]], dict[str, str], dict
     runs: dict[str, list[RunStats]] = {m: [] for m in plan.methods}
     failed: dict[str, str] = {}
     counts = {"launched": 0, "reused": 0}
-    if any(read_run(plan.out / run_name(m, s)) is None for m, s in cells):
-        print("demo pair: preparing, or reusing the cached one ...", flush=True)
-        problem = prepare_pair(plan, configs[cells[0]])
-        if problem:
-            failed["demo pair"] = problem
-            print(f"demo pair: FAILED ({problem})", flush=True)
+    for agentic, what in ((False, "demo pair"), (True, "agent demo pair")):
+        todo = [(m, s) for m, s in cells if is_agentic(m) == agentic and read_run(plan.out / run_name(m, s)) is None]
+        if todo:
+            print(f"{what}: preparing, or reusing the cached one ...", flush=True)
+            problem = prepare_pair(plan, configs[todo[0]], agentic)
+            if problem:
+                failed[what] = problem
+                print(f"{what}: FAILED ({problem})", flush=True)
     for i, (method, seed) in enumerate(cells, 1):
         name = run_name(method, seed)
         prefix = f"[{i}/{len(cells)}] {name}:"
@@ -431,7 +462,7 @@ def parse(argv: list[str]) -> tuple[Plan, argparse.Namespace]:
     out = Path(args.out or ("runs/mini_tables_quick" if args.quick else "runs/mini_tables")).expanduser()
     out = (out if out.is_absolute() else Path.cwd() / out).resolve()
     overrides = [*RUN_SETTINGS, *(QUICK_SETTINGS if args.quick else ()), *args.overrides]
-    plan = Plan(sorted(set(methods), key=method_sort_key), seeds, steps, out, args.threads, overrides)
+    plan = Plan(sorted(set(methods), key=sort_key), seeds, steps, out, args.threads, overrides)
     return plan, args
 
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agent.calls import hermes
 from agent.lookup import LookupEnv, worked_solution
-from agent.rollout import Caps, converse
+from agent.rollout import Agent, Caps
 from demo import agent_prepare
 from lm.engines import Sampling
 from lm.rollout import assemble
@@ -42,15 +42,16 @@ class ScriptedEngine:
         return assemble(prompts, list(range(len(prompts))), responses, [False] * len(prompts), sampling.pad_token_id)
 
 
-def test_training_conversations_are_the_tokens_converse_builds():
+def test_training_conversations_are_the_tokens_the_rollouts_build():
     tok = agent_prepare.tokenizer()
     chat = agent_prepare.make_chat(tok)
     env = LookupEnv(num_tasks=6, seed=1)
     tasks = env.tasks()
     sampling = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64, n=1, eos_ids=(tok.eos_token_id,),
                         pad_token_id=tok.pad_token_id)
-    out = converse(ScriptedEngine(tok, tasks), env, chat, hermes, tasks, [chat.prompt(list(t.messages)) for t in tasks],
-                   list(range(len(tasks))), 1, sampling, Caps(max_turns=4, max_response_tokens=400, max_tool_response_tokens=16))
+    agent = Agent(env, tok, hermes, Caps(max_turns=4, max_response_tokens=400, max_tool_response_tokens=16),
+                  enable_thinking=False)
+    out = agent.run(ScriptedEngine(tok, tasks), tasks, list(range(len(tasks))), 1, sampling)
     assert out.scores() == [1.0] * len(tasks)  # the replay is right, so it is a real, complete conversation
     for conv in out.conversations:
         ids, mask = agent_prepare.worked_conversation(chat, conv.task)

@@ -48,6 +48,8 @@ LAUNCHES = {
     # the random-init student built whole and sharded by its engine; a full teacher loaded per process
     "zero3_replicated_teacher": ("zero3.yaml", {}, ["opd.teacher_zero3=false", "teacher.path={models}/teacher"]),
     "zero3_offload": ("zero3_offload.yaml", {}, []),
+    # the models of the run's own config (the agentic runs' prepared pair), loaded sharded under zero.Init
+    "zero3_own_models": ("zero3.yaml", {}, []),
 }
 
 
@@ -195,3 +197,55 @@ def test_deepspeed_checkpoint_refuses_another_process_count(launched):
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "DeepSpeed by 2 processes" in errors[0], out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------
+# agentic runs: multi-turn conversations with tool calls, two processes vs one
+
+
+@pytest.fixture(scope="module")
+def agent_workspace(tmp_path_factory) -> Path:
+    """A briefly trained agent demo pair (it calls the lookup tool, often wrongly) and a 2-step agentic config."""
+    from demo.agent_prepare import prepare_agent_pair
+
+    tmp = tmp_path_factory.mktemp("distributed_agent")
+    teacher, student = prepare_agent_pair({"teacher_max_steps": 150, "student_max_steps": 150, "check_tasks": 4,
+                                           "eval_tasks": 4, "eval_k": 1, "teacher_check_every": 1000,
+                                           "student_check_every": 1000, "cache_dir": str(tmp / "cache")},
+                                          log=lambda *a: None)
+    cfg = {
+        "model": {"path": str(student)}, "teacher": {"path": str(teacher)},
+        "agent": {"env": "lookup", "env_args": {"num_tasks": 64}, "max_turns": 4, "max_response_tokens": 300,
+                  "max_tool_response_tokens": 16, "eval_tasks": 6},
+        "data": {"max_prompt_length": 64},
+        "rollout": {"max_new_tokens": 48},
+        "train": {"steps": STEPS, "prompts_per_step": 8, "micro_batch_size": 4, "output_dir": str(tmp / "runs"),
+                  "save_every": 0, "num_threads": 1},
+        "optim": {"lr": 1.0e-3},
+        "eval": {"every": 0, "at_end": True, "k": 1, "max_new_tokens": 48},
+        "logging": {"progress_bar": False},
+        "tip": {"selector": "entropy_sample", "ratio": 0.5, "plots": False},
+    }
+    write_config(tmp / "agent.yaml", cfg)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def agent_reference(agent_workspace) -> Path:
+    out = run_cli(["--config", str(agent_workspace / "agent.yaml"), "train.run_name=single"])
+    assert_ok(out)
+    run_dir = agent_workspace / "runs" / "single"
+    steps = [m for m in read_metrics(run_dir) if "opd/loss" in m]
+    # the conversations really are multi-turn: tool calls and their results are in the rollouts
+    assert sum(m["agent/tool_calls"] for m in steps) > 0 and max(m["agent/turns_max"] for m in steps) >= 2
+    return run_dir
+
+
+@pytest.mark.parametrize("mode", ["ddp", "zero3_own_models"])
+def test_agentic_two_processes_match_one(mode, agent_workspace, agent_reference):
+    out = launch(mode, agent_workspace / "agent.yaml", f"agent_{mode}")
+    assert_ok(out)
+    run_dir = agent_workspace / "runs" / f"agent_{mode}"
+    assert_metrics_close(read_metrics(run_dir), read_metrics(agent_reference))
+    assert_weights_close(run_dir, agent_reference)
+    assert (run_dir / "split.json").read_text() == (agent_reference / "split.json").read_text()
