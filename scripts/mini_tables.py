@@ -260,10 +260,13 @@ def render(rows: dict[str, MethodStats | None], runs: dict[str, list[RunStats]],
     """All tables (those with at least one selected method), the settings line and the column notes."""
     all_runs = [r for rs in runs.values() for r in rs]
     memory = {r.memory_key for r in all_runs if r.memory_key}
-    problems = next((r.problems for r in all_runs if r.problems), None)
-    parts = ["# The paper's tables in miniature (demo task)", "",
+    problems = next((r.problems for m, rs in runs.items() if not is_agentic(m) for r in rs if r.problems), None)
+    tasks = next((r.problems for m, rs in runs.items() if is_agentic(m) for r in rs if r.problems), None)
+    held = ([f"accuracy on {problems} held-out demo problems"] if problems else []) + (
+        [f"table 7: Avg@k / Best@k on {tasks} held-out lookup tasks"] if tasks else [])
+    parts = ["# The paper's tables in miniature (demo tasks)", "",
              f"{settings['steps']} optimiser steps per run, seeds {', '.join(map(str, settings['seeds']))}; "
-             f"accuracy on {problems or '?'} held-out demo problems, sampled at T=1.0. "
+             f"{'; '.join(held) or 'nothing evaluated'}, sampled at T=1.0. "
              f"Command: `{settings['command']}` ({settings['launched']} runs launched, {settings['reused']} reused, "
              f"{settings['wall_time_s']:.0f} s)", ""]
     parts += [render_table(n, rows, runs, len(settings["seeds"])) for n, (_, methods) in TABLES.items()
@@ -271,7 +274,8 @@ def render(rows: dict[str, MethodStats | None], runs: dict[str, list[RunStats]],
     memory_what = "peak process RSS (CPU)" if memory == {"perf/max_rss_gb"} else \
         "peak GPU memory allocated" if memory == {"perf/max_memory_allocated_gb"} else "peak memory (GPU or RSS)"
     notes = [
-        "Accuracy: the student's mean@k on the held-out problems at the end of the run; mean ± sample std "
+        "Accuracy: the student's mean@k on the held-out problems at the end of the run (table 7: Avg@k, the mean "
+        "score of k conversations per held-out task, and Best@k, the mean of each task's best); mean ± sample std "
         "(n − 1) over seeds; (n=…) where fewer seeds finished. Δ: difference of the means from the all-token row.",
         "Kept %: tokens that entered the loss over all response tokens, summed over the steps, mean over seeds "
         "(teacher_entropy keeps every token and only reweights it).",

@@ -8,13 +8,14 @@ import re
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agent.calls import hermes
 from agent.lookup import LookupEnv, worked_solution
 from agent.rollout import Agent, Caps
 from demo import agent_prepare
-from lm.engines import Sampling
+from lm.engines import HFEngine, Sampling
 from lm.rollout import assemble
 
 TINY = {"teacher_layers": 1, "teacher_hidden": 16, "teacher_heads": 2, "teacher_max_steps": 2,
@@ -109,3 +110,59 @@ def test_prepared_pair_caches_reloads_and_keeps_its_chat_tokenizer(tmp_path):
     assert agent_prepare.prepare_agent_pair({**TINY, "cache_dir": str(tmp_path)}, log=logs.append) == (teacher_dir, student_dir)
     assert any("reusing" in line for line in logs) and not any("training" in line for line in logs)
     assert (student_dir / "model.safetensors").read_bytes() == weights
+
+
+SMALL_PAIR = {"teacher_max_steps": 150, "student_max_steps": 60, "check_tasks": 4, "eval_tasks": 4, "eval_k": 1,
+              "teacher_check_every": 1000, "student_check_every": 1000}
+
+
+def spans(ids, mask):
+    out, cur = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            cur.append(t)
+        elif cur:
+            out.append(cur)
+            cur = []
+    return out + ([cur] if cur else [])
+
+
+def test_agent_demo_job_end_to_end_and_real_rollouts_of_its_teacher(tmp_path, capsys):
+    """configs/demo_agent.yaml shrunk to seconds (a briefly trained pair, 2 steps, 8 held-out tasks); then real
+    conversations of the prepared teacher: the masked-in tokens are exactly its turns, the rest tool messages."""
+    from opd import cli
+
+    args = ["--config", "configs/demo_agent.yaml", *(f"agent_demo.{k}={v}" for k, v in SMALL_PAIR.items()),
+            f"agent_demo.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path / 'runs'}", "train.steps=2",
+            "train.prompts_per_step=8", "agent.eval_tasks=8", "eval.k=1", "eval.every=0", "logging.progress_bar=false"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "runs" / "demo_agent"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["metric"].startswith("Avg@k") and "Avg@k (agent score, %)" in out
+    for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after"):
+        assert 0.0 <= summary[key] <= 100.0, key
+    assert (run_dir / "split.json").is_file() and (run_dir / "tokens.jsonl").is_file()
+    assert {p.name for p in (run_dir / "plots").iterdir()} >= {"hd_plane.png", "quadrant_shares.png"}
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["teacher"]["path"] == "demo:agent_teacher"
+    teacher_dir = next((tmp_path / "cache").glob("agent-pair-*")) / "teacher"
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    env = LookupEnv(num_tasks=16)
+    agent = Agent(env, tok, hermes, Caps(max_turns=4, max_response_tokens=400, max_tool_response_tokens=32), False)
+    sampling = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64, n=1, eos_ids=(tok.eos_token_id,),
+                        pad_token_id=tok.pad_token_id)
+    convs = agent.run(HFEngine(model), env.tasks(), list(range(16)), 1, sampling).conversations
+    assert sum(c.tool_calls for c in convs) >= 8  # it really uses the tool
+    for c in convs:
+        turns = spans(c.ids, c.student)
+        assert len(turns) == c.turns
+        said = [tok.decode(t) for t in turns]
+        # every turn is what the model generated: each but a capped last one ends with its end-of-turn token
+        assert all(s.endswith("<|im_end|>") for s in said[:-1])
+        if c.tool_calls:
+            assert "<tool_call>" in said[0]
+        rest = [t for t, m in zip(c.ids[c.prompt_length:], c.student[c.prompt_length:]) if not m]
+        assert tok.decode(rest).count("<tool_response>") == c.tool_calls
