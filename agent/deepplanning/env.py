@@ -5,8 +5,11 @@ Options (the `agent.env_args` of a config):
     database_root      the unpacked database_<lang>/ holding id_<task id>/ directories (hub dataset
                        Qwen/DeepPlanning); needed by the tools and the database commonsense checks
     language           'en' or 'zh': system prompt, tool messages and the default schema file
-    plan_format        'json': the agent writes the plan as JSON inside <plan>...</plan> (the only
-                       format implemented; no free-text converter)
+    plan_format        'json': the agent writes the plan as JSON inside <plan>...</plan> (the default);
+                       'text': it writes the plan in prose, and `converter` rewrites it as that JSON
+    converter          a local model (path or hub id) that converts a free-text plan into the <plan> JSON
+                       (convert.py); with plan_format 'json' it converts answers without a readable block
+    converter_max_new_tokens  the converter's output length cap
     tool_schema_file   the 9 tool schemas; default tool_schema_<language>.json beside the task file
 """
 
@@ -16,7 +19,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.deepplanning.convert import PlanConverter
 from agent.deepplanning.database import TaskDatabase
+from agent.deepplanning.plan import extract_plan
 from agent.deepplanning.prompt import system_prompt
 from agent.deepplanning.scoring import score_plan
 from agent.deepplanning.tools import TOOL_ARGS, run_tool
@@ -38,11 +43,16 @@ class TravelEnv(Environment):
     name = "deepplanning_travel"
 
     def __init__(self, task_file: str = "", database_root: str = "", language: str = "en",
-                 plan_format: str = "json", tool_schema_file: str = ""):
+                 plan_format: str = "json", tool_schema_file: str = "", converter: str = "",
+                 converter_max_new_tokens: int = 4096):
         if language not in ("en", "zh"):
             raise ValueError(f"deepplanning_travel: language must be 'en' or 'zh', not {language!r}")
-        if plan_format != "json":
-            raise ValueError(f"deepplanning_travel: plan_format {plan_format!r} is not implemented (only 'json')")
+        if plan_format not in ("json", "text"):
+            raise ValueError(f"deepplanning_travel: plan_format must be 'json' or 'text', not {plan_format!r}")
+        if plan_format == "text" and not converter:
+            raise ValueError("deepplanning_travel: plan_format 'text' needs a converter model (converter: PATH)")
+        self.converter_path, self.converter_max_new_tokens = converter, converter_max_new_tokens
+        self._converter = None  # loaded at the first conversion
         self.task_file = Path(task_file) if task_file else None
         self.database_root = Path(database_root) if database_root else None
         self.language = language
@@ -59,7 +69,7 @@ class TravelEnv(Environment):
             if self.task_file is None or not self.task_file.is_file():
                 raise FileNotFoundError(f"deepplanning_travel: task file not found: {self.task_file}")
             records = json.loads(self.task_file.read_text(encoding="utf-8"))
-            prompt = system_prompt(self.language)
+            prompt = system_prompt(self.language, self.plan_format)
             self._tasks = [Task(id=str(r["id"]), data=r,
                                 messages=({"role": "system", "content": prompt}, {"role": "user", "content": r["query"]}))
                            for r in records]
@@ -93,13 +103,26 @@ class TravelEnv(Environment):
     def score(self, task: Task, state: TravelState | None, final_text: str) -> Score:
         """Hard-constraint rate of the <plan> JSON, with commonsense and composite in parts."""
         db = state.database if isinstance(state, TravelState) else self.database(task.id)
-        return score_plan(task.data, final_text, db if db.exists() else None)
+        db = db if db.exists() else None
+        if self.converter_path and (self.plan_format == "text" or extract_plan(final_text) is None):
+            score = score_plan(task.data, self.convert(final_text), db)
+            return Score(score.value, {**score.parts, "converted": 1.0})
+        score = score_plan(task.data, final_text, db)
+        return Score(score.value, {**score.parts, "converted": 0.0}) if self.converter_path else score
+
+    def convert(self, plan_text: str) -> str:
+        """The converter's <plan> rewrite of a free-text answer (the model is loaded on first use)."""
+        if self._converter is None:
+            self._converter = PlanConverter(self.converter_path, self.converter_max_new_tokens)
+        return self._converter(plan_text)
 
     def check(self) -> list[str]:
         """One line per missing file or directory."""
         if self.task_file is None or not self.task_file.is_file():
             return [f"deepplanning_travel: task file not found: {self.task_file or '(task_file not set)'}"]
         problems = []
+        if self.converter_path.startswith((".", "/", "~")) and not Path(self.converter_path).expanduser().exists():
+            problems.append(f"deepplanning_travel: converter model not found: {self.converter_path}")
         if self.tool_schema_file is None or not self.tool_schema_file.is_file():
             problems.append(f"deepplanning_travel: tool schema file not found: {self.tool_schema_file}")
         if self.database_root is None or not self.database_root.is_dir():

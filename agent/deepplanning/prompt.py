@@ -56,6 +56,21 @@ _ZH = """你是一位顶级的旅行规划专家。请根据用户需求制定�
 """
 
 
-def system_prompt(language: str = "en") -> str:
-    """The system message for `language` ('en' or 'zh'), ending with the plan block example."""
+_TEXT = {
+    "en": "You are an expert travel planner. Build a complete, executable, logically consistent itinerary for the "
+          "user's request; the request is complete, so do not ask questions. Gather information with the tools: "
+          "every train, flight, hotel, attraction, restaurant, route, time and price must come from tool results, "
+          "names copied exactly. Then give the final plan day by day, with every time slot, name and cost, and the "
+          "total budget.",
+    "zh": "你是一位顶级的旅行规划专家。请根据用户需求制定完整、可执行、逻辑严谨的旅行计划；需求已完整，不要提问。"
+          "先用工具收集信息：所有火车、航班、酒店、景点、餐厅、路线、时间和价格都必须来自工具结果，名称完全一致。"
+          "然后按天给出最终计划，写明每个时间段、名称、费用以及总预算。",
+}
+
+
+def system_prompt(language: str = "en", plan_format: str = "json") -> str:
+    """The system message for `language` ('en' or 'zh'): with plan_format 'json' it asks for the plan block and
+    ends with its example; with 'text' it asks for a free-text plan (converted for scoring by a local model)."""
+    if plan_format == "text":
+        return _TEXT["zh" if language == "zh" else "en"]
     return (_ZH if language == "zh" else _EN) + PLAN_EXAMPLE

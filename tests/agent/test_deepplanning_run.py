@@ -94,9 +94,12 @@ def test_check_names_the_missing_database_then_passes(tmp_path, travel_files, ca
 
 def test_check_reports_an_unknown_environment_option(tmp_path, capsys):
     configs = ["--config", str(PAIR), "--config", str(METHOD), "--config", str(tiny_pair_overlay(tmp_path))]
+    assert cli.main([*configs, "--check", "agent.env_args.plan_format=pdf"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert err == ["error: agent.env: deepplanning_travel: plan_format must be 'json' or 'text', not 'pdf'"]
     assert cli.main([*configs, "--check", "agent.env_args.plan_format=text"]) == 2
     err = error_lines(capsys.readouterr().err)
-    assert err == ["error: agent.env: deepplanning_travel: plan_format 'text' is not implemented (only 'json')"]
+    assert err == ["error: agent.env: deepplanning_travel: plan_format 'text' needs a converter model (converter: PATH)"]
 
 
 def test_two_step_agentic_run_on_the_fixture_database(tmp_path, travel_files):

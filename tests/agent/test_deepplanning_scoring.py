@@ -138,6 +138,8 @@ def test_check_reports_missing_files(tmp_path):
 
 def test_options_are_validated(tmp_path):
     with pytest.raises(ValueError, match="plan_format"):
+        TravelEnv(task_file="x", plan_format="pdf")
+    with pytest.raises(ValueError, match="needs a converter model"):
         TravelEnv(task_file="x", plan_format="text")
     with pytest.raises(ValueError, match="language"):
         TravelEnv(task_file="x", language="fr")
@@ -146,3 +148,46 @@ def test_options_are_validated(tmp_path):
     other.write_text(json.dumps([{"type": "function", "function": {"name": "x"}}]))
     env = TravelEnv(task_file=str(task_file), tool_schema_file=str(other))
     assert env.tools(env.tasks()[0])[0]["function"]["name"] == "x"
+
+
+def test_free_text_plans_are_scored_through_the_converter(tmp_path):
+    """plan_format 'text': every answer goes through the converter; 'json': only answers without a readable
+    block. The converter here is a stand-in that knows the right plan; a real one is a local model."""
+    task_file = write_task_file(tmp_path / "tasks")
+    root = build_database(tmp_path / "db")
+    seen = []
+
+    def stand_in(text):
+        seen.append(text)
+        return answer(good_plan())
+
+    env = TravelEnv(task_file=str(task_file), database_root=str(root), plan_format="text", converter="stand-in")
+    env._converter = stand_in
+    task = env.tasks()[0]
+    assert "<plan>" not in task.messages[0]["content"]  # the prompt asks for prose
+    score = env.score(task, env.start(task), "Day 1: take the train ...")
+    assert score.value == 1.0 and score.parts["converted"] == 1.0 and seen == ["Day 1: take the train ..."]
+    env = TravelEnv(task_file=str(task_file), database_root=str(root), converter="stand-in")
+    env._converter = stand_in
+    assert env.score(task, env.start(task), answer(good_plan())).parts["converted"] == 0.0 and len(seen) == 1
+    assert env.score(task, env.start(task), "no block").parts["converted"] == 1.0 and len(seen) == 2
+
+
+def test_a_real_converter_model_that_writes_nonsense_scores_zero_without_raising(tmp_path):
+    """PlanConverter end to end with a tiny random model: its output does not parse, so the plan scores 0,
+    counted as parse_failed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lm.tokenizers import chat_char_tokenizer
+
+    tok = chat_char_tokenizer()
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "conv")
+    tok.save_pretrained(tmp_path / "conv")
+    task_file = write_task_file(tmp_path / "tasks")
+    env = TravelEnv(task_file=str(task_file), plan_format="text", converter=str(tmp_path / "conv"),
+                    converter_max_new_tokens=8)
+    task = env.tasks()[0]
+    score = env.score(task, env.start(task), "Day 1: a walk.")
+    assert score.value == 0.0 and score.parts["parse_failed"] == 1.0 and score.parts["converted"] == 1.0
