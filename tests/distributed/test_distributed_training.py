@@ -241,7 +241,12 @@ def agent_reference(agent_workspace) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("mode", ["ddp", "zero3_own_models"])
+@pytest.mark.parametrize("mode", [
+    "ddp",
+    # ZeRO-3: processes whose conversations are done keep joining the others' sharded generate calls
+    # (agent.rollout: any_live); measured passing, about a minute, so in the slow set
+    pytest.param("zero3_own_models", marks=pytest.mark.slow),
+])
 def test_agentic_two_processes_match_one(mode, agent_workspace, agent_reference):
     out = launch(mode, agent_workspace / "agent.yaml", f"agent_{mode}")
     assert_ok(out)
