@@ -8,6 +8,8 @@ import csv
 import json
 from pathlib import Path
 
+from agent.deepplanning.tools import TOOL_ARGS
+
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "deepplanning"
 
 TRAIN_COLS = ["origin_city", "destination_city", "dep_date", "route_index", "segment_index", "train_no", "train_type",
@@ -101,13 +103,19 @@ def build_database(root: Path, task_id: str = "7") -> Path:
 
 
 def write_task_file(directory: Path, tasks: list[dict] | None = None, language: str = "en") -> Path:
-    """A task file holding the fixture task (and the official tool schemas beside it, when available)."""
+    """A task file holding the fixture task, and the tool schemas beside it: the official ones when the shared
+    data is there, else minimal schemas of the same 9 tools (names and required arguments)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"travelplanning_query_{language}.json"
     path.write_text(json.dumps(tasks or [TASK]), encoding="utf-8")
     schema = DATA / f"tool_schema_{language}.json"
     if schema.is_file():
-        (directory / schema.name).write_text(schema.read_text(encoding="utf-8"), encoding="utf-8")
+        text = schema.read_text(encoding="utf-8")
+    else:
+        text = json.dumps([{"type": "function", "function": {
+            "name": name, "parameters": {"type": "object", "properties": {a: {"type": "string"} for a in req + opt},
+                                         "required": list(req)}}} for name, (req, opt) in TOOL_ARGS.items()])
+    (directory / f"tool_schema_{language}.json").write_text(text, encoding="utf-8")
     return path
 
 
