@@ -68,20 +68,27 @@ def finish(run) -> None:
     run.log.close()
 
 
-def _first_mean(summary: dict | None) -> float | None:
+def _first_mean(summary: dict | None, key: str = "mean@k") -> float | None:
+    """`key` of the first benchmark of an evaluation summary (None without one)."""
     if not summary or not summary.get("benchmarks"):
         return None
-    return next(iter(summary["benchmarks"].values()))["mean@k"]
+    return next(iter(summary["benchmarks"].values())).get(key)
 
 
 def build_summary(run) -> dict:
     evals = run.evals
     before = evals.get("step_000000")
+    k = run.cfg.eval.k
+    agentic = run.agent is not None
     return {
-        "metric": "Avg@k (agent score, %)" if run.agent is not None else "mean@k (accuracy, %)",
+        "metric": f"Avg@{k} (agent score, %)" if agentic else "accuracy (mean@k, %)",
         "teacher_accuracy": _first_mean(evals.get("teacher")),
         "student_accuracy_before": _first_mean(before),
         "student_accuracy_after": _first_mean(evals.get("final")),
+        # agentic runs: Best@k beside Avg@k (the mean over tasks of each task's best score)
+        **({"best_metric": f"Best@{k}", "teacher_best": _first_mean(evals.get("teacher"), "best@k"),
+            "student_best_before": _first_mean(before, "best@k"),
+            "student_best_after": _first_mean(evals.get("final"), "best@k")} if agentic else {}),
         "wall_time_s": time.time() - run.started,
         "steps": run.step,
         "benchmarks": {name: s.get("benchmarks", {}) for name, s in evals.items()},
@@ -104,7 +111,10 @@ def print_summary(summary: dict, when: str = "this train.py") -> None:
             ("student after", summary["student_accuracy_after"])]
     if all(v is None for _, v in rows):
         return
-    print(f"\n  model            {summary.get('metric', 'accuracy (mean@k, %)')}")
-    for name, value in rows:
-        print(f"  {name:<16} {'—' if value is None else f'{value:6.1f}'}")
+    best = [summary.get(key) for key in ("teacher_best", "student_best_before", "student_best_after")]
+    extra = f"   {summary['best_metric']}" if "best_metric" in summary else ""
+    print(f"\n  model            {summary.get('metric', 'accuracy (mean@k, %)')}{extra}")
+    for (name, value), b in zip(rows, best):
+        cell = "—" if value is None else f"{value:6.1f}"
+        print(f"  {name:<16} {cell}" + (f"{'':>20}{'—' if b is None else f'{b:6.1f}'}" if extra else ""))
     print(f"  wall time {summary['wall_time_s']:.0f} s ({when}: preparation, loading, training, evaluation)\n")

@@ -59,7 +59,7 @@ def test_agentic_run_writes_its_split_metrics_dump_and_resumes_exactly(tmp_path,
     records = [json.loads(line) for line in (whole / "tokens.jsonl").read_text().splitlines()]
     assert records and all("rollout" in r and "response_position" in r for r in records)
     summary = json.loads((whole / "summary.json").read_text())
-    assert summary["metric"].startswith("Avg@k")
+    assert summary["metric"].startswith("Avg@2") and summary["best_metric"] == "Best@2"
 
     assert cli.main(["--config", str(config), "train.run_name=parts", "train.max_steps_per_run=2"]) == 0
     assert cli.main(["--config", str(config), "train.run_name=parts"]) == 0

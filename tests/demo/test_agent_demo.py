@@ -139,7 +139,7 @@ def test_agent_demo_job_end_to_end_and_real_rollouts_of_its_teacher(tmp_path, ca
     out = capsys.readouterr().out
     run_dir = tmp_path / "runs" / "demo_agent"
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["metric"].startswith("Avg@k") and "Avg@k (agent score, %)" in out
+    assert summary["metric"] == "Avg@1 (agent score, %)" and "Avg@1 (agent score, %)   Best@1" in out
     for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after"):
         assert 0.0 <= summary[key] <= 100.0, key
     assert (run_dir / "split.json").is_file() and (run_dir / "tokens.jsonl").is_file()
