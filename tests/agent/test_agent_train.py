@@ -8,9 +8,11 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import read_metrics, write_config
+import opd.trainer as trainer
 from opd import cli
 
 TINY = {"arch": "llama", "tokenizer": "chat_chars", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
@@ -87,3 +89,25 @@ def test_bad_agent_settings_are_one_line(tmp_path, capsys, override, message):
     assert cli.main(["--config", str(config), "train.run_name=bad", override]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_reward_weighted_agentic_opd_weights_conversations_by_the_environment_score(tmp_path, monkeypatch):
+    """opd.reward_beta > 0: the per-conversation weights are softmax(score / beta), from the environment's scores."""
+    seen = []
+    original = trainer.reward_weights
+
+    def spy(rewards, beta, acc):
+        weights = original(rewards, beta, acc)
+        seen.append((list(rewards), weights))
+        return weights
+
+    monkeypatch.setattr(trainer, "reward_weights", spy)
+    config = agent_config(tmp_path, train={"steps": 1, "save_every": 0}, opd={"reward_beta": 0.5},
+                          eval={"at_end": False})
+    assert cli.main(["--config", str(config), "train.run_name=weighted"]) == 0
+    (rewards, weights), = seen
+    step = next(m for m in read_metrics(tmp_path / "runs" / "weighted") if "opd/loss" in m)
+    assert len(rewards) == 8 and math.isclose(sum(rewards) / 8, step["agent/score_mean"])
+    assert math.isclose(step["opd/accuracy"], step["agent/score_mean"])
+    expected = torch.softmax(torch.tensor(rewards, dtype=torch.float64) / 0.5, 0) * 8
+    assert torch.allclose(weights.double(), expected, atol=1e-6)
