@@ -7,14 +7,13 @@ template and appended (re-rendering the history would drop Qwen3's earlier think
 would no longer be the student's). `response_mask` is 1 exactly on the student's tokens.
 
 Seeds: the j-th conversation on a task whose seed is s draws its t-th turn with the engine seed
-derive(row_seed(s, j), t): a conversation depends on its seed, the weights and the environment only, not on
+derive_seed(row_seed(s, j), t): a conversation depends on its seed, the weights and the environment only, not on
 its batch, its process or the other conversations.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ import torch
 from agent.calls import Call
 from agent.env import Environment, Score, Task, ToolError, final_text
 from lm.engines import Sampling
-from lm.rollout import Rollouts, row_seed
+from lm.rollout import Rollouts, derive_seed, row_seed
 
 
 @dataclass(frozen=True)
@@ -120,11 +119,6 @@ class AgentRollouts:
         return [c.score.value for c in self.conversations]
 
 
-def derive(*parts) -> int:
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def run_call(env: Environment, state, call: Call) -> tuple[str, bool]:
     """(the tool message, whether it is an error). Nothing a tool does ends the run."""
     if call.error:
@@ -178,7 +172,7 @@ class Agent:
                     continue
                 break
             longest = min(sampling.max_new_tokens, max(c.budget(caps) for c in live))
-            out = engine.generate([c.ids for c in live], [derive(c.seed, "turn", turn) for c in live],
+            out = engine.generate([c.ids for c in live], [derive_seed(c.seed, "turn", turn) for c in live],
                                   dataclasses.replace(sampling, n=1, max_new_tokens=longest))
             new_logprobs = _response_logprobs(out)
             with_logprobs = new_logprobs is not None

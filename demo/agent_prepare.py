@@ -33,12 +33,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import hashlib
+import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,11 +48,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from agent.calls import hermes
 from agent.env import Task
 from agent.lookup import LookupEnv, worked_solution
-from agent.rollout import Agent, Caps, Chat, derive
+from agent.rollout import Agent, Caps, Chat
 from demo.agent_config import AgentDemoConfig, agent_pair_fields, check_agent_demo
+from demo.prepare import cached_pair
 from lm.config import ModelConfig
 from lm.engines import HFEngine, Sampling
 from lm.models import random_model_config
+from lm.rollout import derive_seed
 from lm.tokenizers import chat_char_tokenizer
 from lm.typed import apply, parse_value
 
@@ -157,7 +158,7 @@ def score(model, chat: Chat, env: LookupEnv, tasks: list[Task], s: AgentDemoConf
     tok = chat.tokenizer
     sampling = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=s.max_new_tokens, n=1,
                         eos_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
-    seeds = [derive(seed, t.id) for t in tasks]
+    seeds = [derive_seed(seed, t.id) for t in tasks]
     out = Agent(env, tok, hermes, caps(s), enable_thinking=False).run(HFEngine(model), tasks, seeds, k, sampling)
     convs = out.conversations
     n = len(convs)
@@ -219,31 +220,8 @@ def save_tokenizer(tok, path: Path) -> None:
 def prepare_agent_pair(settings: dict | AgentDemoConfig | None, log=print) -> tuple[Path, Path]:
     """Train (or reuse from `settings.cache_dir`) the agent demo teacher and student; returns (teacher_dir, student_dir)."""
     s = agent_settings(settings)
-    cache_dir = Path(s.cache_dir).expanduser()
-    final = cache_dir / f"agent-pair-{settings_key(s)}"
-    if (final / "pair.json").is_file():
-        log(f"agent demo: reusing the prepared pair in {final}")
-        return final / "teacher", final / "student"
-
-    threads = torch.get_num_threads()
-    if s.num_threads:
-        torch.set_num_threads(s.num_threads)
-    tmp = cache_dir / f".tmp-{final.name}-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        info = _train_pair(s, tmp, log)
-        (tmp / "pair.json").write_text(json.dumps(info, indent=2) + "\n")
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not (final / "pair.json").is_file():  # another process finished first: keep its pair
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        torch.set_num_threads(threads)
-    log(f"agent demo: pair ready in {final}")
-    return final / "teacher", final / "student"
+    final = Path(s.cache_dir).expanduser() / f"agent-pair-{settings_key(s)}"
+    return cached_pair(final, s.num_threads, lambda out: _train_pair(s, out, log), "agent demo", log)
 
 
 def _train_pair(s: AgentDemoConfig, out: Path, log) -> dict:

@@ -150,20 +150,27 @@ def accuracy(model, tokenizer, problems: list[dict], *, temperature: float = 1.0
 def prepare_pair(settings: dict | DemoConfig | None, log=print) -> tuple[Path, Path]:
     """Train (or reuse from `settings.cache_dir`) the demo teacher and student; returns (teacher_dir, student_dir)."""
     s = pair_settings(settings)
-    cache_dir = Path(s.cache_dir).expanduser()
-    final = cache_dir / f"pair-{settings_key(s)}"
-    if (final / "pair.json").is_file():
-        log(f"demo: reusing the prepared pair in {final}")
-        return final / "teacher", final / "student"
+    final = Path(s.cache_dir).expanduser() / f"pair-{settings_key(s)}"
+    return cached_pair(final, s.num_threads, lambda out: _train_pair(s, out, log), "demo", log)
 
+
+def cached_pair(final: Path, num_threads: int, train, what: str, log) -> tuple[Path, Path]:
+    """The pair in `final` (teacher/, student/, pair.json), trained by `train(directory) -> info` when absent.
+
+    Trained into a temporary sibling and renamed into place, so an interrupted preparation never leaves
+    half a pair; a pair another process finished first is kept. `num_threads` (0 = as is) holds while training.
+    """
+    if (final / "pair.json").is_file():
+        log(f"{what}: reusing the prepared pair in {final}")
+        return final / "teacher", final / "student"
     threads = torch.get_num_threads()
-    if s.num_threads:
-        torch.set_num_threads(s.num_threads)
-    tmp = cache_dir / f".tmp-{final.name}-{os.getpid()}"
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        info = _train_pair(s, tmp, log)
+        info = train(tmp)
         (tmp / "pair.json").write_text(json.dumps(info, indent=2) + "\n")
         try:
             tmp.rename(final)
@@ -173,7 +180,7 @@ def prepare_pair(settings: dict | DemoConfig | None, log=print) -> tuple[Path, P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         torch.set_num_threads(threads)
-    log(f"demo: pair ready in {final}")
+    log(f"{what}: pair ready in {final}")
     return final / "teacher", final / "student"
 
 

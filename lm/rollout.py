@@ -118,6 +118,12 @@ class VocabLimit(LogitsProcessor):
         return scores
 
 
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts, stable across runs and Python versions."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def row_seed(prompt_seed: int, j: int) -> int:
     """Seed of the j-th response to a prompt whose seed is `prompt_seed` (63 bits)."""
     digest = hashlib.sha256(f"{prompt_seed}:{j}".encode()).digest()

@@ -20,18 +20,26 @@ def char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
 
     Special tokens: <pad>=0, <eos>=1, then role markers; then one id per character.
     """
+    specials = ["<pad>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    return _characters(alphabet, specials, [], CHAT_TEMPLATE)
+
+
+def _characters(alphabet: str | None, specials: list[str], words: list[str], template: str) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: `specials` (the first two are pad and EOS) and `words` (tokens the model
+    writes as text, kept by decode(skip_special_tokens=True)) take the first ids, then one id per character."""
     if alphabet is None:
         alphabet = string.ascii_letters + string.digits + string.punctuation + " \n"
-    specials = ["<pad>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
     for ch in alphabet:
         vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[0]))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
+    if words:
+        tok.add_tokens(words)
     tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-    fast.chat_template = CHAT_TEMPLATE
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=specials[0], eos_token=specials[1])
+    fast.chat_template = template
     return fast
 
 
@@ -67,22 +75,9 @@ def chat_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
     Special tokens: <pad>=0, <|im_end|>=1 (EOS, the end of a turn), <|im_start|>, <think>, </think>,
     <tool_call>, </tool_call>, <tool_response>, </tool_response>; then one id per character.
     """
-    if alphabet is None:
-        alphabet = string.ascii_letters + string.digits + string.punctuation + " \n"
-    specials = ["<pad>", "<|im_end|>", "<|im_start|>", "<think>", "</think>", "<tool_call>", "</tool_call>",
-                "<tool_response>", "</tool_response>"]
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    for ch in alphabet:
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    tok.decoder = decoders.Fuse()
     # not special: <think> and <tool_call> are text the model writes, kept by decode(skip_special_tokens=True)
-    tok.add_tokens(specials[2:])
-    tok.add_special_tokens(specials[:2])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>")
-    fast.chat_template = QWEN3_STYLE_TEMPLATE
-    return fast
+    words = ["<|im_start|>", "<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+    return _characters(alphabet, ["<pad>", "<|im_end|>"], words, QWEN3_STYLE_TEMPLATE)
 
 
 def load_tokenizer(mc: ModelConfig):

@@ -10,7 +10,6 @@ summary in opd.evaluation, the per-micro-batch step in opd.step.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import resource
 import signal
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lm.rollout import Rollouts
+from lm.rollout import Rollouts, derive_seed
 from opd.agentic import agent_rollout
 from opd.checkpoint import latest_checkpoint, save
 from opd.config import Config
@@ -151,12 +150,6 @@ def rollout(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, list[float] | 
     rollouts = run.engine.generate([p.ids for p in prompts], seeds, run.sampling)
     rewards = run.reward(run.tokenizer, rollouts, [prompts[i].answer for i in rollouts.prompt_index.tolist()])
     return rollouts, row_ids, rewards, {}
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts, stable across runs and Python versions."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def split_updates(rollouts: Rollouts, weights: torch.Tensor, row_ids: torch.Tensor, cfg: Config,

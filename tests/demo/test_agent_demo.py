@@ -17,6 +17,7 @@ from agent.rollout import Agent, Caps
 from demo import agent_prepare
 from lm.engines import HFEngine, Sampling
 from lm.rollout import assemble
+from tests.agent.test_agent_rollout import spans
 
 TINY = {"teacher_layers": 1, "teacher_hidden": 16, "teacher_heads": 2, "teacher_max_steps": 2,
         "student_layers": 1, "student_hidden": 8, "student_heads": 2, "student_max_steps": 1,
@@ -114,17 +115,6 @@ def test_prepared_pair_caches_reloads_and_keeps_its_chat_tokenizer(tmp_path):
 
 SMALL_PAIR = {"teacher_max_steps": 150, "student_max_steps": 60, "check_tasks": 4, "eval_tasks": 4, "eval_k": 1,
               "teacher_check_every": 1000, "student_check_every": 1000}
-
-
-def spans(ids, mask):
-    out, cur = [], []
-    for t, m in zip(ids, mask):
-        if m:
-            cur.append(t)
-        elif cur:
-            out.append(cur)
-            cur = []
-    return out + ([cur] if cur else [])
 
 
 def test_agent_demo_job_end_to_end_and_real_rollouts_of_its_teacher(tmp_path, capsys):
