@@ -7,6 +7,7 @@ architecture, so tests and benchmarks exercise the same model classes.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -73,6 +74,33 @@ def load_model(mc: ModelConfig, tokenizer, device: torch.device, *, trainable: b
 def backbone(model):
     """The decoder stack whose `last_hidden_state` (final norm applied) feeds the LM head."""
     return getattr(model, model.base_model_prefix)
+
+
+def head_weight(model) -> torch.Tensor:
+    """The LM head matrix (V, d) that turns final hidden states into logits (read directly by the fused loss)."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("opd.loss_impl=fused needs an LM head without bias; use opd.loss_impl=reference")
+    return head.weight
+
+
+def rows(weight: torch.Tensor) -> int:
+    """Rows of a (V, d) matrix, also when ZeRO-3 holds only this process's shard of it."""
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def gathered(*params):
+    """Context in which ZeRO-3 sharded parameters hold their full values (read-only); a no-op otherwise.
+
+    The fused loss uses the LM head matrices directly, outside the modules' forward, where ZeRO-3
+    would gather them: gradients reaching a gathered head are reduced to its shards as usual.
+    """
+    sharded = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not sharded:
+        return contextlib.nullcontext()
+    import deepspeed  # optional: only ZeRO-3 parameters get here
+
+    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
 
 
 def save_pretrained(model, tokenizer, path: str | Path, state_dict: dict | None = None) -> None:

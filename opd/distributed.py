@@ -90,25 +90,6 @@ def deepspeed_engine(acc):
     return wrapped.engine if wrapped is not None else None
 
 
-def rows(weight: torch.Tensor) -> int:
-    """Rows of a (V, d) matrix, also when ZeRO-3 holds only this process's shard of it."""
-    return int(getattr(weight, "ds_shape", weight.shape)[0])
-
-
-def gathered(*params):
-    """Context in which ZeRO-3 sharded parameters hold their full values (read-only); a no-op otherwise.
-
-    The fused loss uses the LM head matrices directly, outside the modules' forward, where ZeRO-3
-    would gather them: gradients reaching a gathered head are reduced to its shards as usual.
-    """
-    sharded = [p for p in params if p is not None and hasattr(p, "ds_id")]
-    if not sharded:
-        return contextlib.nullcontext()
-    import deepspeed  # optional: only ZeRO-3 parameters get here
-
-    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
-
-
 def zero3_inference_engine(teacher, acc):
     """Shard the frozen teacher over the processes (ZeRO-3, no optimizer); `teacher` keeps working as a
     module: its forward gathers each layer's weights as it goes. Returns the engine (keep it alive)."""

@@ -13,10 +13,10 @@ import time
 import torch
 
 from lm.engines import HFEngine, Sampling
-from lm.models import resolve_dtype
+from lm.models import gathered, resolve_dtype, rows
 from lm.rollout import Rollouts
 from lm.vllm_engine import MISSING, build_vllm_engine, vllm_available
-from opd.distributed import gathered, global_sum, rows
+from opd.distributed import global_sum
 from opd.errors import RunError
 from opd.losses import head_logits
 
@@ -48,7 +48,7 @@ def rollout_sampling(run) -> Sampling:
         temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k, max_new_tokens=rc.max_new_tokens, n=rc.n,
         eos_ids=tuple(run.eos_ids), pad_token_id=run.tokenizer.pad_token_id,
         # the teacher must be able to score every sampled id
-        vocab_limit=min(rows(run.student_head()), rows(run.teacher.get_output_embeddings().weight)),
+        vocab_limit=min(rows(run.student_head()), run.teacher.vocab),
     )
 
 

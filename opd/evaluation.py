@@ -45,7 +45,7 @@ def run_eval(run, name: str, model=None) -> dict:
 def run_initial_evals(run) -> None:
     """Step 0: the teacher (eval.teacher, logged as val_teacher/...) and the student before training (eval.at_start)."""
     if run.cfg.eval.teacher:
-        teacher_metrics = run_eval(run, "teacher", model=run.teacher)
+        teacher_metrics = run_eval(run, "teacher", model=run.teacher.model)
         run.log.log(0, {k.replace("val/", "val_teacher/"): v for k, v in teacher_metrics.items()})
     if run.cfg.eval.at_start:
         run.log.log(0, run_eval(run, "step_000000"))

@@ -26,19 +26,20 @@ from agent.rollout import Agent
 from demo.agent_prepare import prepare_agent_pair
 from demo.prepare import prepare_pair
 from eval.benchmarks import Benchmark, Problem
-from lm.models import load_model
+from lm.models import head_weight, load_model, rows
+from lm.teacher import LocalTeacher, Teacher
 from lm.tokenizers import check_tokenizers, load_tokenizer
 from opd.checkpoint import holds_run, resume
 from opd.config import Config, save_config, to_dict
 from opd.data import DataError, Prompt, PromptSampler, load_prompts
-from opd.distributed import built_whole, gathered, global_sum, make_accelerator, rows, zero3_inference_engine
+from opd.distributed import built_whole, global_sum, make_accelerator, zero3_inference_engine
 from opd.engine import build_engine, rollout_sampling
 from opd.errors import RunError, first_line, hub_unreachable
 from opd.policy import PolicyModel
 from opd.agentic import agent_prompts, build_agent
 from opd.preflight import DEMO_MODELS, check_run_dir, run_directory, unknown_characters
 from opd.rewards import benchmark_grader, reward_fn
-from opd.step import LOSS_IMPLS, LossImpl, SelectorState, StepSettings, head_weight, new_selector_state
+from opd.step import LOSS_IMPLS, SelectorState, StepSettings, new_selector_state
 from opd.tracking import MetricsLog, writing
 
 
@@ -52,9 +53,7 @@ class Run:
     tokenizer: PreTrainedTokenizerBase
     policy: PolicyModel  # the unwrapped student
     student: torch.nn.Module  # the prepared PolicyModel (wrapped by DDP / DeepSpeed when launched so)
-    teacher: PreTrainedModel
-    teacher_head: torch.Tensor | None  # the teacher's LM head (V_T, d_T) when the loss reads it directly
-    loss: LossImpl
+    teacher: Teacher  # scores the step's micro-batches (lm.teacher): phase 1 of the step
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: PromptSampler
@@ -67,7 +66,6 @@ class Run:
     total_steps: int
     step: int = 0
     zero3: bool = False  # DeepSpeed ZeRO-3: the student's weights are sharded over the processes
-    teacher_engine: object = None  # the teacher's ZeRO-3 inference engine (owns its sharding hooks), or None
     engine: object = None  # the rollout engine (lm.engines: HF generate or a colocated vLLM), built after resuming
     sampling: object = None  # lm.engines.Sampling of the training rollouts
     bar: tqdm | None = None
@@ -107,7 +105,7 @@ def setup(cfg: Config, config_paths=()) -> Run:
     train_prompts, heldout, agent, tasks = load_training(cfg, tokenizer, run_dir, acc)
     acc.print(f"models: student {cfg.model.path or cfg.model.arch + ' (random init)'}, "
               f"teacher {cfg.teacher.path or cfg.teacher.arch + ' (random init)'}")
-    student_lm, teacher = load_pair(cfg, tokenizer, teacher_tok, acc, zero3)
+    student_lm, teacher_lm = load_pair(cfg, tokenizer, teacher_tok, acc, zero3)
 
     total_steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(train_prompts) / cfg.train.prompts_per_step)
     updates_per_step = cfg.train.prompts_per_step // (cfg.train.mini_batch_size or cfg.train.prompts_per_step)
@@ -116,17 +114,17 @@ def setup(cfg: Config, config_paths=()) -> Run:
     # Built on the prepared optimizer and not handed to accelerate: its scheduler wrapper would step
     # num_processes times per update, and DeepSpeed may replace the optimizer (offload: DeepSpeedCPUAdam).
     scheduler = build_scheduler(optimizer, cfg, total_steps * updates_per_step)
-    teacher_engine = zero3_inference_engine(teacher, acc) if zero3 and cfg.opd.teacher_zero3 else None
-    loss = LOSS_IMPLS[cfg.opd.loss_impl]
+    teacher = local_teacher(teacher_lm, cfg.opd, acc.device, zero3_inference_engine(teacher_lm, acc)
+                            if zero3 and cfg.opd.teacher_zero3 else None)
     run = Run(
         cfg=cfg, accelerator=acc, run_dir=run_dir, tokenizer=tokenizer, policy=policy, student=student,
-        teacher=teacher, teacher_head=teacher_head_for(teacher, loss, teacher_engine, cfg, use_cuda), loss=loss,
+        teacher=teacher,
         optimizer=optimizer, scheduler=scheduler, sampler=PromptSampler(train_prompts, cfg.train.seed),
         heldout=heldout, agent=agent, tasks=tasks,
         log=MetricsLog(run_dir, cfg.logging, to_dict(cfg), enabled=acc.is_main_process),
         settings=step_settings(cfg), selector_state=new_selector_state(),
         reward=reward_fn(cfg.opd.reward, cfg.eval.grade_timeout_s), eos_ids=eos_ids(tokenizer, student_lm),
-        total_steps=total_steps, zero3=zero3, teacher_engine=teacher_engine, started=started,
+        total_steps=total_steps, zero3=zero3, started=started,
     )
     resume(run)
     run.engine, run.sampling = build_engine(run), rollout_sampling(run)
@@ -183,17 +181,12 @@ def load_pair(cfg: Config, tokenizer, teacher_tok, acc: Accelerator, zero3: bool
     return student_lm, teacher
 
 
-def teacher_head_for(teacher, loss: LossImpl, teacher_engine, cfg: Config, use_cuda: bool) -> torch.Tensor | None:
-    """The teacher's LM head for a loss that reads it directly (None otherwise)."""
-    if not loss.uses_heads:
-        return None
-    head = head_weight(teacher)
-    if teacher_engine is not None:
-        with gathered(head):  # one full copy of the frozen head, not a gather per micro-batch
-            return head.detach().clone()
-    if cfg.opd.offload_teacher and use_cuda:
-        return head.detach().clone()  # stays on the GPU while the backbone is offloaded
-    return head
+def local_teacher(model, oc, device: torch.device, engine) -> LocalTeacher:
+    """The teacher in this process, returning what `opd.loss_impl` reads (oc: the opd section); `engine` is its
+    ZeRO-3 inference engine when it is sharded over the processes."""
+    cache_device = torch.device("cpu") if oc.teacher_cache_device == "cpu" else device
+    return LocalTeacher(model, reads=LOSS_IMPLS[oc.loss_impl].reads, device=device, cache_device=cache_device,
+                        offload=oc.offload_teacher, engine=engine)
 
 
 def heldout_benchmark(cfg: Config, prompts: list[Prompt], acc: Accelerator) -> Benchmark | None:

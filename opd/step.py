@@ -29,8 +29,8 @@ import torch
 
 import tip
 import tip.plots
-from lm.models import backbone
-from opd.distributed import gathered
+from lm.models import gathered
+from lm.teacher import TeacherSide
 from opd.losses import fused_head_divergence, head_logits, log_softmax_, row_stats, token_divergence, top_k
 from tip.stats import TokenStats, token_stats
 
@@ -67,34 +67,6 @@ class MicroBatch:
     def scope_sizes(self, scope: str) -> list[int]:
         counts = self.response_mask[:, 1:].sum(1)
         return counts.tolist() if scope == "sequence" else [int(counts.sum())]
-
-
-def head_weight(model) -> torch.Tensor:
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("opd.loss_impl=fused needs an LM head without bias; use opd.loss_impl=reference")
-    return head.weight
-
-
-@torch.no_grad()
-def _teacher_logits(teacher, mb: MicroBatch, cache_device) -> torch.Tensor:
-    """Phase 1, reference: the teacher's float32 logits (N, V_T) at the response positions.
-
-    Formed as the fused path forms them (float32 products of the final hidden states and the
-    head, autocast off), so both paths score from the same numbers.
-    """
-    hidden = backbone(teacher)(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
-    states = hidden.last_hidden_state[:, :-1][mb.positions()]
-    head = head_weight(teacher)
-    with gathered(head), torch.autocast(device_type=states.device.type, enabled=False):
-        return torch.nn.functional.linear(states.float(), head.float()).to(cache_device)
-
-
-@torch.no_grad()
-def _teacher_hidden(teacher, mb: MicroBatch, cache_device) -> torch.Tensor:
-    """Phase 1, fused: the teacher's final hidden states (N, d_T) at the response positions."""
-    hidden = backbone(teacher)(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
-    return hidden.last_hidden_state[:, :-1][mb.positions()].to(cache_device)
 
 
 @torch.no_grad()
@@ -171,9 +143,12 @@ def denominator(microbatches: list[MicroBatch], st: StepSettings) -> int:
     )
 
 
-def student_microbatch(student, student_weight, teacher_weight, mb: MicroBatch, cached: torch.Tensor, st: StepSettings,
+def student_microbatch(student, student_weight, teacher_weight, mb: MicroBatch, side: TeacherSide, st: StepSettings,
                        loss_scale: float, generator_for: Callable[[tuple], torch.Generator], state, backward):
     """Forward, select and backward one micro-batch. Returns (stats, selection, sum_kept w*D as float).
+
+    `side` is the teacher's side of this micro-batch (lm.teacher.Teacher.score), of the kind the
+    configured loss reads.
 
     `student` is an opd.policy.PolicyModel (possibly wrapped by DDP/DeepSpeed);
     `student_weight` / `teacher_weight` are the LM head matrices (V, d) (read by the fused loss only).
@@ -183,15 +158,21 @@ def student_microbatch(student, student_weight, teacher_weight, mb: MicroBatch, 
     `backward(loss)` runs the backward pass (accelerator.backward in training).
     `loss_scale` is 1/Z times whatever the gradient reduction divides by.
     """
-    stats, selection, loss_sum = LOSS_IMPLS[st.loss_impl].student_side(
-        student, student_weight, teacher_weight, mb, cached, st, generator_for, state)
-    # Backward always runs, also for an empty or non-finite micro-batch: every process
-    # must take part in the gradient reduction; a non-finite gradient norm then skips
-    # the update on all processes at once. Autocast off: the caller's bf16 autocast is still
-    # active on this thread, and backward ops would otherwise be lowered to bf16 where the
-    # forward ran in float32 (the LM head on the reference path).
-    with torch.autocast(device_type=loss_sum.device.type, enabled=False):
-        backward(loss_sum * loss_scale)
+    impl = LOSS_IMPLS[st.loss_impl]
+    if side.kind != impl.reads:
+        raise ValueError(f"opd.loss_impl={st.loss_impl} reads the teacher's {impl.reads}, the teacher gave {side.kind}")
+    # The fused loss multiplies the student's head itself: under ZeRO-3 it is gathered for the forward and
+    # the backward (whose gradient is reduced to the shards as usual).
+    with gathered(student_weight if impl.reads == "hidden" else None):
+        stats, selection, loss_sum = impl.student_side(
+            student, student_weight, teacher_weight, mb, side.values, st, generator_for, state)
+        # Backward always runs, also for an empty or non-finite micro-batch: every process
+        # must take part in the gradient reduction; a non-finite gradient norm then skips
+        # the update on all processes at once. Autocast off: the caller's bf16 autocast is still
+        # active on this thread, and backward ops would otherwise be lowered to bf16 where the
+        # forward ran in float32 (the LM head on the reference path).
+        with torch.autocast(device_type=loss_sum.device.type, enabled=False):
+            backward(loss_sum * loss_scale)
     # NaN/Inf in the statistics means a broken teacher or student: the micro-batch reports a non-finite
     # loss so the update is skipped, even where the kept tokens' own loss happens to be finite.
     return stats, selection, float(loss_sum.detach()) if is_finite(stats) else float("nan")
@@ -269,26 +250,20 @@ def _fused_student(student, student_weight, teacher_weight, mb, cached, st, gene
 class LossImpl:
     """One way of computing the step's loss (`opd.loss_impl`); both compute the same loss and gradients.
 
-    uses_heads: the loss reads the LM head matrices directly (the loop gathers them under ZeRO-3 and
-    keeps the teacher's on the device).
-    teacher_side(teacher, mb, cache_device) -> what phase 1 caches per micro-batch.
-    student_side(student, student_head, teacher_head, mb, cached, st, generator_for, state) -> (stats, selection, loss_sum).
+    reads: what the loss needs of the teacher (lm.teacher.TeacherSide kind): "hidden" states (N, d_T), whose
+    LM head (V_T, d_T) the fused kernel applies itself, or float32 "logits" (N, V_T).
+    student_side(student, student_weight, teacher_weight, mb, teacher_values, st, generator_for, state)
+    -> (stats, selection, loss_sum).
     """
 
-    uses_heads: bool
-    teacher_side: Callable
+    reads: str
     student_side: Callable
 
 
 LOSS_IMPLS = {
-    "reference": LossImpl(uses_heads=False, teacher_side=_teacher_logits, student_side=_reference_student),
-    "fused": LossImpl(uses_heads=True, teacher_side=_teacher_hidden, student_side=_fused_student),
+    "reference": LossImpl(reads="logits", student_side=_reference_student),
+    "fused": LossImpl(reads="hidden", student_side=_fused_student),
 }
-
-
-def teacher_side(teacher, mb: MicroBatch, loss_impl: str, cache_device) -> torch.Tensor:
-    """Phase 1 for one micro-batch: teacher logits (N, V_T) [reference] or final hidden states (N, d_T) [fused]."""
-    return LOSS_IMPLS[loss_impl].teacher_side(teacher, mb, cache_device)
 
 
 _STAT_FIELDS = ("entropy", "divergence", "forward_divergence", "teacher_entropy")

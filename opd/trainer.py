@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from lm.models import rows
 from lm.rollout import Rollouts, derive_seed
+from lm.teacher import TeacherSide
 from opd.agentic import agent_rollout
 from opd.checkpoint import latest_checkpoint, save
 from opd.config import Config
-from opd.distributed import (backward_fn, clip_gradients, gather_fn, gathered, global_mean, global_sum, rows,
-                             shard_places)
+from opd.distributed import backward_fn, clip_gradients, gather_fn, global_mean, global_sum, shard_places
 from opd.engine import rollout_gap, sync_engine
 from opd.errors import RunError
 from opd.evaluation import finish, print_finished, run_eval, run_initial_evals
@@ -60,8 +61,8 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
         t0 = time.perf_counter()
         updates = split_updates(rollouts, torch.ones(len(rollouts)) if weights is None else weights, row_ids, cfg,
                                 run.accelerator)
-        cached = teacher_phase(run, updates)
-        per_update = [run_update(run, micro, cached[u], step, u) for u, micro in enumerate(updates)]
+        sides = [run.teacher.score(micro) for micro in updates]
+        per_update = [run_update(run, micro, sides[u], step, u) for u, micro in enumerate(updates)]
         sync_engine(run)  # the next rollout (and any evaluation) samples from the updated student
         # 4. log, evaluate, checkpoint
         metrics = step_metrics(run, per_update, rewards, rollouts, t_generate, time.perf_counter() - t0, t_step)
@@ -89,7 +90,7 @@ def train(cfg: Config, config_paths: list[str] = ()) -> Path:
     return run.run_dir
 
 
-def run_update(run: Run, micro: list[MicroBatch], cached: list[torch.Tensor], step: int, u: int) -> dict:
+def run_update(run: Run, micro: list[MicroBatch], sides: list[TeacherSide], step: int, u: int) -> dict:
     """One optimiser update over this process's micro-batches `micro`; returns its metrics."""
     acc, st, cfg = run.accelerator, run.settings, run.cfg
     z = global_sum(acc, denominator(micro, st))  # the update's global loss denominator, before any forward
@@ -106,8 +107,8 @@ def run_update(run: Run, micro: list[MicroBatch], cached: list[torch.Tensor], st
 
         last = j == len(micro) - 1
         sync = contextlib.nullcontext() if last else acc.no_sync(run.student)
-        with sync, acc.autocast(), gathered(run.student_head() if run.loss.uses_heads else None):
-            stats, sel, value = student_microbatch(run.student, run.student_head(), run.teacher_head, mb, cached[j], st,
+        with sync, acc.autocast():
+            stats, sel, value = student_microbatch(run.student, run.student_head(), run.teacher.head, mb, sides[j], st,
                                                    loss_scale, generator_for, run.selector_state, backward_fn(acc, last))
         loss_sum += value
         stats_list.append(stats)
@@ -178,21 +179,6 @@ def split_updates(rollouts: Rollouts, weights: torch.Tensor, row_ids: torch.Tens
     return updates
 
 
-def teacher_phase(run: Run, updates: list[list[MicroBatch]]) -> list[list[torch.Tensor]]:
-    """Phase 1: the teacher side of every micro-batch; the teacher backbone may be offloaded after."""
-    cfg = run.cfg
-    device = run.accelerator.device
-    cache_device = torch.device("cpu") if cfg.opd.teacher_cache_device == "cpu" else device
-    offload = cfg.opd.offload_teacher and device.type == "cuda" and run.teacher_engine is None
-    if offload:
-        run.teacher.to(device)
-    cached = [[run.loss.teacher_side(run.teacher, mb, cache_device) for mb in micro] for micro in updates]
-    if offload:
-        run.teacher.to("cpu")
-        torch.cuda.empty_cache()
-    return cached
-
-
 def loss_scale_for(acc, z: float) -> float:
     """1/Z, times what the gradient reduction divides by (DDP and DeepSpeed average over processes)."""
     if z <= 0:
@@ -204,7 +190,7 @@ def update_metrics(run: Run, stats_list, selections, micro, loss_sum, z, grad_no
     """opd/... and tip/... metrics of one update, over every process's tokens; the token dump."""
     cfg, acc = run.cfg, run.accelerator
     stats, sel = combine(stats_list, selections)
-    vocab = min(rows(run.student_head()), rows(run.teacher.get_output_embeddings().weight))
+    vocab = min(rows(run.student_head()), run.teacher.vocab)
     n_tokens = global_sum(acc, len(stats))
     metrics = {
         "opd/loss": global_sum(acc, loss_sum) / z if z > 0 else 0.0,

@@ -72,7 +72,9 @@ def worker(args) -> dict:
     from lm.config import ModelConfig
     from opd.policy import PolicyModel
     from lm.models import load_model
-    from opd.step import MicroBatch, StepSettings, denominator, head_weight, student_microbatch, teacher_side
+    from lm.models import head_weight
+    from lm.teacher import LocalTeacher
+    from opd.step import LOSS_IMPLS, MicroBatch, StepSettings, denominator, student_microbatch
 
     impl, ratio = args.worker.split(":")
     ratio = float(ratio)
@@ -127,7 +129,7 @@ def worker(args) -> dict:
     tip.select = timed(tip.select)
 
     def one_step():
-        cached = teacher_side(teacher, mb, impl, device)
+        cached = LocalTeacher(teacher, reads=LOSS_IMPLS[impl].reads, device=device, cache_device=device).score([mb])[0]
         z = denominator([mb], st)
         gen = torch.Generator().manual_seed(0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and dtype == "float32"):

@@ -7,6 +7,11 @@
 - An import inside a function is only for a heavy or optional third-party library,
   with its reason in a comment on that line.
 - No function in opd/ is longer than 60 lines.
+- The loop reaches the teacher only through lm/teacher.py's protocol (`Teacher`: score, head, vocab, reads,
+  model): no module of opd/ touches a teacher model's internals, offloading or ZeRO-3 sharding of it, and
+  only the set-up builds a concrete teacher.
+- `opd.losses.DIVERGENCES` is the only source of the divergence names (`opd.loss_type`): no other file of
+  the packages lists them.
 """
 
 from __future__ import annotations
@@ -94,6 +99,74 @@ def violations() -> dict[str, list[str]]:
 @pytest.mark.parametrize("rule", ["direction", "tip_seam", "lazy", "long"])
 def test_house_rules(rule):
     assert violations()[rule] == []
+
+
+def protocol_members(cls_name: str, file: Path) -> set[str]:
+    """Annotated fields and methods of a class (a typing.Protocol) in `file`."""
+    tree = ast.parse(file.read_text())
+    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls_name)
+    return {n.target.id if isinstance(n, ast.AnnAssign) else n.name for n in cls.body
+            if isinstance(n, (ast.AnnAssign, ast.FunctionDef)) and not getattr(n, "name", "").startswith("_")}
+
+
+TEACHER_BUILDERS = {"setup.py"}  # the one module of opd that builds a concrete teacher (from the model it loads)
+LOOP = {"trainer.py", "step.py"}  # the loop and the step: not a word about where the teacher lives
+
+
+def teacher_violations(files) -> list[str]:
+    """Uses of a teacher in opd/ beyond lm.teacher.Teacher's members; concrete teachers built outside the set-up."""
+    members = protocol_members("Teacher", REPO / "lm" / "teacher.py")
+    found = []
+    for path, text in files:
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                base = node.value  # run.teacher.X anywhere; a bare `teacher.X` outside the builder
+                of_run = isinstance(base, ast.Attribute) and base.attr == "teacher" and getattr(base.value, "id", "") == "run"
+                bare = isinstance(base, ast.Name) and base.id == "teacher" and path.name not in TEACHER_BUILDERS
+                if (of_run or bare) and node.attr not in members:
+                    found.append(f"{path}:{node.lineno} uses teacher.{node.attr} (not in lm.teacher.Teacher)")
+            elif isinstance(node, ast.ImportFrom) and node.module == "lm.teacher" and path.name not in TEACHER_BUILDERS:
+                concrete = [a.name for a in node.names if a.name not in ("Teacher", "TeacherSide")]
+                if concrete:
+                    found.append(f"{path}:{node.lineno} imports {', '.join(concrete)} (only the set-up builds teachers)")
+        for word in ("teacher_engine", "offload", "zero3", "teacher_head", "teacher_cache_device"):
+            if word in text and path.name in LOOP:
+                found.append(f"{path}: mentions {word} (the teacher's placement is lm.teacher's business)")
+    return found
+
+
+def test_the_loop_uses_only_the_teacher_protocol():
+    files = [(p, p.read_text()) for p in sorted((REPO / "opd").glob("*.py"))]
+    assert teacher_violations(files) == []
+    planted = [(Path("opd/trainer.py"), "def f(run):\n    run.teacher.to('cpu')\n    return run.teacher_engine\n"),
+               (Path("opd/step.py"), "from lm.teacher import LocalTeacher\n")]
+    assert len(teacher_violations(planted)) == 3
+
+
+def divergence_name_lists(files, names: set[str]) -> list[str]:
+    """Tuple/list/set literals or Literal[...] subscripts naming two or more divergences."""
+    found = []
+    for path, text in files:
+        for node in ast.walk(ast.parse(text)):
+            items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else None
+            if items is None and isinstance(node, ast.Subscript) and getattr(node.value, "id", "") == "Literal":
+                items = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            listed = {e.value for e in items or () if isinstance(e, ast.Constant)} & names
+            if len(listed) >= 2:
+                found.append(f"{path}:{node.lineno} lists divergences {sorted(listed)}")
+    return found
+
+
+def test_divergences_registry_is_the_only_list_of_loss_types():
+    from opd.losses import DIVERGENCES
+
+    names = set(DIVERGENCES)
+    assert {"reverse_kl", "forward_kl", "jsd"} <= names
+    files = [(p, p.read_text()) for _, p in sources() if p.name != "losses.py"]
+    assert divergence_name_lists(files, names) == []
+    planted = [(Path("opd/config.py"), "x: Literal['reverse_kl', 'jsd']\nLOSS_TYPES = ('forward_kl', 'jsd')\n")]
+    assert len(divergence_name_lists(planted, names)) == 2
 
 
 def test_the_checks_catch_planted_violations(tmp_path):

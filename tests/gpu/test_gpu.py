@@ -8,13 +8,19 @@ import torch
 import tip
 from conftest import read_metrics, run_cli, tiny_config, write_config
 from lm.config import ModelConfig
-from lm.models import load_model
+from lm.models import head_weight, load_model
+from lm.teacher import LocalTeacher
 from lm.tokenizers import char_tokenizer
 from opd.policy import PolicyModel
-from opd.step import MicroBatch, StepSettings, head_weight, student_microbatch, teacher_side
+from opd.step import LOSS_IMPLS, MicroBatch, StepSettings, student_microbatch
 
 pytestmark = pytest.mark.gpu
 TOK = char_tokenizer()
+
+
+def teacher_of(model, impl: str, device) -> LocalTeacher:
+    """The local teacher that returns what loss path `impl` reads."""
+    return LocalTeacher(model, reads=LOSS_IMPLS[impl].reads, device=device, cache_device=device)
 
 
 def cuda_pair():
@@ -48,7 +54,7 @@ def test_fused_equals_reference_under_bf16_autocast_on_cuda(selector, ratio):
                           select_options={"normalize": "minmax", "momentum": 0.9, "importance_weighting": False})
         policy.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            cached = teacher_side(teacher, mb, impl, mb.input_ids.device)
+            cached = teacher_of(teacher, impl, mb.input_ids.device).score([mb])[0]
             stats, sel, value = student_microbatch(policy, head_weight(policy.lm), head_weight(teacher), mb, cached,
                                                    st, 1.0, lambda key: torch.Generator().manual_seed(1),
                                                    tip.RunningMinMax(), lambda loss: loss.backward())

@@ -7,17 +7,22 @@ import pytest
 import torch
 
 from lm.config import ModelConfig
-from lm.models import load_model
+from lm.models import head_weight, load_model
+from lm.teacher import LocalTeacher
 from lm.tokenizers import char_tokenizer
 from opd.policy import PolicyModel
-from opd.step import (MicroBatch, StepSettings, denominator, fold_running_range, head_weight, student_microbatch,
-                      teacher_side)
+from opd.step import LOSS_IMPLS, MicroBatch, StepSettings, denominator, fold_running_range, student_microbatch
 
 import tip
 from conftest import select, tip_denominator
 
 TOK = char_tokenizer()
 CPU = torch.device("cpu")
+
+
+def teacher_of(model, impl: str, device) -> LocalTeacher:
+    """The local teacher that returns what loss path `impl` reads."""
+    return LocalTeacher(model, reads=LOSS_IMPLS[impl].reads, device=device, cache_device=device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,7 +66,7 @@ def grads_and_loss(policy, teacher, micro, st, seed=0):
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
     for mb in micro:
-        cached = teacher_side(teacher, mb, st.loss_impl, CPU)
+        cached = teacher_of(teacher, st.loss_impl, CPU).score([mb])[0]
         _, sel, value = student_microbatch(policy, head_weight(policy.lm), head_weight(teacher), mb, cached, st,
                                            1.0 / z, lambda key: gen, tip.RunningMinMax(), lambda loss: loss.backward())
         total += value
@@ -98,9 +103,10 @@ def test_fused_equals_reference_with_importance_weights_and_sequence_scope():
 def test_teacher_hidden_path_equals_teacher_logits():
     _, teacher = models(teacher_vocab=len(TOK) + 9)
     mb = batch(seed=5)
-    logits = teacher_side(teacher, mb, "reference", CPU)
-    hidden = teacher_side(teacher, mb, "fused", CPU)
-    torch.testing.assert_close(hidden @ head_weight(teacher).T, logits, atol=1e-5, rtol=1e-5)
+    logits = teacher_of(teacher, "reference", CPU).score([mb])[0]
+    hidden = teacher_of(teacher, "fused", CPU).score([mb])[0]
+    assert (logits.kind, hidden.kind) == ("logits", "hidden")
+    torch.testing.assert_close(hidden.values @ head_weight(teacher).T, logits.values, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["reference", "fused"])
@@ -157,7 +163,7 @@ def test_token_stats_and_selection_are_the_same_on_both_paths(selector, ratio, t
     for impl in ("reference", "fused"):
         st = settings(impl, selector, ratio)
         st.topk = topk
-        cached = teacher_side(teacher, mb, impl, CPU)
+        cached = teacher_of(teacher, impl, CPU).score([mb])[0]
         stats, sel, _ = student_microbatch(policy, head_weight(policy.lm), head_weight(teacher), mb, cached, st, 1.0,
                                            lambda key: torch.Generator().manual_seed(2), tip.RunningMinMax(), lambda loss: None)
         out[impl] = (stats, sel)
@@ -209,7 +215,7 @@ def run_split(policy, teacher, micro, st, state):
         def generator_for(key, j=j):
             return torch.Generator().manual_seed(1000 + (int(key[1]) if key[0] == "sequence" else j))
 
-        cached = teacher_side(teacher, mb, st.loss_impl, CPU)
+        cached = teacher_of(teacher, st.loss_impl, CPU).score([mb])[0]
         _, sel, value = student_microbatch(policy, head_weight(policy.lm), head_weight(teacher), mb, cached, st,
                                            1.0 / z, generator_for, state, lambda loss: loss.backward())
         total += value
@@ -262,7 +268,7 @@ def test_under_bf16_autocast_fused_and_reference_select_the_same_tokens(selector
         st = settings(impl, selector, ratio)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             policy.zero_grad(set_to_none=True)
-            cached = teacher_side(teacher, mb, impl, CPU)
+            cached = teacher_of(teacher, impl, CPU).score([mb])[0]
             stats, sel, value = student_microbatch(policy, head_weight(policy.lm), head_weight(teacher), mb, cached, st,
                                                    1.0, lambda key: torch.Generator().manual_seed(5),
                                                    tip.RunningMinMax(), lambda loss: loss.backward())

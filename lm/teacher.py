@@ -1,0 +1,126 @@
+"""The teacher as one component: it scores the step's micro-batches and returns what the loss reads.
+
+The loop knows one door, `Teacher.score(micro_batches) -> list[TeacherSide]` (phase 1 of the step, SPEC §1
+and §7), plus the teacher's LM head and vocabulary size. What a side holds depends on the loss path:
+
+    hidden  the teacher's final hidden states (N, d_T) at the response positions, after its last norm, in
+            the teacher's dtype: the fused loss applies `Teacher.head` (V_T, d_T) to them chunk by chunk
+            inside its kernel, so statistics, selection and divergence stay exact over the whole vocabulary
+            while only N x d_T numbers are kept (or shipped, for a teacher on other machines);
+    logits  the teacher's float32 logits (N, V_T) at the response positions (the reference loss path).
+
+N counts the micro-batch's response positions in `positions()` order (logits at column j predict token
+j + 1). Where the teacher lives is the implementation's business: `LocalTeacher` holds it in this process
+(plain, ZeRO-3-sharded over the processes, or parked on the CPU between steps). A teacher elsewhere is one
+more class with the same three members: nothing in the loop or the step changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Literal, Protocol, Sequence
+
+import torch
+
+from lm.models import backbone, gathered, head_weight, rows
+
+Reads = Literal["hidden", "logits"]
+
+
+class Scored(Protocol):
+    """What a teacher needs of a micro-batch: rows of token ids (B, L), their attention mask (B, L), and
+    `positions()` (B, L-1) bool, the columns whose next token is a response token."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def positions(self) -> torch.Tensor: ...
+
+
+@dataclass
+class TeacherSide:
+    """The teacher's side of one micro-batch: `values` is (N, d_T) hidden states or (N, V_T) float32 logits,
+    as `kind` says."""
+
+    kind: Reads
+    values: torch.Tensor
+
+
+class Teacher(Protocol):
+    """What the training loop needs of a teacher, wherever it runs.
+
+    reads   "hidden" (fused loss) or "logits" (reference loss): what `score` returns.
+    head    (V_T, d_T) the teacher's LM head, a full copy on the trainer's device, multiplied by the fused
+            kernel (None when the teacher returns logits).
+    vocab   V_T, the teacher's vocabulary rows (padded embedding rows included).
+    model   a local module the evaluation can sample from (the teacher's own score on the benchmarks), or
+            None where the teacher is not in this process.
+    """
+
+    reads: Reads
+    head: torch.Tensor | None
+    vocab: int
+    model: torch.nn.Module | None
+
+    def score(self, micro_batches: Sequence[Scored]) -> list[TeacherSide]: ...
+
+
+class LocalTeacher:
+    """A teacher held by this process: plain, ZeRO-3-sharded, or offloaded to the CPU between steps.
+
+    model         the frozen HF causal LM (under ZeRO-3: its sharded module; `engine` keeps the sharding
+                  hooks alive and every process must score the same number of micro-batches)
+    reads         what `score` returns (see TeacherSide)
+    device        where the forward runs (the trainer's device)
+    cache_device  where the sides are kept until phase 2 reads them (the device, or the CPU to save memory)
+    offload       park the backbone on the CPU outside `score` (a GPU whose memory the student needs);
+                  the LM head stays on the device as its own copy
+    """
+
+    def __init__(self, model, *, reads: Reads, device: torch.device, cache_device: torch.device,
+                 offload: bool = False, engine=None):
+        self.model, self.reads, self.device, self.cache_device = model, reads, device, cache_device
+        self.engine = engine
+        self.offload = offload and engine is None and device.type == "cuda"
+        weight = head_weight(model)
+        self.vocab = rows(weight)
+        self.head = self._own_head(weight) if reads == "hidden" else None
+
+    def _own_head(self, weight: torch.Tensor) -> torch.Tensor:
+        """The head the fused kernel multiplies: one full copy of a sharded head (not a gather per
+        micro-batch), a copy that stays on the device when the backbone is offloaded, else the weight."""
+        if self.engine is not None:
+            with gathered(weight):
+                return weight.detach().clone()
+        if self.offload:
+            return weight.detach().clone()
+        return weight
+
+    @torch.no_grad()
+    def score(self, micro_batches: Sequence[Scored]) -> list[TeacherSide]:
+        with self._on_device():
+            return [TeacherSide(self.reads, self._side(mb)) for mb in micro_batches]
+
+    @contextlib.contextmanager
+    def _on_device(self):
+        if not self.offload:
+            yield
+            return
+        self.model.to(self.device)
+        try:
+            yield
+        finally:
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def _side(self, mb: Scored) -> torch.Tensor:
+        out = backbone(self.model)(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+        states = out.last_hidden_state[:, :-1][mb.positions()]
+        if self.reads == "hidden":
+            return states.to(self.cache_device)
+        # Reference path: float32 products of the final hidden states and the head, autocast off, formed as
+        # the fused kernel forms them, so both paths score from the same numbers.
+        head = head_weight(self.model)
+        with gathered(head), torch.autocast(device_type=states.device.type, enabled=False):
+            return torch.nn.functional.linear(states.float(), head.float()).to(self.cache_device)
