@@ -3,7 +3,9 @@
 A settings section is a dataclass whose fields carry their help text and range
 in `metadata` ("help", "min", "max", "min_exclusive"; "nonfinite": True for a
 float that may be NaN or infinite, which no other float may be; "pattern" and
-"pattern_help" for a string that must match a regular expression). `apply` fills one from a
+"pattern_help" for a string that must match a regular expression; "choices" for
+a string that must be a key of a registry, a dict read at check time, so names
+registered later count). `apply` fills one from a
 dict (YAML, command line) and reports every problem as one line that names the
 key and where its value came from. `opd.config` builds the run config with it;
 `demo.prepare` validates its own command line with it.
@@ -75,12 +77,14 @@ def apply(obj: Any, data: dict, prefix: str, origin: dict[str, str], problems: l
 
 
 def check_value(current: Any, meta) -> list[str]:
-    """What is wrong with a coerced value given its field's metadata (finite, range, pattern)."""
+    """What is wrong with a coerced value given its field's metadata (finite, range, pattern, choices)."""
     floats = current if isinstance(current, list) else [current]
     if not meta.get("nonfinite") and any(isinstance(v, float) and not math.isfinite(v) for v in floats):
         return ["is not a finite number"]
     if isinstance(current, str) and "pattern" in meta and not re.fullmatch(meta["pattern"], current):
         return [meta.get("pattern_help", f"does not match {meta['pattern']}")]
+    if "choices" in meta and current not in meta["choices"]:  # a live registry (dict of names), read now
+        return [f"is not one of: {', '.join(meta['choices'])}"]
     problems = []
     if isinstance(current, (int, float)) and not isinstance(current, bool):
         if "min" in meta and current < meta["min"]:

@@ -25,6 +25,7 @@ from demo.config import DemoConfig, check_demo
 from eval.config import EvalConfig
 from lm.config import RANDOM_INIT_FIELDS, ModelConfig, RolloutConfig
 from lm.typed import ConfigError, apply, parse_value, where
+from opd.losses import DIVERGENCES
 
 
 RUN_NAME = r"([A-Za-z0-9_][A-Za-z0-9_.-]{0,99})?"  # one path component: no '/', never '.' or '..'
@@ -53,8 +54,8 @@ class DataConfig:
 
 @dataclass
 class OPDConfig:
-    loss_type: Literal["reverse_kl", "forward_kl", "jsd"] = field(default="reverse_kl", metadata={"help": "per-token divergence"})
-    beta: float = field(default=0.5, metadata={"help": "jsd interpolation (0 = forward KL, 1 = reverse KL)", "min": 0.0, "max": 1.0})
+    loss_type: str = field(default="reverse_kl", metadata={"help": "per-token divergence: a name registered in opd.losses.DIVERGENCES, e.g. reverse_kl (the paper's), forward_kl, jsd (a wrong name lists them all)", "choices": DIVERGENCES})
+    beta: float = field(default=0.5, metadata={"help": "the divergence's knob: jsd interpolation (0 = forward KL, 1 = reverse KL), skew_reverse_kl's teacher share alpha (1 = reverse KL)", "min": 0.0, "max": 1.0})
     chunk_size: int = field(default=256, metadata={"help": "tokens per chunk of the full-vocabulary computation", "min": 1})
     loss_impl: Literal["reference", "fused"] = field(default="fused", metadata={"help": "fused: LM head only on kept rows, recomputed in backward; reference: full logits"})
     teacher_cache_device: Literal["auto", "cpu"] = field(default="auto", metadata={"help": "where phase 1 keeps the teacher side; cpu = offload"})

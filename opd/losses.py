@@ -1,4 +1,4 @@
-"""Per-token divergences between student and teacher, exact over the vocabulary.
+"""Per-token divergences and token statistics between student and teacher, exact over the vocabulary.
 
 Everything here works chunk by chunk in float32, so an (N, V) float32 tensor
 never exists, and keeps nothing per chunk for backward: gradients are
@@ -8,31 +8,32 @@ matmul would round the logits and the sums), row reductions are elementwise
 products and sums, and every KL is one sum of p (log p - log q) terms, never a
 difference of two large sums.
 
-Divergences (spec §1), with P_S = softmax(student), P_T = softmax(teacher):
-  reverse_kl  KL(P_S || P_T)
-  forward_kl  KL(P_T || P_S)
-  jsd         beta*KL(P_T || M) + (1-beta)*KL(P_S || M),  M = beta*P_T + (1-beta)*P_S,
-              with beta=0 -> forward KL and beta=1 -> reverse KL (normalised limits).
+One chunk goes through one path: its float32 logits (`logit_chunks`, from logits
+or from final hidden states through the LM heads) are log-softmaxed in place
+(`log_probs_`, the one log-softmax), then
+  - statistics: `chunk_stats` (entropies and both KLs in nats, `StatRows`),
+    the only formula for them; `stats_pass` runs it over all rows under no_grad;
+  - divergence: an entry of `DIVERGENCES` (opd.loss_type), registered with
+    `@register_divergence("name")`, gives the per-token value and its gradient
+    w.r.t. the student logits; `token_divergence` (from logits) and
+    `fused_head_divergence` (LM heads inside) call the entry, never its name.
+
+Divergences shipped (P_S = softmax(student), P_T = softmax(teacher), beta = opd.beta):
+  reverse_kl       KL(P_S || P_T)
+  forward_kl       KL(P_T || P_S)
+  jsd              beta*KL(P_T || M) + (1-beta)*KL(P_S || M),  M = beta*P_T + (1-beta)*P_S,
+                   with beta=0 -> forward KL and beta=1 -> reverse KL (normalised limits).
+  skew_reverse_kl  KL(P_S || beta*P_T + (1-beta)*P_S)  (beta=1 -> reverse KL)
 Only the first min(V_S, V_T) logits are compared (padded embedding rows).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
-
-LOSS_TYPES = ("reverse_kl", "forward_kl", "jsd")
-
-
-def _resolve(loss_type: str, beta: float) -> str:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r} (known: {', '.join(LOSS_TYPES)})")
-    if loss_type == "jsd" and beta <= 0.0:
-        return "forward_kl"
-    if loss_type == "jsd" and beta >= 1.0:
-        return "reverse_kl"
-    return loss_type
 
 
 def _no_autocast(x: torch.Tensor):
@@ -43,7 +44,7 @@ def _no_autocast(x: torch.Tensor):
 def _zero_nan_(x: torch.Tensor) -> torch.Tensor:
     """NaN -> 0 in place, infinities kept. Applied to products w * x with w a probability: a NaN there is
     0 * (+-inf) or 0 * NaN, i.e. a token to which a side gives probability 0 (0 log 0 = 0). Rows whose
-    logits are themselves non-finite are made NaN again by the callers' row guard."""
+    logits are themselves non-finite are made NaN again by the row guard (LogProbs.guard)."""
     return x.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
@@ -55,137 +56,119 @@ def _wsum(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return _zero_nan_(torch.mul(w, x, out=out)).sum(-1)
 
 
-def log_softmax_(x: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the last dimension, in x's own storage.
+# ----------------------------------------------------------------------------
+# one chunk: logits -> log-probabilities -> statistics
 
-    The row max is subtracted first and log sum exp(x - max) (a few nats) last, so no log-probability
-    passes through a logsumexp of tens of nats, whose float32 rounding (~1e-6) would shift the whole row."""
+
+@dataclass
+class LogProbs:
+    """One chunk's log-probabilities, formed in its logits' storage.
+
+    ls, lt  (C, V) float32  log P_S, log P_T over the shared vocabulary (-inf where a probability is 0)
+    p, q    (C, V) float32  P_S, P_T where asked for, else None
+    guard   (C,)   float32  0, or NaN for a row with NaN, +inf or only -inf logits on either side;
+                            added to every per-row result, so a broken row stays NaN.
+    All of them are the chunk's scratch: a divergence may overwrite them in place.
+    """
+
+    ls: torch.Tensor
+    lt: torch.Tensor
+    p: torch.Tensor | None
+    q: torch.Tensor | None
+    guard: torch.Tensor
+
+
+def log_softmax_(x: torch.Tensor, with_probs: bool = False):
+    """log_softmax over the last dimension of float32 x (C, V), in x's own storage.
+
+    Returns (log p (x itself), softmax(x) in new storage or None, guard (C,): 0 or NaN for a broken row).
+    Not torch.log_softmax: on CPU its float32 normaliser is off by up to ~1e-5 at V = 152k. The row max
+    is subtracted first and log sum exp(x - max) (a few nats) last, so no log-probability passes
+    through a logsumexp of tens of nats, whose float32 rounding (~1e-6) would shift the whole row.
+    """
     with _no_autocast(x):
         x.sub_(x.amax(-1, keepdim=True))
-        return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+        e = x.exp()
+        z = e.sum(-1, keepdim=True)
+        x.sub_(z.log())
+        return x, (e.div_(z) if with_probs else None), z.view(-1) * 0.0
 
 
-def _log_probs_(x: torch.Tensor, with_probs: bool):
-    """log_softmax_ of x (C, V) in place, with softmax(x) (new storage, None unless with_probs) and a row
-    guard (C,): 0, or NaN for a row with NaN, +inf or only -inf logits."""
-    x.sub_(x.amax(-1, keepdim=True))
-    e = x.exp()
-    z = e.sum(-1, keepdim=True)
-    x.sub_(z.log())
-    guard = z.view(-1) * 0.0
-    return x, (e.div_(z) if with_probs else None), guard
+def log_probs_(s: torch.Tensor, t: torch.Tensor, need_p: bool, need_q: bool) -> LogProbs:
+    """log_softmax_ of both sides of a chunk, s and t (C, V) float32 logits CONSUMED in place.
+
+    The side without probabilities goes first: its exp temporary is gone before the other's p exists."""
+    if need_p:
+        lt, q, guard_t = log_softmax_(t, need_q)
+        ls, p, guard_s = log_softmax_(s, True)
+    else:
+        ls, p, guard_s = log_softmax_(s, False)
+        lt, q, guard_t = log_softmax_(t, need_q)
+    return LogProbs(ls, lt, p, q, guard_s + guard_t)
 
 
-def row_stats(ls: torch.Tensor, lt: torch.Tensor, p: torch.Tensor | None = None,
-              q: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """(student entropy, teacher entropy, KL(p||q), KL(q||p)) per row, in nats, float32.
+class StatRows(NamedTuple):
+    """Token statistics of one chunk of C rows, float32, in nats (tip's TokenStats before normalisation).
 
-    ls, lt (C, V): float32 log-probabilities (-inf allowed where a probability is 0); p = exp(ls)
-    and q = exp(lt) may be passed in. Nothing passed in is modified. Each statistic is one sum of
-    p-weighted terms (KL as sum p (log p - log q), never a difference of two large sums), so a small
-    divergence keeps its relative precision. Temporaries: one (C, V) scratch, plus p and q when not given.
+    student_entropy H(P_S), teacher_entropy H(P_T), reverse_kl KL(P_S || P_T), forward_kl KL(P_T || P_S):
+    (C,) each. top: {} or both sides' top-k (TokenStats' student_top_ids, student_top_probs,
+    teacher_top_ids, teacher_top_probs; (C, k) each), for the token dump.
     """
+
+    student_entropy: torch.Tensor
+    teacher_entropy: torch.Tensor
+    reverse_kl: torch.Tensor
+    forward_kl: torch.Tensor
+    top: dict
+
+
+def row_stats(lp: LogProbs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H(P_S), H(P_T), KL(P_S||P_T), KL(P_T||P_S)) per row (C,), nats, float32, from a chunk's LogProbs.
+
+    p = exp(log p) and q = exp(log q) are formed where lp does not carry them. Nothing in lp is
+    modified. Each statistic is one sum of p-weighted terms (KL as sum p (log p - log q), never a
+    difference of two large sums), so a small divergence keeps its relative precision.
+    Temporaries: one (C, V) scratch, plus p and q when not given.
+    """
+    ls, lt = lp.ls, lp.lt
     with _no_autocast(ls):
-        p = ls.exp() if p is None else p
-        q = lt.exp() if q is None else q
-        guard = (p.sum(-1) + q.sum(-1)) * 0.0  # NaN rows stay NaN (the sums below zero their NaN terms)
+        p = ls.exp() if lp.p is None else lp.p
+        q = lt.exp() if lp.q is None else lp.q
         buf = torch.empty_like(ls)
         hs = -_wsum(p, ls, buf)
         ht = -_wsum(q, lt, buf)
         rev = _wsum(p, torch.sub(ls, lt, out=buf), buf)
         fwd = _wsum(q, torch.sub(lt, ls, out=buf), buf)
-        return hs + guard, ht + guard, rev + guard, fwd + guard
+        return hs + lp.guard, ht + lp.guard, rev + lp.guard, fwd + lp.guard
 
 
-def divergence_kernel(s: torch.Tensor, t: torch.Tensor, loss_type: str, beta: float, with_grad: bool,
-                      with_stats: bool = False):
-    """Divergence of one chunk and, optionally, its gradient w.r.t. the student logits.
+def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely ids per row of float32 logits (C, V), most likely first, and their probabilities."""
+    with _no_autocast(logits):
+        values, ids = logits.topk(k, dim=-1)
+        return ids, (values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
 
-    s, t: (C, V) float32 logits over the shared vocabulary. They are CONSUMED
-    (overwritten in place, to keep the chunk's temporaries few): pass copies.
-    Returns (D (C,) nats, dD/ds (C, V) or None, row_stats(...) or None), all float32
-    whatever the autocast state. A logit of -inf on both sides at the same id contributes
-    exactly 0 (value and gradient), as in the exact divergence.
-    Temporaries: p and/or q, plus one (C, V) scratch when with_stats.
+
+def chunk_stats(s: torch.Tensor, t: torch.Tensor, topk: int, need_p: bool = False,
+                need_q: bool = False) -> tuple[StatRows, LogProbs]:
+    """The statistics of one chunk: the one formula, for the stats pass and for the loss kernel alike.
+
+    s, t (C, V) float32 logits over the shared vocabulary, CONSUMED (log-softmaxed in place).
+    topk > 0 adds both sides' top-min(topk, V) ids and probabilities (read before the log-softmax).
+    need_p / need_q: keep P_S / P_T in the returned LogProbs (the loss kernel goes on from them);
+    the statistics then use them, and exp(log p) otherwise.
     """
-    kind = _resolve(loss_type, beta)
-    with _no_autocast(s):
-        need_p = with_grad or with_stats or kind != "forward_kl"
-        need_q = with_stats or kind != "reverse_kl"
-        if need_p:  # the side without probabilities first: its exp temporary is gone before p exists
-            lt, q, guard_t = _log_probs_(t, need_q)
-            ls, p, guard_s = _log_probs_(s, True)
-        else:
-            ls, p, guard_s = _log_probs_(s, False)
-            lt, q, guard_t = _log_probs_(t, True)
-        guard = guard_s + guard_t
-        stats = row_stats(ls, lt, p, q) if with_stats else None
-        diff = torch.sub(ls, lt, out=lt)  # log p - log q, in lt's storage
-        grad = None
-        if kind == "reverse_kl":
-            pd = _zero_nan_(diff.mul_(p))
-            d = pd.sum(-1) + guard  # the guard before the gradient uses d: a broken row's gradient stays NaN
-            if with_grad:  # p * ((log p - log q) - KL)
-                grad = pd.addcmul_(p, d[:, None], value=-1.0)
-        elif kind == "forward_kl":
-            d = -_zero_nan_(diff.mul_(q)).sum(-1) + guard
-            if with_grad:
-                grad = p.sub_(q)
-        else:  # jsd, 0 < beta < 1, from D = log p - log q without forming log m (never large minus large):
-            #   log p - log m = -logaddexp(log(1-beta), log(beta) - D)
-            #   log q - log m = -logaddexp(log(beta), log(1-beta) + D)
-            log_b = torch.full((), math.log(beta), device=s.device)
-            log_1mb = torch.full((), math.log1p(-beta), device=s.device)
-            s_term = torch.logaddexp(torch.neg(diff, out=ls).add_(log_b), log_1mb, out=ls).neg_()
-            t_term = torch.logaddexp(diff.add_(log_1mb), log_b, out=diff).neg_()
-            d = beta * _zero_nan_(t_term.mul_(q)).sum(-1)
-            ps = _zero_nan_(s_term.mul_(p))  # p (log p - log m)
-            ps_sum = ps.sum(-1) + guard
-            d = d + (1.0 - beta) * ps_sum
-            if with_grad:  # dJSD/dp = (1-beta) log(p/m), through the softmax: p * (g - sum p g)
-                grad = ps.addcmul_(p, ps_sum[:, None], value=-1.0).mul_(1.0 - beta)
-        d = d.clamp_min(0.0)
-    return d, grad, stats
+    top = {}
+    if topk > 0:
+        k = min(topk, s.shape[1])
+        (s_ids, s_probs), (t_ids, t_probs) = top_k(s, k), top_k(t, k)
+        top = dict(student_top_ids=s_ids, student_top_probs=s_probs, teacher_top_ids=t_ids, teacher_top_probs=t_probs)
+    lp = log_probs_(s, t, need_p, need_q)
+    return StatRows(*row_stats(lp), top), lp
 
 
-class _ChunkedDivergence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_logits, teacher_logits, loss_type, beta, chunk_size):
-        n = student_logits.shape[0]
-        v = min(student_logits.shape[1], teacher_logits.shape[1])
-        out = torch.empty(n, dtype=torch.float32, device=student_logits.device)
-        for i in range(0, n, chunk_size):
-            s = student_logits[i:i + chunk_size, :v].to(torch.float32, copy=True)
-            t = teacher_logits[i:i + chunk_size, :v].to(torch.float32, copy=True)
-            out[i:i + chunk_size], _, _ = divergence_kernel(s, t, loss_type, beta, with_grad=False)
-        ctx.save_for_backward(student_logits, teacher_logits)
-        ctx.config = (loss_type, beta, chunk_size, v)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        student_logits, teacher_logits = ctx.saved_tensors
-        loss_type, beta, chunk_size, v = ctx.config
-        grad = torch.zeros_like(student_logits)
-        for i in range(0, student_logits.shape[0], chunk_size):
-            s = student_logits[i:i + chunk_size, :v].to(torch.float32, copy=True)
-            t = teacher_logits[i:i + chunk_size, :v].to(torch.float32, copy=True)
-            _, g, _ = divergence_kernel(s, t, loss_type, beta, with_grad=True)
-            grad[i:i + chunk_size, :v] = g.mul_(grad_out[i:i + chunk_size, None].float())
-        return grad, None, None, None, None
-
-
-def token_divergence(student_logits, teacher_logits, loss_type: str, beta: float, chunk_size: int):
-    """Per-token divergence D_t, float32 (N,) nats, for logits (N, V_S) and (N, V_T) of any float dtype.
-
-    Differentiable w.r.t. the student logits; the teacher side never receives
-    gradients. This is what the loss averages over the kept tokens. Each chunk of
-    `chunk_size` rows is upcast to float32 on its own; bf16 autocast does not reach the kernel.
-    """
-    kind = _resolve(loss_type, beta)
-    if student_logits.shape[0] != teacher_logits.shape[0]:
-        raise ValueError(f"student has {student_logits.shape[0]} rows, teacher {teacher_logits.shape[0]}")
-    return _ChunkedDivergence.apply(student_logits, teacher_logits.detach(), kind, beta, chunk_size)
+# ----------------------------------------------------------------------------
+# chunks of rows: logits, or hidden states through the LM heads
 
 
 def _slice_rows(chunk_size: int, vocab: int, width: int) -> int:
@@ -213,11 +196,232 @@ def head_logits(h: torch.Tensor, w: torch.Tensor, chunk_size: int) -> torch.Tens
         return _head_logits(h, w, _slice_rows(chunk_size, w.shape[0], h.shape[1]))
 
 
-def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most likely ids per row of float32 logits (C, V), most likely first, and their probabilities."""
-    with _no_autocast(logits):
-        values, ids = logits.topk(k, dim=-1)
-        return ids, (values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+def shared_vocab(student: torch.Tensor, teacher: torch.Tensor, heads=None) -> int:
+    """V = min(V_S, V_T): the columns both softmaxes run over (see logit_chunks for the arguments)."""
+    if heads is None:
+        return min(student.shape[1], teacher.shape[1])
+    return min(heads[0].shape[0], heads[1].shape[0])
+
+
+def logit_chunks(student: torch.Tensor, teacher: torch.Tensor, chunk_size: int, heads=None):
+    """Yield (start, s, t) per chunk of `chunk_size` rows: float32 logits (C, V) of both sides over the shared
+    V columns, in new storage (the caller may consume them).
+
+    Without heads, student (N, V_S) and teacher (N, V_T) are logits of any float dtype, upcast per chunk.
+    With heads = (W_S (V_S, d_S), W_T (V_T, d_T)), they are final hidden states (N, d_S), (N, d_T) and
+    the logits are h @ W.T, multiplied in float32 with autocast off (head_logits).
+    """
+    v = shared_vocab(student, teacher, heads)
+    for i in range(0, student.shape[0], chunk_size):
+        if heads is None:
+            yield (i, student[i:i + chunk_size, :v].to(torch.float32, copy=True),
+                   teacher[i:i + chunk_size, :v].to(torch.float32, copy=True))
+        else:
+            yield (i, head_logits(student[i:i + chunk_size], heads[0][:v], chunk_size),
+                   head_logits(teacher[i:i + chunk_size], heads[1][:v], chunk_size))
+
+
+@torch.no_grad()
+def stats_pass(student: torch.Tensor, teacher: torch.Tensor, chunk_size: int, topk: int = 0,
+               heads=None) -> list[StatRows]:
+    """Token statistics of N rows in one chunked no-grad pass: one StatRows (nats) per chunk of rows.
+
+    student, teacher, heads: logits (N, V_S), (N, V_T), or final hidden states and LM heads (see
+    logit_chunks). The largest float32 temporaries are (chunk_size, V), never (N, V); everything runs in
+    float32 with autocast off, so a bf16 autocast region around the call changes no bit of the result.
+    0 * log 0 counts as 0, so a token both sides rule out (-inf on both) adds nothing to either KL.
+    topk > 0 also records both sides' top-min(topk, V) ids and probabilities (the token dump).
+    """
+    if heads is None and (student.dim() != 2 or teacher.dim() != 2):
+        raise ValueError(f"stats_pass: logits must be 2-D (N, V); got student {tuple(student.shape)}, "
+                         f"teacher {tuple(teacher.shape)}")
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"stats_pass: student has {student.shape[0]} rows but teacher has {teacher.shape[0]}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"stats_pass: chunk_size must be a positive int, got {chunk_size!r}")
+    return [chunk_stats(s, t, topk)[0] for _, s, t in logit_chunks(student, teacher, chunk_size, heads)]
+
+
+# ----------------------------------------------------------------------------
+# the divergence registry
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """A per-token divergence D (opd.loss_type), as the chunked kernels use it.
+
+    fn(lp, beta, with_grad) -> (D (C,) nats, dD/ds (C, V) or None): from one chunk's LogProbs
+        (which it may overwrite in place: they are scratch), the value per row, lp.guard added
+        before anything reads it (a broken row stays NaN, its gradient too), and with_grad its
+        gradient w.r.t. the student logits. p is always present when with_grad.
+        The kernel clamps D at 0 (exact lower bound) afterwards.
+    probs(beta) -> "p", "q", "pq" or "": the probabilities fn reads (besides the gradient's p), so the
+        kernel forms no (C, V) tensor it does not need.
+    """
+
+    name: str
+    fn: Callable
+    probs: Callable[[float], str]
+
+
+DIVERGENCES: dict[str, Divergence] = {}
+
+
+def register_divergence(name: str, probs: str | Callable[[float], str] = "pq"):
+    """Decorator adding fn(lp, beta, with_grad) -> (D, dD/ds) to DIVERGENCES as `name` (see Divergence).
+
+    probs: what fn reads of "p" (P_S) and "q" (P_T), or a function of beta giving it."""
+
+    def add(fn):
+        if name in DIVERGENCES:
+            raise ValueError(f"divergence '{name}' is already registered")
+        DIVERGENCES[name] = Divergence(name, fn, probs if callable(probs) else (lambda beta: probs))
+        return fn
+
+    return add
+
+
+def divergence(name: str) -> Divergence:
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown loss_type '{name}' (known: {', '.join(DIVERGENCES)})")
+    return DIVERGENCES[name]
+
+
+def _softmax_grad_(pg: torch.Tensor, p: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """p * (g - sum p g) in pg's storage, from pg = p * g (C, V) and total = sum p g (C,): dD/ds when dD/dp = g."""
+    return pg.addcmul_(p, total[:, None], value=-1.0)
+
+
+@register_divergence("reverse_kl", probs="p")
+def reverse_kl(lp: LogProbs, beta: float, with_grad: bool):
+    """KL(P_S || P_T) = sum p (log p - log q); gradient p * ((log p - log q) - KL)."""
+    pd = _zero_nan_(torch.sub(lp.ls, lp.lt, out=lp.lt).mul_(lp.p))
+    d = pd.sum(-1) + lp.guard  # the guard before the gradient uses d: a broken row's gradient stays NaN
+    return d, (_softmax_grad_(pd, lp.p, d) if with_grad else None)
+
+
+@register_divergence("forward_kl", probs="q")
+def forward_kl(lp: LogProbs, beta: float, with_grad: bool):
+    """KL(P_T || P_S) = sum q (log q - log p); gradient p - q."""
+    d = -_zero_nan_(torch.sub(lp.ls, lp.lt, out=lp.lt).mul_(lp.q)).sum(-1) + lp.guard
+    return d, (lp.p.sub_(lp.q) if with_grad else None)
+
+
+@register_divergence("jsd", probs=lambda beta: "q" if beta <= 0.0 else "p" if beta >= 1.0 else "pq")
+def jsd(lp: LogProbs, beta: float, with_grad: bool):
+    """Generalised JSD: beta*KL(P_T || M) + (1-beta)*KL(P_S || M), M = beta*P_T + (1-beta)*P_S, beta = opd.beta.
+
+    beta = 0.5 is the symmetric JSD (bounded by log 2); at beta = 0 and 1, where this is 0, it takes its
+    normalised limits: forward KL and reverse KL (TRL's generalized JSD convention)."""
+    if beta <= 0.0:
+        return forward_kl(lp, beta, with_grad)
+    if beta >= 1.0:
+        return reverse_kl(lp, beta, with_grad)
+    # from D = log p - log q, without forming log m (never large minus large):
+    #   log p - log m = -logaddexp(log(1-beta), log(beta) - D)
+    #   log q - log m = -logaddexp(log(beta), log(1-beta) + D)
+    diff = torch.sub(lp.ls, lp.lt, out=lp.lt)
+    log_b = torch.full((), math.log(beta), device=diff.device)
+    log_1mb = torch.full((), math.log1p(-beta), device=diff.device)
+    s_term = torch.logaddexp(torch.neg(diff, out=lp.ls).add_(log_b), log_1mb, out=lp.ls).neg_()
+    t_term = torch.logaddexp(diff.add_(log_1mb), log_b, out=diff).neg_()
+    d = beta * _zero_nan_(t_term.mul_(lp.q)).sum(-1)
+    ps = _zero_nan_(s_term.mul_(lp.p))  # p (log p - log m)
+    ps_sum = ps.sum(-1) + lp.guard
+    d = d + (1.0 - beta) * ps_sum
+    if not with_grad:
+        return d, None
+    # dJSD/dp = (1-beta) log(p/m), through the softmax
+    return d, _softmax_grad_(ps, lp.p, ps_sum).mul_(1.0 - beta)
+
+
+@register_divergence("skew_reverse_kl", probs="p")
+def skew_reverse_kl(lp: LogProbs, beta: float, with_grad: bool):
+    """Skewed reverse KL: KL(P_S || M), M = alpha*P_T + (1-alpha)*P_S, alpha = opd.beta in [0, 1].
+
+    alpha = 1 is reverse KL; a smaller alpha mixes the student into its target, which bounds the
+    divergence by log(1/alpha) and softens the pull where the teacher gives a token almost no
+    probability; alpha = 0 is 0 (the target is the student itself).
+    With r = log p - log m: D = sum p r, dD/dp = r + 1 - (1-alpha) p/m = r + 1 - (1-alpha) exp(r).
+    """
+    if beta >= 1.0:
+        return reverse_kl(lp, beta, with_grad)
+    if beta <= 0.0:
+        zero = lp.guard + 0.0
+        return zero, (torch.zeros_like(lp.ls).add_(lp.guard[:, None]) if with_grad else None)
+    # r = -logaddexp(log(alpha) + log q - log p, log(1-alpha)): never log m formed from large terms
+    r = torch.sub(lp.lt, lp.ls, out=lp.lt).add_(math.log(beta))
+    r = torch.logaddexp(r, torch.full((), math.log1p(-beta), device=r.device), out=r).neg_()
+    pr = _zero_nan_(torch.mul(lp.p, r, out=lp.ls))  # p r (log p is no longer needed)
+    d = pr.sum(-1) + lp.guard
+    if not with_grad:
+        return d, None
+    pg = pr.sub_(_zero_nan_(r.exp_().mul_(lp.p)), alpha=1.0 - beta)  # p * (r - (1-alpha) exp(r)); the +1 cancels
+    return d, _softmax_grad_(pg, lp.p, pg.sum(-1) + lp.guard)
+
+
+# ----------------------------------------------------------------------------
+# the kernel and the two loss paths
+
+
+def divergence_kernel(s: torch.Tensor, t: torch.Tensor, div: Divergence, beta: float, with_grad: bool,
+                      with_stats: bool = False, topk: int = 0):
+    """Divergence of one chunk and, optionally, its gradient w.r.t. the student logits and its statistics.
+
+    s, t: (C, V) float32 logits over the shared vocabulary. They are CONSUMED
+    (overwritten in place, to keep the chunk's temporaries few): pass copies.
+    div: a DIVERGENCES entry. with_stats: also the chunk's StatRows (chunk_stats, top-k when topk > 0),
+    from the log-probabilities the divergence needs anyway.
+    Returns (D (C,) nats, dD/ds (C, V) or None, StatRows or None), all float32 whatever the autocast
+    state. A logit of -inf on both sides at the same id contributes exactly 0 (value and gradient).
+    Temporaries: the probabilities the entry and the gradient need, plus one (C, V) scratch with_stats.
+    """
+    with _no_autocast(s):
+        needs = div.probs(beta)
+        need_p = with_grad or with_stats or "p" in needs
+        need_q = with_stats or "q" in needs
+        if with_stats:
+            rows, lp = chunk_stats(s, t, topk, need_p, need_q)
+        else:
+            rows, lp = None, log_probs_(s, t, need_p, need_q)
+        d, grad = div.fn(lp, beta, with_grad)
+        return d.clamp_min(0.0), grad, rows
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, div, beta, chunk_size):
+        out = torch.empty(student_logits.shape[0], dtype=torch.float32, device=student_logits.device)
+        for i, s, t in logit_chunks(student_logits, teacher_logits, chunk_size):
+            out[i:i + chunk_size], _, _ = divergence_kernel(s, t, div, beta, with_grad=False)
+        ctx.save_for_backward(student_logits, teacher_logits)
+        ctx.config = (div, beta, chunk_size)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student_logits, teacher_logits = ctx.saved_tensors
+        div, beta, chunk_size = ctx.config
+        v = shared_vocab(student_logits, teacher_logits)
+        grad = torch.zeros_like(student_logits)
+        for i, s, t in logit_chunks(student_logits, teacher_logits, chunk_size):
+            _, g, _ = divergence_kernel(s, t, div, beta, with_grad=True)
+            grad[i:i + chunk_size, :v] = g.mul_(grad_out[i:i + chunk_size, None].float())
+        return grad, None, None, None, None
+
+
+def token_divergence(student_logits, teacher_logits, loss_type: str, beta: float, chunk_size: int):
+    """Per-token divergence D_t, float32 (N,) nats, for logits (N, V_S) and (N, V_T) of any float dtype.
+
+    loss_type: a DIVERGENCES name; beta: its knob (opd.beta).
+    Differentiable w.r.t. the student logits; the teacher side never receives
+    gradients. This is what the loss averages over the kept tokens. Each chunk of
+    `chunk_size` rows is upcast to float32 on its own; bf16 autocast does not reach the kernel.
+    """
+    div = divergence(loss_type)
+    if student_logits.shape[0] != teacher_logits.shape[0]:
+        raise ValueError(f"student has {student_logits.shape[0]} rows, teacher {teacher_logits.shape[0]}")
+    return _ChunkedDivergence.apply(student_logits, teacher_logits.detach(), div, beta, chunk_size)
 
 
 def _head_grad_hidden(g: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
@@ -240,37 +444,29 @@ class _FusedHeadDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, token_weights, loss_type, beta, chunk_size, observe,
-                stats_out):
-        n = hidden.shape[0]
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, token_weights, div, beta, chunk_size,
+                stats_out, topk):
         v = min(weight.shape[0], teacher_weight.shape[0])
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        w_s, w_t = weight[:v], teacher_weight[:v]
-        rows_s = _slice_rows(chunk_size, v, w_s.shape[1])
-        rows_t = _slice_rows(chunk_size, v, w_t.shape[1])
+        rows_s = _slice_rows(chunk_size, v, weight.shape[1])
         with _no_autocast(hidden):
-            for i in range(0, n, chunk_size):
-                h = hidden[i:i + chunk_size].float()
-                s = _head_logits(h, w_s, rows_s)
-                t = _head_logits(teacher_hidden[i:i + chunk_size], w_t, rows_t)
-                if observe is not None:
-                    observe(i, s, t)
-                d, g, stats = divergence_kernel(s, t, loss_type, beta, with_grad=need_h or need_w,
-                                                with_stats=stats_out is not None)
+            for i, s, t in logit_chunks(hidden, teacher_hidden, chunk_size, heads=(weight, teacher_weight)):
+                d, g, rows = divergence_kernel(s, t, div, beta, with_grad=need_h or need_w,
+                                               with_stats=stats_out is not None, topk=topk)
                 del s, t  # consumed by the kernel
-                if stats is not None:
-                    stats_out.append(stats)
+                if rows is not None:
+                    stats_out.append(rows)
                 tw = token_weights[i:i + chunk_size].float()
                 total += (tw * d).sum()
                 if g is not None:
                     g = g.mul_(tw[:, None])
                     if need_h:
-                        grad_h[i:i + chunk_size] = _head_grad_hidden(g, w_s, rows_s)
+                        grad_h[i:i + chunk_size] = _head_grad_hidden(g, weight[:v], rows_s)
                     if need_w:
-                        grad_w[:v].addmm_(g.T, h)
+                        grad_w[:v].addmm_(g.T, hidden[i:i + chunk_size].float())
         ctx.save_for_backward(grad_h if need_h else torch.empty(0), grad_w if need_w else torch.empty(0))
         ctx.weight_dtype = weight.dtype
         return total
@@ -284,22 +480,21 @@ class _FusedHeadDivergence(torch.autograd.Function):
 
 
 def fused_head_divergence(hidden, weight, teacher_hidden, teacher_weight, token_weights, loss_type: str, beta: float,
-                          chunk_size: int, observe=None, stats_out=None):
+                          chunk_size: int, stats_out: list | None = None, topk: int = 0):
     """sum_t token_weights[t] * D_t, computing logits = hidden @ weight.T chunk by chunk.
 
     hidden (N, d_S) student final hidden states (with grad), weight (V_S, d_S) the
     student LM head (with grad), teacher_hidden (N, d_T) and teacher_weight (V_T, d_T)
-    (no grad), token_weights (N,). Equals
+    (no grad), token_weights (N,); loss_type a DIVERGENCES name, beta its knob. Equals
     (token_weights * token_divergence(hidden @ weight.T, teacher_hidden @ teacher_weight.T, ...)).sum()
     in value and gradients, with the head matmuls in float32 (bf16 autocast or bf16 weights
     do not round the logits); memory is one chunk's (chunk, V) temporaries.
-    `observe(start_row, s, t)`, if given, sees each chunk's float32 logits
-    (C, V) of both sides, e.g. to compute token statistics without another pass.
-    `stats_out`, if a list, receives each chunk's row_stats from the log-probabilities
-    the loss computes anyway (the cheapest way to the kept tokens' statistics).
+    `stats_out`, if a list, receives each chunk's StatRows (chunk_stats, with top-k when topk > 0),
+    formed from the log-probabilities the loss computes anyway: the cheapest way to the statistics
+    of the rows it sees.
     """
-    kind = _resolve(loss_type, beta)
+    div = divergence(loss_type)
     return _FusedHeadDivergence.apply(
         hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), token_weights.detach(),
-        kind, beta, chunk_size, observe, stats_out,
+        div, beta, chunk_size, stats_out, topk,
     )

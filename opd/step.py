@@ -17,6 +17,10 @@ where Z is the global loss denominator of the update (all micro-batches, all
 processes), known before any forward pass from the response-token counts
 (tip.denominator). Summed gradients are therefore exactly those of the global
 mean, however tokens are split across micro-batches and processes.
+
+Token statistics come from one chunked no-grad pass on both paths (token_stats:
+opd.losses.stats_pass, from logits or through the LM heads), turned into tip's
+TokenStats in one place (stats_from_rows).
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import tip
 import tip.plots
 from lm.models import gathered
 from lm.teacher import TeacherSide
-from opd.losses import fused_head_divergence, head_logits, log_softmax_, row_stats, token_divergence, top_k
-from tip.stats import TokenStats, token_stats
+from opd.losses import StatRows, fused_head_divergence, shared_vocab, stats_pass, token_divergence
+from tip.stats import TokenStats
 
 
 @dataclass
@@ -69,58 +73,47 @@ class MicroBatch:
         return counts.tolist() if scope == "sequence" else [int(counts.sum())]
 
 
-@torch.no_grad()
-def chunked_stats(hidden, weight, teacher_hidden, teacher_weight, sequence_ids, chunk_size, topk) -> TokenStats:
-    """Token statistics with the LM heads applied chunk by chunk (never (N, V) at once), float32 whatever
-    the autocast state; `topk` > 0 adds both sides' top-k (the token dump) without changing the statistics."""
-    parts = []
-    vocab = min(weight.shape[0], teacher_weight.shape[0])
-    for i in range(0, hidden.shape[0], chunk_size):
-        s = head_logits(hidden[i:i + chunk_size], weight[:vocab], chunk_size)
-        t = head_logits(teacher_hidden[i:i + chunk_size], teacher_weight[:vocab], chunk_size)
-        top = top_fields(s, t, topk)
-        rows = row_stats(log_softmax_(s), log_softmax_(t))  # the lean form: log-softmax in place, row sums
-        parts.append(stats_from_rows(rows, sequence_ids[i:i + chunk_size], vocab, top))
-    if not parts:
-        empty = torch.zeros(0, device=hidden.device)
-        return token_stats(empty.view(0, 1), empty.view(0, 1), sequence_ids[:0], chunk_size, topk=topk)
-    return TokenStats.cat(parts)
+def stats_from_rows(rows: list[StatRows], sequence_ids: torch.Tensor, vocab: int, topk: int) -> TokenStats:
+    """The one conversion of per-row nats (opd.losses.StatRows of consecutive chunks, N rows in all) into
+    tip's TokenStats, through tip's one normalisation (entropies / log V, clamps). sequence_ids (N,)."""
+    if not rows:
+        return tip.empty_stats(sequence_ids.device, topk=min(topk, vocab))
+    nats = [torch.cat(column) for column in zip(*(r[:4] for r in rows))]
+    top = {name: torch.cat([r.top[name] for r in rows]) for name in rows[0].top}
+    return tip.stats_from_nats(*nats, sequence_ids.to(nats[0].device), vocab, **top)
 
 
-def top_fields(s: torch.Tensor, t: torch.Tensor, k: int) -> dict:
-    """TokenStats' top-k fields from float32 logits (C, V) of both sides; {} when k = 0."""
-    if k <= 0:
-        return {}
-    k = min(k, s.shape[1])
-    (s_ids, s_probs), (t_ids, t_probs) = top_k(s, k), top_k(t, k)
-    return dict(student_top_ids=s_ids, student_top_probs=s_probs, teacher_top_ids=t_ids, teacher_top_probs=t_probs)
+def token_stats(student, teacher, sequence_ids, chunk_size: int, topk: int = 0, heads=None) -> TokenStats:
+    """Token statistics of N response rows: the one chunked no-grad pass (opd.losses.stats_pass), float32
+    whatever the autocast state, with both sides' top-k when topk > 0 (the token dump; the values do not
+    change). Entropies are normalised by log V, V = min(V_S, V_T) (padded vocabularies compare V columns).
+
+    student, teacher: logits (N, V_S), (N, V_T) of any float dtype [reference], or final hidden states
+    (N, d_S), (N, d_T) with heads = (W_S (V_S, d_S), W_T (V_T, d_T)), applied chunk by chunk [fused].
+    sequence_ids (N,): the rollout of each row. chunk_size: rows per float32 (chunk_size, V) temporary.
+    """
+    rows = stats_pass(student, teacher, chunk_size, topk, heads)
+    return stats_from_rows(rows, torch.as_tensor(sequence_ids), shared_vocab(student, teacher, heads), topk)
 
 
-def stats_from_rows(rows, sequence_ids, vocab: int, top: dict) -> TokenStats:
-    """TokenStats of one chunk from opd.losses.row_stats (nats), through tip's one normalisation."""
-    hs, ht, rev, fwd = rows
-    return tip.stats_from_nats(hs, ht, rev, fwd, sequence_ids[:hs.shape[0]].to(hs.device), vocab, **top)
-
-
-def placeholder_stats(sequence_ids: torch.Tensor) -> TokenStats:
+def placeholder_stats(sequence_ids: torch.Tensor, vocab: int) -> TokenStats:
     """Zero statistics with the right sequence ids, for selectors that do not read the values."""
     zeros = torch.zeros(sequence_ids.shape[0], device=sequence_ids.device)
-    return TokenStats(zeros, zeros, zeros, zeros, sequence_ids)
+    return stats_from_rows([StatRows(zeros, zeros, zeros, zeros, {})], sequence_ids, vocab, 0)
 
 
-def merge_kept_stats(kept_parts, mask, hidden, weight, teacher_hidden, teacher_weight, seq_ids, st) -> TokenStats:
-    """All tokens' statistics in position order: kept rows from the loss pass, the rest computed here."""
-    drop = (~mask).nonzero().squeeze(1).to(hidden.device)
-    parts = list(kept_parts)
+def merge_kept_stats(kept_rows: list[StatRows], mask, hidden, teacher_hidden, heads, seq_ids, st) -> TokenStats:
+    """All tokens' statistics in position order: the kept rows' StatRows from the loss pass (in kept order),
+    the others' from the stats pass here; one conversion."""
+    kept, drop = mask.nonzero().squeeze(1).to(hidden.device), (~mask).nonzero().squeeze(1).to(hidden.device)
+    rows = list(kept_rows)
     if drop.numel():
-        parts.append(chunked_stats(hidden[drop], weight, teacher_hidden[drop], teacher_weight, seq_ids[drop],
-                                   st.chunk_size, st.topk))
-    order = torch.cat([mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)]).to(hidden.device)
+        rows += stats_pass(hidden[drop], teacher_hidden[drop], st.chunk_size, st.topk, heads)
+    order = torch.cat([kept, drop])
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    if not parts:
-        return chunked_stats(hidden, weight, teacher_hidden, teacher_weight, seq_ids, st.chunk_size, st.topk)
-    return TokenStats.cat(parts).subset(inverse)
+    vocab = shared_vocab(hidden, teacher_hidden, heads)
+    return stats_from_rows(rows, seq_ids.to(hidden.device)[order], vocab, st.topk).subset(inverse)
 
 
 @dataclass
@@ -185,20 +178,11 @@ def _rows(mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _select(stats: TokenStats, st: StepSettings, generator_for, state) -> "tip.Selection":
-    """tip's selection of a micro-batch; under scope="sequence" one call per rollout with its own generator,
-    so a rollout's selection does not depend on the rollouts that share its micro-batch."""
-    stats = finite_stats(stats)
-    if st.scope != "sequence":
-        return tip.select(st.selector, stats, st.ratio, scope=st.scope, generator=generator_for(("microbatch",)),
-                          state=state, **st.select_options)
-    mask = torch.zeros(len(stats), dtype=torch.bool, device=stats.entropy.device)
-    weights = torch.zeros(len(stats), dtype=torch.float32, device=stats.entropy.device)
-    for sid in torch.unique(stats.sequence_ids).tolist():
-        index = (stats.sequence_ids == sid).nonzero().squeeze(1)
-        part = tip.select(st.selector, stats.subset(index), st.ratio, scope="sequence",
-                          generator=generator_for(("sequence", int(sid))), state=state, **st.select_options)
-        mask[index], weights[index] = part.mask, part.weights
-    return tip.Selection(mask=mask, weights=weights)
+    """tip's selection of a micro-batch; each scope draws from its own generator, generator_for(key)
+    (key ("microbatch",) or ("sequence", sequence_id)), so a rollout's selection under scope="sequence"
+    does not depend on the rollouts that share its micro-batch."""
+    return tip.select(st.selector, finite_stats(stats), st.ratio, scope=st.scope, generator=generator_for,
+                      state=state, **st.select_options)
 
 
 def _reference_student(student, student_weight, teacher_weight, mb, cached, st, generator_for, state):
@@ -206,7 +190,7 @@ def _reference_student(student, student_weight, teacher_weight, mb, cached, st, 
     pos, seq_ids, sample_w = _rows(mb)
     logits = student(mb.input_ids, mb.attention_mask, hidden=False)[:, :-1][pos]
     teacher_logits = cached.to(logits.device)
-    stats = token_stats(logits.detach(), teacher_logits, seq_ids, st.chunk_size, topk=st.topk)
+    stats = token_stats(logits.detach(), teacher_logits, seq_ids, st.chunk_size, st.topk)
     selection = _select(stats, st, generator_for, state)
     keep = selection.mask.nonzero().squeeze(1).to(logits.device)
     d = token_divergence(logits[keep], teacher_logits[keep], st.loss_type, st.beta, st.chunk_size)
@@ -218,31 +202,24 @@ def _fused_student(student, student_weight, teacher_weight, mb, cached, st, gene
     pos, seq_ids, sample_w = _rows(mb)
     hidden = student(mb.input_ids, mb.attention_mask, hidden=True)[:, :-1][pos]
     teacher_hidden = cached.to(hidden.device)
-    observe, kernel_stats, tops = None, None, []
+    heads = (student_weight.detach(), teacher_weight)
     stats_first = tip.reads_stats(st.selector)
     if stats_first:
-        stats = chunked_stats(hidden.detach(), student_weight.detach(), teacher_hidden, teacher_weight, seq_ids,
-                              st.chunk_size, st.topk)
+        stats = token_stats(hidden.detach(), teacher_hidden, seq_ids, st.chunk_size, st.topk, heads)
         selection = _select(stats, st, generator_for, state)
+        kernel_rows = None
     else:
-        # The choice ignores the statistics: choose first, then form the kept tokens' statistics from the
-        # loss kernel's own log-probabilities (no second LM-head pass); the token dump's top-k (an observer:
-        # it never changes the statistics) from the same logits.
-        selection = _select(placeholder_stats(seq_ids), st, generator_for, state)
-        kept_ids = seq_ids[selection.mask.to(seq_ids.device)]
-        kernel_stats = []
-        if st.topk:
-            observe = lambda i, s, t: tops.append(top_fields(s, t, st.topk))
+        # The choice ignores the statistics: choose first, then take the kept tokens' statistics from the
+        # loss kernel's own log-probabilities (the same per-chunk formula; no second LM-head pass for them).
+        selection = _select(placeholder_stats(seq_ids, shared_vocab(hidden, teacher_hidden, heads)), st,
+                            generator_for, state)
+        kernel_rows = []
     keep = selection.mask.nonzero().squeeze(1).to(hidden.device)
     weights = selection.weights.to(hidden.device)[keep] * sample_w[keep]
     loss_sum = fused_head_divergence(hidden[keep], student_weight, teacher_hidden[keep], teacher_weight, weights,
-                                     st.loss_type, st.beta, st.chunk_size, observe=observe, stats_out=kernel_stats)
+                                     st.loss_type, st.beta, st.chunk_size, stats_out=kernel_rows, topk=st.topk)
     if not stats_first:
-        vocab = min(student_weight.shape[0], teacher_weight.shape[0])
-        kept_parts = [stats_from_rows(r, kept_ids[i * st.chunk_size:], vocab, tops[i] if tops else {})
-                      for i, r in enumerate(kernel_stats)]
-        stats = merge_kept_stats(kept_parts, selection.mask, hidden.detach(), student_weight.detach(), teacher_hidden,
-                                 teacher_weight, seq_ids, st)
+        stats = merge_kept_stats(kernel_rows, selection.mask, hidden.detach(), teacher_hidden, heads, seq_ids, st)
     return stats, selection, loss_sum
 
 

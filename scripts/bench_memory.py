@@ -125,7 +125,7 @@ def worker(args) -> dict:
     # statistics the fused loss kernel forms on the side (stats-free selectors) count as scoring too
     losses.row_stats = timed(losses.row_stats)
     step.token_stats = timed(step.token_stats)
-    step.chunked_stats = timed(step.chunked_stats)
+    step.merge_kept_stats = timed(step.merge_kept_stats)
     tip.select = timed(tip.select)
 
     def one_step():

@@ -276,7 +276,7 @@ def select(
     ratio: float,
     *,
     scope: str,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Callable[[tuple], torch.Generator] | None = None,
     state: RunningMinMax | None = None,
     **options,
 ) -> Selection:
@@ -287,6 +287,9 @@ def select(
     rollout (distinct `stats.sequence_ids`) on its own. A scope of m > 0 tokens
     keeps k = max(1, floor(rho * m)) under plain selection.
     generator: drives the random selectors; the same seed gives the same selection.
+    Either one generator for every scope, or a callable giving each scope its
+    own: generator(("microbatch",)) or generator(("sequence", sequence_id)), so
+    a rollout's draw does not depend on the rollouts that share the call.
     state: a RunningMinMax the caller keeps across calls; needed for
     normalize="running". Read, never changed (see RunningMinMax for when the
     caller folds new extremes in); a quantity it has no range for yet is
@@ -319,12 +322,15 @@ def select(
             return minmax(x, state.lo[quantity], state.hi[quantity])
         return minmax(x)
 
-    ctx = Context(norm=norm, generator=generator, options=options)
     whole = len(scopes) == 1 and scopes[0].numel() == n
     for index in scopes:
         m = int(index.numel())
         if m == 0:
             continue
+        draw = generator
+        if callable(generator):
+            draw = generator(("microbatch",) if scope == "microbatch" else ("sequence", int(stats.sequence_ids[index[0]])))
+        ctx = Context(norm=norm, generator=draw, options=options)
         part = fn(stats if whole else stats.subset(index), keep_count(m, ratio), ctx)
         mask[index] = part.mask.to(device=device, dtype=torch.bool)
         weights[index] = part.weights.to(device=device, dtype=torch.float32)

@@ -8,10 +8,10 @@ response position t:
     delta_fwd  KL(P_T || P_S)                        (forward KL, nats)
     h_T        teacher entropy / log V              (normalised, in [0, 1])
 
-`token_stats` forms them from logits, always in float32 whatever the autocast
-setting. A pass that forms the same four sums elsewhere (a fused loss kernel)
-hands them, in nats, to `stats_from_nats`: the one place where entropies are
-divided by log V and every value is clamped to its exact bounds.
+The caller's chunked pass over the logits (in opd: `opd.losses.stats_pass`,
+float32 whatever the autocast setting) forms the four sums in nats and hands
+them to `stats_from_nats`: the one place where entropies are divided by log V
+and every value is clamped to its exact bounds.
 
 Selectors, the taxonomy and the token dump only read a `TokenStats`.
 """
@@ -147,96 +147,3 @@ def stats_from_nats(
         teacher_top_ids=teacher_top_ids,
         teacher_top_probs=teacher_top_probs,
     )
-
-
-def _log_probs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p, p) of the softmax over the last axis of float32 logits x (n, V), both new tensors.
-
-    Not torch.log_softmax: on CPU its float32 normaliser is off by up to ~1e-5
-    at V = 152k, an error every entropy and KL inherits (~3e-5 nats). Shifting
-    by the row maximum, summing exp once and dividing keeps them within ~2e-6.
-    A -inf logit gives p = 0 and log p = -inf.
-    """
-    shifted = x - x.amax(dim=-1, keepdim=True)
-    p = shifted.exp()
-    z = p.sum(dim=-1, keepdim=True)
-    return shifted.sub_(z.log()), p.div_(z)
-
-
-def _plogq_sum(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Row sums of p * log_q, where p = 0 contributes 0 (also where log_q is -inf or NaN there)."""
-    return torch.where(p > 0, p * log_q, 0.0).sum(-1)
-
-
-@torch.no_grad()
-def token_stats(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    sequence_ids: torch.Tensor,
-    chunk_size: int,
-    topk: int = 0,
-) -> TokenStats:
-    """Entropies and both KL directions of N token positions in one chunked no-grad pass.
-
-    student_logits (N, V_S), teacher_logits (N, V_T): any float dtype, any device.
-    Only the first V = min(V_S, V_T) columns are compared (embedding matrices are
-    often padded to different sizes, SPEC §1); both softmaxes are over those V
-    columns and entropies are divided by log V.
-    sequence_ids (N,): rollout index of each row.
-    chunk_size: rows per chunk; each chunk is upcast to float32 on its own, so the
-    largest float32 temporaries are (chunk_size, V), never (N, V).
-    topk > 0 also records both sides' top-min(topk, V) token ids and probabilities.
-
-    Everything runs in float32 with autocast switched off, so a bf16 autocast
-    region around the call changes no bit of the result (SPEC §3 exactness).
-    Every sum is a row reduction of products, 0 * log 0 counts as 0, and a
-    token that both sides give probability 0 (-inf logits on both) adds
-    nothing to either KL. Returns float32 stats on the logits' device (see
-    `stats_from_nats` for the normalisation and clamping).
-    """
-    if student_logits.dim() != 2 or teacher_logits.dim() != 2:
-        raise ValueError(f"token_stats: logits must be 2-D (N, V); got student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}")
-    n = student_logits.shape[0]
-    if teacher_logits.shape[0] != n:
-        raise ValueError(f"token_stats: student has {n} rows but teacher has {teacher_logits.shape[0]}")
-    sequence_ids = torch.as_tensor(sequence_ids, device=student_logits.device)
-    if sequence_ids.shape != (n,):
-        raise ValueError(f"token_stats: sequence_ids must have shape ({n},), got {tuple(sequence_ids.shape)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"token_stats: chunk_size must be a positive int, got {chunk_size!r}")
-    if topk < 0:
-        raise ValueError(f"token_stats: topk must be >= 0, got {topk}")
-    if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
-        raise ValueError("token_stats: logits must be floating point")
-    vocab = min(student_logits.shape[1], teacher_logits.shape[1])
-    if vocab < 1:
-        raise ValueError("token_stats: logits have no vocabulary columns")
-    k = min(topk, vocab)
-    device = student_logits.device
-
-    parts = []
-    with torch.autocast(device_type=device.type, enabled=False):
-        for start in range(0, n, chunk_size):
-            s = student_logits[start:start + chunk_size, :vocab].to(device=device, dtype=torch.float32)
-            t = teacher_logits[start:start + chunk_size, :vocab].to(device=device, dtype=torch.float32)
-            log_ps, ps = _log_probs(s)
-            log_pt, pt = _log_probs(t)
-            del s, t
-            entropy = -_plogq_sum(ps, log_ps)
-            teacher_entropy = -_plogq_sum(pt, log_pt)
-            # per-element log ratios, not a difference of two ~log V sums: a small KL keeps its digits.
-            # Where both sides give -inf the ratio is NaN, but there p = 0 and _plogq_sum drops it.
-            diff = log_ps - log_pt
-            reverse = _plogq_sum(ps, diff)
-            forward = -_plogq_sum(pt, diff)
-            del diff
-            top = {}
-            if k > 0:
-                top_ps, top_s = ps.topk(k, dim=-1)
-                top_pt, top_t = pt.topk(k, dim=-1)
-                top = dict(student_top_ids=top_s, student_top_probs=top_ps, teacher_top_ids=top_t, teacher_top_probs=top_pt)
-            parts.append(stats_from_nats(entropy, teacher_entropy, reverse, forward,
-                                         sequence_ids[start:start + chunk_size], vocab, **top))
-    if not parts:
-        return empty_stats(device=device, topk=k)
-    return TokenStats.cat(parts)

@@ -11,12 +11,12 @@ import math
 import pytest
 import torch
 
-from opd.losses import divergence_kernel, fused_head_divergence, log_softmax_, row_stats, token_divergence
+from opd.losses import DIVERGENCES, divergence_kernel, fused_head_divergence, stats_pass, token_divergence
 
 V, N, CHUNK = 151_936, 64, 16
 NATS = 6e-6
 GRAD = 1e-4
-CASES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2)]
+CASES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2), ("skew_reverse_kl", 0.3)]
 
 
 def bf16_autocast(enabled):
@@ -32,6 +32,8 @@ def divergence64(s, t, kind, beta):
     if kind == "forward_kl":
         return (q * (lt - ls)).sum(-1)
     lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+    if kind == "skew_reverse_kl":
+        return (p * (ls - lm)).sum(-1)
     return beta * (q * (lt - lm)).sum(-1) + (1 - beta) * (p * (ls - lm)).sum(-1)
 
 
@@ -86,18 +88,18 @@ def test_token_divergence_at_full_vocab_matches_float64(logits, references, kind
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_statistics_at_full_vocab_match_float64(logits, autocast):
-    """Both routes to the statistics: the loss kernel's (fused stats_out) and row_stats on log_softmax_."""
+    """Both routes to the statistics: the loss kernel's (fused stats_out) and the stats pass."""
     s, t = logits
     ref = stats64(s, t)
-    kernel_parts, lean_parts = [], []
+    kernel_parts = []
     with bf16_autocast(autocast):
         for i in range(0, N, CHUNK):
-            _, _, rows = divergence_kernel(s[i:i + CHUNK].clone(), t[i:i + CHUNK].clone(), "jsd", 0.5,
+            _, _, rows = divergence_kernel(s[i:i + CHUNK].clone(), t[i:i + CHUNK].clone(), DIVERGENCES["jsd"], 0.5,
                                            with_grad=True, with_stats=True)
             kernel_parts.append(rows)
-            lean_parts.append(row_stats(log_softmax_(s[i:i + CHUNK].clone()), log_softmax_(t[i:i + CHUNK].clone())))
+        lean_parts = stats_pass(s, t, CHUNK)
     for parts in (kernel_parts, lean_parts):
-        for got, want in zip((torch.cat(x) for x in zip(*parts)), ref):
+        for got, want in zip((torch.cat(x) for x in zip(*(p[:4] for p in parts))), ref):
             assert got.dtype == torch.float32
             assert (got.double() - want).abs().max() <= NATS
 
@@ -141,7 +143,7 @@ def test_fused_head_at_full_vocab_matches_float64(kind, beta, student_dtype, tea
     assert h1.grad.dtype == w1.grad.dtype == student_dtype
     assert_grad_close(h1.grad, h64.grad, rounding)
     assert_grad_close(w1.grad, w64.grad, rounding)
-    for got, want in zip((torch.cat(x) for x in zip(*kernel_stats)), stats64(s64.detach(), t64)):
+    for got, want in zip((torch.cat(x) for x in zip(*(r[:4] for r in kernel_stats))), stats64(s64.detach(), t64)):
         assert (got.double() - want).abs().max() <= NATS
 
 
@@ -179,9 +181,9 @@ def test_minus_inf_at_the_same_id_counts_zero(kind, beta):
     torch.testing.assert_close(d.double(), d64, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(x.grad[:, alive].double(), x64.grad, atol=1e-6, rtol=1e-5)
     assert torch.all(x.grad[:, dead] == 0) and x.grad[3, 20] == 0
-    _, _, rows = divergence_kernel(s.clone(), t.clone(), kind, beta, with_grad=True, with_stats=True)
-    for got in (rows, row_stats(log_softmax_(s.clone()), log_softmax_(t.clone()))):
-        for a, b in zip(got, stats64(s[:, alive].nan_to_num(neginf=-1e4), t[:, alive].nan_to_num(neginf=-1e4))):
+    _, _, rows = divergence_kernel(s.clone(), t.clone(), DIVERGENCES[kind], beta, with_grad=True, with_stats=True)
+    for got in (rows, stats_pass(s, t, 12)[0]):
+        for a, b in zip(got[:4], stats64(s[:, alive].nan_to_num(neginf=-1e4), t[:, alive].nan_to_num(neginf=-1e4))):
             torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
 
 
@@ -208,10 +210,10 @@ def test_non_finite_logits_still_give_nan():
     s[0, 2] = math.nan
     t[1, 5] = math.inf
     for kind, beta in CASES:
-        d, g, rows = divergence_kernel(s.clone(), t.clone(), kind, beta, with_grad=True, with_stats=True)
+        d, g, rows = divergence_kernel(s.clone(), t.clone(), DIVERGENCES[kind], beta, with_grad=True, with_stats=True)
         assert d[:2].isnan().all() and torch.isfinite(d[2])
         assert g[:2].isnan().any(dim=-1).all()
-        for r in rows:
+        for r in rows[:4]:
             assert r[:2].isnan().all() and torch.isfinite(r[2])
-    for r in row_stats(log_softmax_(s.clone()), log_softmax_(t.clone())):
+    for r in stats_pass(s, t, 3)[0][:4]:
         assert r[:2].isnan().all() and torch.isfinite(r[2])

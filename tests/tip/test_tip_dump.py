@@ -7,6 +7,7 @@ import torch
 
 import tip
 from conftest import select, tip_denominator
+from opd.step import token_stats  # the one producer of TokenStats
 
 VOCAB = "abcdefghijklmnopqrstuvwxyz"
 
@@ -19,7 +20,7 @@ def setup(n=12, topk=5):
     g = torch.Generator().manual_seed(0)
     student = torch.randn(n, 26, generator=g) * 2
     teacher = torch.randn(n, 26, generator=g) * 2
-    stats = tip.token_stats(student, teacher, torch.arange(n) // 4, 5, topk=topk)
+    stats = token_stats(student, teacher, torch.arange(n) // 4, 5, topk=topk)
     selection = select("soft_or", stats, 0.5)
     quad = tip.quadrants(stats)
     token_ids = torch.randint(0, 26, (n,), generator=g)

@@ -579,3 +579,18 @@ def test_tip_imports_nothing_from_opd():
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n == "opd" or n.startswith("opd.") for n in names), f"{path.name} imports {names}"
+
+
+@pytest.mark.parametrize("name", ["random", "entropy_sample", "adaptive_kl"])
+def test_a_generator_per_scope_equals_one_call_per_rollout_with_its_own_generator(name):
+    """generator may be a callable of the scope key: under scope="sequence" each rollout draws from
+    generator(("sequence", id)), exactly as a separate call per rollout with that generator."""
+    stats = random_stats(40, 11, num_seqs=5)
+    per_scope = lambda key: torch.Generator().manual_seed(100 + (key[1] if key[0] == "sequence" else -1))
+    got = select(name, stats, 0.3, scope="sequence", generator=per_scope)
+    for sid in torch.unique(stats.sequence_ids).tolist():
+        index = (stats.sequence_ids == sid).nonzero().squeeze(1)
+        alone = select(name, stats.subset(index), 0.3, scope="sequence", generator=per_scope(("sequence", sid)))
+        assert torch.equal(got.mask[index], alone.mask) and torch.equal(got.weights[index], alone.weights), sid
+    whole = select(name, stats, 0.3, generator=per_scope)  # scope="microbatch": key ("microbatch",)
+    assert torch.equal(whole.mask, select(name, stats, 0.3, generator=per_scope(("microbatch",))).mask)
