@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -158,11 +159,25 @@ def cached_pair(final: Path, num_threads: int, train, what: str, log) -> tuple[P
     """The pair in `final` (teacher/, student/, pair.json), trained by `train(directory) -> info` when absent.
 
     Trained into a temporary sibling and renamed into place, so an interrupted preparation never leaves
-    half a pair; a pair another process finished first is kept. `num_threads` (0 = as is) holds while training.
+    half a pair. Processes preparing pairs at once (the processes of one launch) take turns on a lock of
+    the cache directory: one trains, the others then find its pair. `num_threads` (0 = as is) holds while
+    training.
     """
-    if (final / "pair.json").is_file():
-        log(f"{what}: reusing the prepared pair in {final}")
-        return final / "teacher", final / "student"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = os.open(final.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, also when the process dies
+        if (final / "pair.json").is_file():
+            log(f"{what}: reusing the prepared pair in {final}")
+            return final / "teacher", final / "student"
+        _train_into(final, num_threads, train)
+    finally:
+        os.close(lock)
+    log(f"{what}: pair ready in {final}")
+    return final / "teacher", final / "student"
+
+
+def _train_into(final: Path, num_threads: int, train) -> None:
     threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -172,16 +187,10 @@ def cached_pair(final: Path, num_threads: int, train, what: str, log) -> tuple[P
         tmp.mkdir(parents=True)
         info = train(tmp)
         (tmp / "pair.json").write_text(json.dumps(info, indent=2) + "\n")
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not (final / "pair.json").is_file():  # another process finished first: keep its pair
-                raise
+        tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         torch.set_num_threads(threads)
-    log(f"{what}: pair ready in {final}")
-    return final / "teacher", final / "student"
 
 
 def _train_pair(s: DemoConfig, out: Path, log) -> dict:

@@ -114,6 +114,18 @@ def _unknown(spec: str) -> BenchmarkError:
     )
 
 
+def check_specs(specs: list[str]) -> list[str]:
+    """Benchmark names and files (eval.benchmarks), one line each: a typo must not surface at the first
+    evaluation, hours in."""
+    problems = []
+    for spec in specs:
+        try:
+            parse_spec(spec)
+        except BenchmarkError as exc:
+            problems.append(f"eval.benchmarks: {exc}")
+    return problems
+
+
 def parse_spec(spec: str) -> tuple[str, str | Path]:
     """`spec` -> (reported name, registered name or local Path). Checks names and that files exist; loads nothing."""
     spec = spec.strip()

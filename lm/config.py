@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from transformers import AttentionInterface
+
 
 @dataclass
 class ModelConfig:
@@ -56,3 +58,12 @@ class RolloutConfig:
     n: int = field(default=1, metadata={"help": "rollouts per prompt", "min": 1})
     batch_size: int = field(default=0, metadata={"help": "hf: prompts per generate call; 0 = all prompts of the step at once (vllm schedules its own batches)", "min": 0})
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+
+def check_attention(side: str, mc: ModelConfig) -> list[str]:
+    """An attention implementation transformers knows (a hub kernel `owner/name` is taken on trust)."""
+    known = ["eager", *sorted(AttentionInterface._global_mapping)]
+    name = mc.attn_implementation
+    if name in known or name.split("|")[-1] in known or "/" in name:
+        return []
+    return [f"{side}.attn_implementation: {name!r} is not an attention implementation (known: {', '.join(known)})"]

@@ -41,6 +41,11 @@ def vllm_available() -> bool:
     return True
 
 
+def check_engine(engine: str) -> list[str]:
+    """rollout.engine=vllm needs vLLM importable here: said before anything loads."""
+    return [f"rollout.engine: {MISSING}"] if engine == "vllm" and not vllm_available() else []
+
+
 class VLLMEngine:
     """A colocated vLLM engine (`vllm.LLM`) behind the lm.engines interface."""
 

@@ -25,9 +25,11 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from lm.models import save_pretrained
+from opd.config import Config, drop_unused, to_dict
 from opd.distributed import deepspeed_engine, global_sum
 from opd.errors import RunError, cause, first_line
 from opd.tracking import read_metrics, truncate_jsonl
@@ -35,6 +37,13 @@ from opd.tracking import read_metrics, truncate_jsonl
 PREFIX = "step_"
 MANIFEST = "manifest.json"
 HASH_LIMIT = 64 * 2**20  # bytes: files up to this size are hashed at save and verified at resume
+
+# Keys that may change when a run is resumed; anything else must match the run's saved config.
+# Where the run lives is not part of its identity: a moved or renamed run directory resumes.
+RESUMABLE_CHANGES = ("train.output_dir", "train.run_name", "train.steps", "train.epochs", "train.save_every",
+                     "train.keep_last", "train.on_existing", "train.resume", "train.save_final",
+                     "train.max_consecutive_skips", "train.max_steps_per_run", "train.num_threads", "train.device",
+                     "logging.", "eval.", "tip.dump_tokens", "tip.plots")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -306,3 +315,75 @@ def resume_engine(run, engine, latest: Path, state: dict) -> None:
                                      load_lr_scheduler_states=False)
     if path is None:
         raise RunError(f"DeepSpeed found no engine state in {latest / ENGINE_DIR}")
+
+
+# ----------------------------------------------------------------------------
+# the rules of starting into an existing run directory (checked before anything loads, and at start)
+
+
+def run_directory(cfg: Config, config_paths=()) -> Path:
+    """<output_dir>/<run_name>; the run name defaults to the last config file's stem."""
+    name = cfg.train.run_name or (Path(config_paths[-1]).stem if config_paths else "run")
+    return Path(cfg.train.output_dir).expanduser() / name
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "demo":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_keys(saved: dict, cfg: Config, ignore=()) -> list[str]:
+    """Keys (a.b) whose value differs between a run's saved config dict and `cfg`, resumable ones left out."""
+    new = _flatten(to_dict(cfg))
+    # a key the saved config lacks (added to the schema since) counts as its default
+    old = _flatten(drop_unused(saved))
+    old.update({k: v for k, v in _flatten(to_dict(Config())).items() if k in new and k not in old})
+    return [k for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES) and k not in ignore]
+
+
+def check_run_dir(cfg: Config, config_paths=(), ignore=()) -> list[str]:
+    """Starting into an existing run directory resumes it or refuses; it never writes over something else.
+
+    `ignore`: keys left out of the saved-config comparison (ones already reported as config errors).
+    Only the main process of a multi-process launch judges: the others could find the directory
+    half-made by it (the trainer tells them when the main process refuses).
+    """
+    if int(os.environ.get("RANK", "0")) > 0:
+        return []
+    run_dir = run_directory(cfg, config_paths)
+    saved = run_dir / "config.yaml"
+    if run_dir.exists() and not run_dir.is_dir():
+        return [f"train.run_name: {run_dir} exists and is not a directory"]
+    if not saved.is_file():
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            return [f"train.run_name: run directory {run_dir} is not empty but holds no run config; "
+                    "refusing to write into it"]
+        return []
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+        if not (isinstance(old, dict) and isinstance(old.get("train"), dict)):
+            raise ValueError("not a run config written by train.py")
+    except (yaml.YAMLError, ValueError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return [f"train.run_name: {saved} cannot be read ({first}); move the run directory aside or choose "
+                "another train.run_name"]
+    if not holds_run(run_dir):
+        return []  # a start that failed before its first step left no run: the user's to start again into
+    if cfg.train.on_existing == "refuse":
+        return [f"train.on_existing: run directory {run_dir} already holds a run (train.on_existing=refuse); "
+                "choose another train.run_name"]
+    if cfg.train.resume == "never":
+        return [f"train.resume: run directory {run_dir} already holds a run and train.resume=never; "
+                "choose another train.run_name"]
+    changed = changed_keys(old, cfg, ignore)
+    if changed:
+        return [f"train.run_name: run directory {run_dir} holds a run with a different config "
+                f"({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); "
+                "choose another train.run_name to start a new run"]
+    return []

@@ -9,17 +9,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 from transformers.utils import logging as hf_logging
 
 from lm.typed import ConfigError
-from opd.checkpoint import latest_checkpoint
+from demo import pairs as demo_pairs
+from opd.checkpoint import latest_checkpoint, run_directory
 from opd.config import load_config, to_yaml
 from opd.data import DataError
 from opd.errors import CAUSES, RunError, WriteError, cause
-from opd.preflight import config_keys, preflight, run_directory
+from opd.preflight import config_keys, preflight
 from opd.trainer import train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -58,6 +60,16 @@ def quiet_libraries() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def prepare(cfg) -> dict[str, str]:
+    """The one preparation step before a run (STYLE point 9: none hidden inside training): model paths that
+    name a demo pair (`demo:student`, ...) -> its checkpoints, the pair trained on first use and cached."""
+    log = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
+    try:
+        return demo_pairs.prepare([cfg.model.path, cfg.teacher.path], cfg.demo, cfg.agent_demo, log=log)
+    except ValueError as exc:
+        raise RunError(f"model.path / teacher.path: {exc}") from None
+
+
 def main(argv) -> int:
     args = parse_args(argv)
     quiet_libraries()
@@ -82,7 +94,8 @@ def main(argv) -> int:
         print("check passed: config, paths, data, models and output directory look fine")
         return 0
     try:
-        run_dir = train(cfg, paths)
+        started = time.time()  # the printed wall time counts the preparation step and the loading too
+        run_dir = train(cfg, paths, prepared=prepare(cfg), started=started)
     except WriteError as exc:
         return fail([f"{exc}; {resumable(cfg, paths)}"])
     except OSError as exc:

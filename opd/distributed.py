@@ -20,8 +20,8 @@ from opd.config import Config
 from opd.errors import RunError
 
 
-def make_accelerator(cfg: Config) -> tuple[Accelerator, bool]:
-    """The run's Accelerator, and whether it uses CUDA."""
+def make_accelerator(cfg: Config) -> Accelerator:
+    """The run's Accelerator."""
     use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise RunError("train.device=cuda but no CUDA device is visible")
@@ -42,7 +42,7 @@ def make_accelerator(cfg: Config) -> tuple[Accelerator, bool]:
     if ds_plugin is not None:
         fill_deepspeed_config(ds_plugin.deepspeed_config, cfg)
     check_even_split(cfg, acc.num_processes)
-    return acc, use_cuda
+    return acc
 
 
 def fill_deepspeed_config(ds_config: dict, cfg: Config) -> None:

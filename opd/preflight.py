@@ -18,34 +18,25 @@ import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import yaml
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
-from transformers import CONFIG_MAPPING, AttentionInterface
+from transformers import CONFIG_MAPPING
 
 from agent.registry import load_env
-from demo import task as demo_task
-from eval.benchmarks import BenchmarkError, parse_spec
-from lm.config import ModelConfig
+from demo import pairs as demo_pairs
+from eval.benchmarks import check_specs
+from lm.config import ModelConfig, check_attention
 from lm.tokenizers import TokenizerMismatch, check_tokenizers, load_tokenizer, unknown_id
-from opd.checkpoint import holds_run
-from opd.config import Config, drop_unused, to_dict
+from lm.vllm_engine import check_engine
+from opd.checkpoint import check_run_dir, run_directory
+from opd.config import Config
 from opd.data import DataError, Prompt, field_value, load_prompts
 from opd.errors import first_line, hub_unreachable
-from opd.rewards import load_reward
-from lm.vllm_engine import MISSING, vllm_available
-from opd.step import known_selectors
+from opd.rewards import check_reward
+from opd.step import check_selector
 
 PEEK_RECORDS = 200  # records read from the head of a data file to catch misnamed fields early
 CHARS_VOCAB = 102  # ids of the built-in character tokenizer (lm.tokenizers.char_tokenizer), for size estimates
-
-# Keys that may change when a run is resumed; anything else must match the run's saved config.
-# Where the run lives is not part of its identity: a moved or renamed run directory resumes.
-RESUMABLE_CHANGES = ("train.output_dir", "train.run_name", "train.steps", "train.epochs", "train.save_every",
-                     "train.keep_last", "train.on_existing", "train.resume", "train.save_final",
-                     "train.max_consecutive_skips", "train.max_steps_per_run", "train.num_threads", "train.device",
-                     "logging.", "eval.", "tip.dump_tokens", "tip.plots")
-
 
 def _is_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
@@ -95,15 +86,6 @@ def check_model(side: str, mc: ModelConfig) -> list[str]:
 
 def _known_model_type(model_type) -> bool:
     return model_type in CONFIG_MAPPING
-
-
-def check_attention(side: str, mc: ModelConfig) -> list[str]:
-    """An attention implementation transformers knows (a hub kernel `owner/name` is taken on trust)."""
-    known = ["eager", *sorted(AttentionInterface._global_mapping)]
-    name = mc.attn_implementation
-    if name in known or name.split("|")[-1] in known or "/" in name:
-        return []
-    return [f"{side}.attn_implementation: {name!r} is not an attention implementation (known: {', '.join(known)})"]
 
 
 def _check_hub_model(side: str, repo_id: str) -> list[str]:
@@ -220,12 +202,6 @@ def _peek_fields(key: str, path: Path, cfg: Config) -> list[str]:
 # output and run directory
 
 
-def run_directory(cfg: Config, config_paths=()) -> Path:
-    """<output_dir>/<run_name>; the run name defaults to the last config file's stem."""
-    name = cfg.train.run_name or (Path(config_paths[-1]).stem if config_paths else "run")
-    return Path(cfg.train.output_dir).expanduser() / name
-
-
 def check_output(cfg: Config, config_paths=()) -> list[str]:
     """The run directory (or the nearest existing folder above it) is writable and has room for a checkpoint."""
     out = Path(cfg.train.output_dir).expanduser()
@@ -308,130 +284,8 @@ def _size(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "demo":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def changed_keys(saved: dict, cfg: Config, ignore=()) -> list[str]:
-    """Keys (a.b) whose value differs between a run's saved config dict and `cfg`, resumable ones left out."""
-    new = _flatten(to_dict(cfg))
-    # a key the saved config lacks (added to the schema since) counts as its default
-    old = _flatten(drop_unused(saved))
-    old.update({k: v for k, v in _flatten(to_dict(Config())).items() if k in new and k not in old})
-    return [k for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES) and k not in ignore]
-
-
-def check_run_dir(cfg: Config, config_paths=(), ignore=()) -> list[str]:
-    """Starting into an existing run directory resumes it or refuses; it never writes over something else.
-
-    `ignore`: keys left out of the saved-config comparison (ones already reported as config errors).
-    Only the main process of a multi-process launch judges: the others could find the directory
-    half-made by it (the trainer tells them when the main process refuses).
-    """
-    if int(os.environ.get("RANK", "0")) > 0:
-        return []
-    run_dir = run_directory(cfg, config_paths)
-    saved = run_dir / "config.yaml"
-    if run_dir.exists() and not run_dir.is_dir():
-        return [f"train.run_name: {run_dir} exists and is not a directory"]
-    if not saved.is_file():
-        if run_dir.is_dir() and any(run_dir.iterdir()):
-            return [f"train.run_name: run directory {run_dir} is not empty but holds no run config; "
-                    "refusing to write into it"]
-        return []
-    try:
-        old = yaml.safe_load(saved.read_text()) or {}
-        if not (isinstance(old, dict) and isinstance(old.get("train"), dict)):
-            raise ValueError("not a run config written by train.py")
-    except (yaml.YAMLError, ValueError, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return [f"train.run_name: {saved} cannot be read ({first}); move the run directory aside or choose "
-                "another train.run_name"]
-    if not holds_run(run_dir):
-        return []  # a start that failed before its first step left no run: the user's to start again into
-    if cfg.train.on_existing == "refuse":
-        return [f"train.on_existing: run directory {run_dir} already holds a run (train.on_existing=refuse); "
-                "choose another train.run_name"]
-    if cfg.train.resume == "never":
-        return [f"train.resume: run directory {run_dir} already holds a run and train.resume=never; "
-                "choose another train.run_name"]
-    changed = changed_keys(old, cfg, ignore)
-    if changed:
-        return [f"train.run_name: run directory {run_dir} holds a run with a different config "
-                f"({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); "
-                "choose another train.run_name to start a new run"]
-    return []
-
-
 # ----------------------------------------------------------------------------
 # selector, deep checks, and the entry point
-
-
-def check_selector(cfg: Config) -> list[str]:
-    known = known_selectors()
-    if cfg.tip.selector not in known:
-        return [f"tip.selector: unknown selector {cfg.tip.selector!r} (known: {', '.join(known)})"]
-    return []
-
-
-def check_reward(cfg: Config) -> list[str]:
-    """opd.reward names a built-in or an importable module:function; importing runs that module's code,
-    which is what the run would do at its first graded rollout anyway (a config naming one is code)."""
-    name = cfg.opd.reward
-    module, _, func = name.partition(":")
-    try:
-        reward = load_reward(name)
-    except ValueError as exc:
-        return [f"opd.reward: {exc}"]
-    except AttributeError:
-        return [f"opd.reward: module {module} has no function {func}"]
-    except Exception as exc:  # ImportError, or whatever importing the module raised
-        return [f"opd.reward: cannot import module {module} ({type(exc).__name__}: {first_line(exc)})"]
-    if not callable(reward):
-        return [f"opd.reward: {name} is not a function"]
-    return []
-
-
-def check_engine(cfg: Config) -> list[str]:
-    """rollout.engine=vllm needs vLLM importable here: said before anything loads."""
-    if cfg.rollout.engine == "vllm" and not vllm_available():
-        return [f"rollout.engine: {MISSING}"]
-    return []
-
-
-def check_eval(cfg: Config) -> list[str]:
-    """Benchmark names and files: a typo must not surface at the first evaluation, hours in."""
-    if not cfg.eval.benchmarks:
-        return []
-    problems = []
-    for spec in cfg.eval.benchmarks:
-        try:
-            parse_spec(spec)
-        except BenchmarkError as exc:
-            problems.append(f"eval.benchmarks: {exc}")
-    return problems
-
-
-DEMO_MODELS = ("demo:teacher", "demo:student", "demo:agent_teacher", "demo:agent_student")
-
-
-def check_demo(cfg: Config) -> list[str]:
-    """The demo task and model names, checked before anything is trained (the demo.* settings are typed config)."""
-    problems = []
-    if cfg.data.train_path.startswith("demo:") and cfg.data.train_path != f"demo:{demo_task.NAME}":
-        problems.append(f"data.train_path: unknown demo task {cfg.data.train_path!r} "
-                        f"(the demo task is demo:{demo_task.NAME})")
-    for side, mc in (("model", cfg.model), ("teacher", cfg.teacher)):
-        if mc.path.startswith("demo:") and mc.path not in DEMO_MODELS:
-            problems.append(f"{side}.path: unknown demo model {mc.path!r} (known: {', '.join(DEMO_MODELS)})")
-    return problems
 
 
 def check_agent(cfg: Config, notes: list | None = None) -> list[str]:
@@ -518,6 +372,10 @@ def unknown_characters(prompts: list[Prompt], tokenizer) -> str | None:
             f"model.tokenizer / teacher.tokenizer a tokenizer that has them")
 
 
+def model_paths(cfg: Config) -> dict[str, str]:
+    return {"model": cfg.model.path, "teacher": cfg.teacher.path}
+
+
 def config_keys(problems: list[str]) -> set[str]:
     """The `section.key` names that config problems mention (so preflight does not report them twice)."""
     return {m for p in problems for m in re.findall(r"`([A-Za-z_]+\.[A-Za-z_.]+)`", p)}
@@ -533,7 +391,9 @@ def preflight(cfg: Config, paths=(), deep: bool = False, ignore=(), notes: list 
     model_problems = check_model("model", cfg.model) + check_model("teacher", cfg.teacher)
     data_problems = check_data(cfg)
     problems = model_problems + data_problems + check_output(cfg, paths) + check_run_dir(cfg, paths, ignore)
-    problems += check_selector(cfg) + check_reward(cfg) + check_engine(cfg) + check_eval(cfg) + check_demo(cfg)
+    # each subsystem's own check of its settings
+    problems += check_selector(cfg.tip.selector) + check_reward(cfg.opd.reward) + check_engine(cfg.rollout.engine)
+    problems += check_specs(cfg.eval.benchmarks) + demo_pairs.check(cfg.data.train_path, model_paths(cfg))
     problems += check_agent(cfg, notes=notes if deep else None)
     demo = cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")
     if not demo:

@@ -13,6 +13,7 @@ import torch
 
 from demo import task as demo_task
 from eval import grader
+from opd.errors import first_line
 
 BUILTIN = {"math": grader.grade, "demo": demo_task.grade}
 
@@ -25,6 +26,23 @@ def load_reward(name: str):
         raise ValueError(f"unknown reward {name!r} (built in: {', '.join(BUILTIN)}; or give module:function)")
     module, func = name.split(":", 1)
     return getattr(importlib.import_module(module), func)
+
+
+def check_reward(name: str) -> list[str]:
+    """opd.reward names a built-in or an importable module:function; importing runs that module's code,
+    which is what the run would do at its first graded rollout anyway (a config naming one is code)."""
+    module, _, func = name.partition(":")
+    try:
+        reward = load_reward(name)
+    except ValueError as exc:
+        return [f"opd.reward: {exc}"]
+    except AttributeError:
+        return [f"opd.reward: module {module} has no function {func}"]
+    except Exception as exc:  # ImportError, or whatever importing the module raised
+        return [f"opd.reward: cannot import module {module} ({type(exc).__name__}: {first_line(exc)})"]
+    if not callable(reward):
+        return [f"opd.reward: {name} is not a function"]
+    return []
 
 
 def benchmark_grader(name: str):

@@ -18,18 +18,16 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from agent.env import Task
 from agent.evaluate import AgentBenchmark
 from agent.rollout import Agent
-from demo.agent_prepare import prepare_agent_pair
-from demo.prepare import prepare_pair
 from eval.benchmarks import Benchmark, Problem
 from lm.models import head_weight, load_model, rows
 from lm.teacher import LocalTeacher, Teacher
 from lm.tokenizers import check_tokenizers, load_tokenizer
-from opd.checkpoint import holds_run, resume
+from opd.checkpoint import check_run_dir, holds_run, resume, run_directory
 from opd.config import Config, save_config, to_dict
 from opd.data import DataError, Prompt, PromptSampler, load_prompts
 from opd.distributed import built_whole, global_sum, make_accelerator, zero3_inference_engine
@@ -37,7 +35,7 @@ from opd.engine import build_engine, rollout_sampling
 from opd.errors import RunError, first_line, hub_unreachable
 from opd.policy import PolicyModel
 from opd.agentic import agent_prompts, build_agent
-from opd.preflight import DEMO_MODELS, check_run_dir, run_directory, unknown_characters
+from opd.preflight import unknown_characters
 from opd.rewards import benchmark_grader, reward_fn
 from opd.step import LOSS_IMPLS, SelectorState, StepSettings, new_selector_state
 from opd.tracking import MetricsLog, writing
@@ -85,17 +83,18 @@ class Run:
             self.bar.update(1)
 
 
-def setup(cfg: Config, config_paths=()) -> Run:
-    """Build the run: accelerator, run directory, demo pair, data, models, optimiser; resume if a checkpoint exists."""
-    started = time.time()  # the printed wall time counts the demo pair's preparation and the loading too
+def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, started: float | None = None) -> Run:
+    """Build the run: accelerator, run directory, data, models, optimiser; resume if a checkpoint exists.
+    `prepared`: prepared model names -> checkpoint directories (opd.cli.prepare: the demo pairs)."""
+    started = started or time.time()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    acc, use_cuda = make_accelerator(cfg)
+    acc = make_accelerator(cfg)
     ds_plugin = acc.state.deepspeed_plugin
     zero3 = ds_plugin is not None and ds_plugin.zero_stage == 3
     run_dir = prepare_run_dir(cfg, config_paths, acc)
     given = copy.deepcopy(cfg)  # what config.yaml records: `demo:teacher`, not this machine's cache path
-    resolve_demo_paths(cfg, acc)
+    use_prepared(cfg, prepared or {})
 
     with loading("model.tokenizer", cfg.model.tokenizer or cfg.model.path):
         tokenizer = load_tokenizer(cfg.model)
@@ -219,7 +218,7 @@ def eos_ids(tokenizer, model) -> list[int]:
 
 
 def prepare_run_dir(cfg: Config, config_paths, acc) -> Path:
-    """The run directory: new, or an existing run with a compatible config (rules in opd.preflight.check_run_dir)."""
+    """The run directory: new, or an existing run with a compatible config (rules in opd.checkpoint.check_run_dir)."""
     problems = check_run_dir(cfg, config_paths)  # [] on all but the main process
     if global_sum(acc, float(bool(problems))) > 0:
         raise RunError(problems[0] if problems else "the main process refused the run directory (its error says why)")
@@ -250,26 +249,14 @@ def loading(key: str, name: str):
         raise RunError(f"{key}: {name} cannot be loaded ({type(exc).__name__}: {first_line(exc)})") from None
 
 
-def resolve_demo_paths(cfg: Config, acc) -> None:
-    """`demo:teacher` / `demo:student` name the demo pair, `demo:agent_teacher` / `demo:agent_student` the agentic
-    demo pair; each is prepared (or reused) on first use."""
-    names = {mc.path for mc in (cfg.model, cfg.teacher) if mc.path.startswith("demo:")}
-    pair = {}
-    for prefix, prepare, settings in (("demo:", prepare_pair, cfg.demo),
-                                      ("demo:agent_", prepare_agent_pair, cfg.agent_demo)):
-        if not names & {prefix + "teacher", prefix + "student"}:
-            continue
-        if acc.is_main_process:
-            paths = prepare(settings, log=acc.print)
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            paths = prepare(settings, log=lambda *a: None)
-        pair.update({prefix + "teacher": str(paths[0]), prefix + "student": str(paths[1])})
-    for mc in (cfg.model, cfg.teacher):
+def use_prepared(cfg: Config, prepared: dict[str, str]) -> None:
+    """Model paths naming a prepared model (`demo:teacher`, ...) -> the checkpoint the preparation step made."""
+    for section, mc in (("model", cfg.model), ("teacher", cfg.teacher)):
         if mc.path.startswith("demo:"):
-            if mc.path not in pair:
-                raise RunError(f"unknown demo model {mc.path!r} (known: {', '.join(DEMO_MODELS)})")
-            mc.path = pair[mc.path]
+            if mc.path not in prepared:
+                raise RunError(f"{section}.path: {mc.path} names a prepared model, made by train.py's preparation "
+                               "step (opd.cli.prepare) or `python -m demo.prepare`; it was not run")
+            mc.path = prepared[mc.path]
 
 
 def build_optimizer(policy, cfg: Config):

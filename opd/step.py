@@ -262,8 +262,10 @@ def finite_stats(stats: TokenStats) -> TokenStats:
 # the rest of the seam: what the loop needs from tip besides selection
 
 
-def known_selectors() -> list[str]:
-    return sorted(tip.SELECTORS)
+def check_selector(name: str) -> list[str]:
+    """tip.selector names a registered selector (one line otherwise)."""
+    known = sorted(tip.SELECTORS)
+    return [] if name in known else [f"tip.selector: unknown selector {name!r} (known: {', '.join(known)})"]
 
 
 SelectorState = tip.RunningMinMax

@@ -36,9 +36,11 @@ from opd.step import (MicroBatch, combine, denominator, diagnostics, dump_tokens
 from opd.tracking import writing
 
 
-def train(cfg: Config, config_paths: list[str] = ()) -> Path:
-    """Run OPD as configured; returns the run directory."""
-    run = setup(cfg, config_paths)
+def train(cfg: Config, config_paths: list[str] = (), prepared: dict[str, str] | None = None,
+          started: float | None = None) -> Path:
+    """Run OPD as configured; returns the run directory. `prepared` maps prepared model names (`demo:student`)
+    to their checkpoints (opd.cli.prepare); `started` is when the job began (the summary's wall time)."""
+    run = setup(cfg, config_paths, prepared or {}, started)
     tc = cfg.train
     if run.step >= run.total_steps and (run.run_dir / "summary.json").is_file():
         return already_finished(run)

@@ -35,7 +35,7 @@ import yaml
 
 import tip
 from opd.config import ConfigError, load_config, to_dict
-from opd.preflight import changed_keys
+from opd.checkpoint import changed_keys
 from scripts.paper.aggregate import read_metrics_lines
 from scripts.paper.tables import method_sort_key
 
