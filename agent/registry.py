@@ -1,12 +1,25 @@
-"""The environments by name: `agent.env: NAME` (built in) or `module:Class` (a user's own class)."""
+"""The environments by name: `agent.env: NAME` (built in) or `module:Class` (a user's own class), and the one
+place an Agent (an environment with a chat format and caps) is built: the trainer, `python -m eval --env`, the
+agentic demo and `train.py --check` all come here. A new environment is one entry in `registry()`."""
 
 from __future__ import annotations
 
 import importlib
 
+from agent.calls import PARSERS
 from agent.deepplanning.env import TravelEnv
 from agent.env import Environment
 from agent.lookup import LookupEnv
+from agent.rollout import Agent, Caps
+
+
+class AgentError(ValueError):
+    """Why an agent cannot be built, one line; `key` names the `agent:` setting at fault (env, env_args,
+    tool_format), so each caller can say it in its own words (agent.env_args, --env-args)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 def registry() -> dict[str, type]:
@@ -34,3 +47,32 @@ def load_env(name: str, options: dict) -> Environment:
         return cls(**options)
     except TypeError as exc:
         raise ValueError(f"agent.env_args do not fit {name!r}: {exc}") from None
+
+
+def build_env(name: str, options: dict) -> Environment:
+    """The environment `name` built with `options` and checked (env.check(): its task files, databases, ...).
+
+    AgentError: key "env" when it cannot be built (unknown name, options it refuses), key "env_args" with the
+    first problem env.check() finds.
+    """
+    try:
+        env = load_env(name, options)
+    except ValueError as exc:  # load_env's own, or the class refusing its options
+        raise AgentError("env", str(exc)) from None
+    problems = env.check()
+    if problems:
+        raise AgentError("env_args", problems[0])
+    return env
+
+
+def build_agent(env_name: str, env_args: dict, tokenizer, tool_format: str, caps: Caps,
+                enable_thinking: bool) -> Agent:
+    """The environment `env_name` (built with `env_args`, checked) with the tokenizer's chat format, the
+    tool-call parser `tool_format` (agent.calls.PARSERS) and the conversation caps. AgentError (one line)
+    when it cannot be built."""
+    env = build_env(env_name, env_args)
+    if tool_format not in PARSERS:
+        raise AgentError("tool_format", f"unknown tool format {tool_format!r} (known: {', '.join(sorted(PARSERS))})")
+    if not getattr(tokenizer, "chat_template", None):
+        raise AgentError("env", "the tokenizer has no chat template (tool messages are rendered with it)")
+    return Agent(env, tokenizer, PARSERS[tool_format], caps, enable_thinking=enable_thinking)

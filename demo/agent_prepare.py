@@ -45,9 +45,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from agent.calls import hermes
 from agent.env import Task
 from agent.lookup import LookupEnv, worked_solution
+from agent.registry import build_agent
 from agent.rollout import Agent, Caps, Chat
 from demo.agent_config import AgentDemoConfig, agent_pair_fields, check_agent_demo
 from demo.prepare import cached_pair
@@ -153,13 +153,18 @@ def caps(s: AgentDemoConfig) -> Caps:
                 max_tool_response_tokens=s.max_tool_response_tokens)
 
 
-def score(model, chat: Chat, env: LookupEnv, tasks: list[Task], s: AgentDemoConfig, k: int, seed) -> dict:
+def lookup_agent(s: AgentDemoConfig, tok, num_tasks: int, seed: int) -> Agent:
+    """The demo's environment (`lookup`, `num_tasks` tasks drawn with `seed`) with the demo's chat format and caps."""
+    return build_agent(ENV, {"num_tasks": num_tasks, "seed": seed}, tok, "hermes", caps(s), enable_thinking=False)
+
+
+def score(model, agent: Agent, tasks: list[Task], s: AgentDemoConfig, k: int, seed) -> dict:
     """Mean score of `k` conversations per task (real rollouts: Agent.run, HFEngine, T=1.0) and how they went."""
-    tok = chat.tokenizer
+    tok = agent.tokenizer
     sampling = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=s.max_new_tokens, n=1,
                         eos_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
     seeds = [derive_seed(seed, t.id) for t in tasks]
-    out = Agent(env, tok, hermes, caps(s), enable_thinking=False).run(HFEngine(model), tasks, seeds, k, sampling)
+    out = agent.run(HFEngine(model), tasks, seeds, k, sampling)
     convs = out.conversations
     n = len(convs)
     return {"score": sum(out.scores()) / n, "conversations": n,
@@ -169,7 +174,7 @@ def score(model, chat: Chat, env: LookupEnv, tasks: list[Task], s: AgentDemoConf
 
 
 def supervised_train(model, chat: Chat, s: AgentDemoConfig, side: str, train: list[Task], check: list[Task],
-                     env: LookupEnv, log=print) -> dict:
+                     agent: Agent, log=print) -> dict:
     """AdamW on worked conversations (warm-up, then cosine to 5% of lr over `<side>_max_steps`), checked every
     `<side>_check_every` steps on `check`; stops once the check score reaches `<side>_target`. Returns what happened."""
     steps, lr, target, every = (getattr(s, f"{side}_{k}") for k in ("max_steps", "lr", "target", "check_every"))
@@ -195,7 +200,7 @@ def supervised_train(model, chat: Chat, s: AgentDemoConfig, side: str, train: li
         step += 1
         if step % every == 0 or step == steps:
             t0 = time.time()
-            result = score(model, chat, env, check, s, k=1, seed=("check", side_seed, step))
+            result = score(model, agent, check, s, k=1, seed=("check", side_seed, step))
             check_seconds += time.time() - t0
             model.train()
             checks.append({"step": step, "loss": round(loss.item(), 4), "score": result["score"]})
@@ -228,11 +233,11 @@ def _train_pair(s: AgentDemoConfig, out: Path, log) -> dict:
     began = time.time()
     tok = tokenizer()
     chat = make_chat(tok)
-    train_env = LookupEnv(num_tasks=s.train_tasks + s.check_tasks, seed=s.env_seed)
-    pool = train_env.tasks()
+    train_agent = lookup_agent(s, tok, s.train_tasks + s.check_tasks, s.env_seed)
+    pool = train_agent.env.tasks()
     train, check = pool[:s.train_tasks], pool[s.train_tasks:]
-    eval_env = LookupEnv(num_tasks=s.eval_tasks, seed=s.eval_env_seed)
-    evaluation = eval_env.tasks()
+    eval_agent = lookup_agent(s, tok, s.eval_tasks, s.eval_env_seed)
+    evaluation = eval_agent.env.tasks()
     info: dict = {"settings": dataclasses.asdict(s), "env": ENV, "train_env_seed": s.env_seed,
                   "eval_env_seed": s.eval_env_seed, "eval_conversations": len(evaluation) * s.eval_k,
                   "load_average": list(os.getloadavg()), "torch_threads": torch.get_num_threads()}
@@ -241,9 +246,9 @@ def _train_pair(s: AgentDemoConfig, out: Path, log) -> dict:
         n_params = sum(p.numel() for p in model.parameters())
         log(f"agent demo: training the {side} ({getattr(s, f'{side}_layers')} layers x {getattr(s, f'{side}_hidden')} "
             f"hidden, {n_params / 1e6:.2f}M parameters, at most {getattr(s, f'{side}_max_steps')} steps)")
-        trained = supervised_train(model, chat, s, side, train, check, train_env, log)
+        trained = supervised_train(model, chat, s, side, train, check, train_agent, log)
         t0 = time.time()
-        measured = score(model, chat, eval_env, evaluation, s, k=s.eval_k, seed=("eval", s.seed))
+        measured = score(model, eval_agent, evaluation, s, k=s.eval_k, seed=("eval", s.seed))
         eval_seconds = time.time() - t0
         log(f"agent demo: {side} score {measured['score']:.1%} on {measured['conversations']} held-out conversations "
             f"at T=1.0 (keys looked up {measured['looked_up']:.0%}, {measured['tool_errors']:.2f} tool errors each; "

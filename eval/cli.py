@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 
-from agent.calls import PARSERS
 from agent.config import AgentConfig
 from agent.evaluate import AgentBenchmark
-from agent.registry import load_env
-from agent.rollout import Agent, Caps
+from agent.registry import AgentError, build_agent
+from agent.rollout import Caps
 from eval.benchmarks import BenchmarkError, load_benchmark, parse_spec
 from eval.config import EvalConfig
 from eval.runner import evaluate, prompt_format
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not specs and not args.env:
             raise BenchmarkError("give --benchmarks or an agent --env")
-        env = agent_env(args)
+        env_args = agent_options(args)
         for spec in specs:
             parse_spec(spec)
         cfg = eval_config(args)
@@ -141,19 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     mc = ModelConfig(path=args.model, tokenizer=args.tokenizer, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     try:
         tokenizer = load_tokenizer(mc)
+    except (OSError, ValueError) as exc:
+        return cannot_load(args.model, exc)
+    try:  # the agent (its environment's files, a --split) before the weights: a typo must not wait for a load
+        specs += [agent_benchmark(args, env_args, tokenizer)] if env_args is not None else []
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         model = load_model(mc, tokenizer, device, trainable=False)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: could not load model {args.model!r}: {first}", file=sys.stderr)
-        return 2
+        return cannot_load(args.model, exc)
     out = args.out or str(Path("runs") / "eval" / re.sub(r"[^A-Za-z0-9_.\-]+", "_", args.model.strip("/")))
     engine = vllm_engine(model, args, cfg, device, out) if args.engine == "vllm" else None
-    if env is not None:
-        try:
-            specs.append(agent_benchmark(env, args, tokenizer))
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
     evaluate(
         model, tokenizer, specs, cfg, out, seed=args.seed, chat_template=not args.no_chat_template,
         enable_thinking=args.enable_thinking, system_prompt=args.system_prompt, engine=engine,
@@ -162,8 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def agent_env(args: argparse.Namespace):
-    """The --env environment (None without one); ValueError (one line) for bad options or missing data."""
+def cannot_load(model: str, exc: Exception) -> int:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"error: could not load model {model!r}: {first}", file=sys.stderr)
+    return 2
+
+
+def agent_options(args: argparse.Namespace) -> dict | None:
+    """The --env environment's options (None without --env); ValueError (one line) for bad flags."""
     if not args.env:
         return None
     try:
@@ -175,16 +180,18 @@ def agent_env(args: argparse.Namespace):
     for flag in ("max_turns", "max_response_tokens", "max_tool_response_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
-    env = load_env(args.env, options)
-    problems = env.check()
-    if problems:
-        raise ValueError(problems[0])
-    return env
+    return options
 
 
-def agent_benchmark(env, args: argparse.Namespace, tokenizer) -> AgentBenchmark:
-    """The environment's tasks (or a run's held-out ones, --split) as a benchmark named after the environment."""
-    tasks = env.tasks()
+def agent_benchmark(args: argparse.Namespace, env_args: dict, tokenizer) -> AgentBenchmark:
+    """The environment's tasks (or a run's held-out ones, --split) as a benchmark named after the environment.
+    ValueError (one line, naming the flag) when the agent cannot be built or the split does not fit."""
+    caps = Caps(args.max_turns, args.max_response_tokens, args.max_tool_response_tokens)
+    try:
+        agent = build_agent(args.env, env_args, tokenizer, "hermes", caps, args.enable_thinking)
+    except AgentError as exc:
+        raise ValueError(f"--{exc.key.replace('_', '-')}: {exc}") from None
+    tasks = agent.env.tasks()
     name = "heldout" if args.split else args.env.replace(":", "_")
     if args.split:
         try:
@@ -196,10 +203,7 @@ def agent_benchmark(env, args: argparse.Namespace, tokenizer) -> AgentBenchmark:
         if missing:
             raise ValueError(f"--split {args.split}: task {missing[0]!r} is not among the environment's tasks")
         tasks = [by_id[i] for i in wanted]
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("--env: the tokenizer has no chat template (tool messages are rendered with it)")
-    caps = Caps(args.max_turns, args.max_response_tokens, args.max_tool_response_tokens)
-    return AgentBenchmark(name, Agent(env, tokenizer, PARSERS["hermes"], caps, args.enable_thinking), tasks)
+    return AgentBenchmark(name, agent, tasks)
 
 
 def vllm_engine(model, args: argparse.Namespace, cfg: EvalConfig, device: torch.device, out: str):

@@ -1,6 +1,8 @@
-"""Agentic OPD in the loop (SPEC §6): the environment's tasks are the prompts, the student's conversations the
-rollouts. Everything after the rollout (teacher side, statistics, selection, loss) is the single-turn loop's,
-run on the conversation with `response_mask` on the student's tokens only.
+"""Agentic OPD in the loop (SPEC §6): the rollout source (opd.sources.RolloutSource) whose prompts are the
+environment's tasks, whose rollouts are the student's conversations and whose rewards are the environment's
+scores. Everything after the rollout (teacher side, statistics, selection, loss) is the single-turn loop's,
+run on the conversation with `response_mask` on the student's tokens only. The agent itself is built by
+agent.registry.build_agent; nothing here knows an environment by name.
 
 The train/held-out split is by task id, seeded by `agent.split_seed` (not the training seed, so every
 method and seed sees the same split), and written to <run>/split.json; a resumed run must find the same.
@@ -12,34 +14,78 @@ import hashlib
 import json
 from pathlib import Path
 
-from agent.calls import PARSERS
+from accelerate import Accelerator
+
 from agent.env import Task
 from agent.evaluate import AgentBenchmark
-from agent.registry import load_env
+from agent.registry import AgentError, build_agent, build_env
 from agent.rollout import Agent, Caps, metrics as conversation_metrics
+from lm.engines import Sampling
 from lm.rollout import Rollouts
 from opd.config import Config
 from opd.data import Prompt
 from opd.distributed import gather_fn, global_sum
-from opd.errors import RunError
+from opd.errors import RunError, first_line, loading
 from opd.tracking import writing
 
 
-def build_agent(cfg: Config, tokenizer) -> Agent:
-    """The configured environment with the run's chat format and caps; RunError (one line) when it cannot be built."""
+class AgentSource:
+    """Rollouts from an environment (agent.env): its training tasks as prompts (Prompt.source = task id), the
+    held-out tasks as the `heldout` AgentBenchmark, conversations as rollouts, scores in [0, 1] as rewards."""
+
+    best_of_k = True  # fractional scores: the summary shows Best@k beside Avg@k
+
+    def __init__(self, agent: Agent, prompts: list[Prompt], heldout: AgentBenchmark | None, tasks: dict[str, Task],
+                 response_budget: int, acc: Accelerator):
+        self.agent, self.prompts, self.heldout, self.tasks = agent, prompts, heldout, tasks
+        self.response_budget = response_budget  # tokens after the opening prompt, the whole conversation
+        self.acc = acc
+
+    @classmethod
+    def build(cls, cfg: Config, tokenizer, run_dir: Path, acc: Accelerator) -> AgentSource:
+        """The agent, the seeded train/held-out split (written to <run>/split.json) and the training prompts."""
+        with loading("agent.env", cfg.agent.env):
+            agent = configured_agent(cfg, tokenizer)
+            prompts, heldout, tasks, line = agent_prompts(agent, cfg, run_dir, acc.is_main_process)
+        acc.print(f"tasks: {line}")
+        return cls(agent, prompts, heldout, tasks, cfg.agent.max_response_tokens, acc)
+
+    @staticmethod
+    def check(cfg: Config, notes: list | None = None, deep: bool = False) -> list[str]:
+        """agent.env builds with its agent.env_args and the environment finds its files (env.check(): task file,
+        databases, ...); `deep` also reads its tasks, and `notes` receives their count."""
+        try:
+            env = build_env(cfg.agent.env, cfg.agent.env_args)
+            if deep and notes is not None:
+                tasks = len(env.tasks())
+                notes.append(f"agent: {cfg.agent.env}: {tasks} tasks, {round(cfg.agent.heldout_ratio * tasks)} held out")
+        except AgentError as exc:
+            return [f"agent.{exc.key}: {exc}"]
+        except Exception as exc:  # a file that is there but unreadable (bad JSON, a missing field): one line
+            return [f"agent.env_args: {cfg.agent.env} cannot read its files ({type(exc).__name__}: {first_line(exc)})"]
+        return []
+
+    def rollout(self, engine, prompts: list[Prompt], seeds: list[int],
+                sampling: Sampling) -> tuple[Rollouts, list[float], dict]:
+        """The student's conversations on this process's tasks (sampling.n per task): rollouts, each one's score,
+        agent/... metrics (over every process's conversations)."""
+        acc = self.acc
+        gather = gather_fn(acc)
+        any_live = (lambda live: any(any(part) for part in gather([live]))) if gather is not None else None
+        out = self.agent.run(engine, [self.tasks[p.source] for p in prompts], seeds, sampling.n, sampling, any_live)
+        return out.rollouts, out.scores(), rollout_metrics(out.conversations, acc)
+
+
+def configured_agent(cfg: Config, tokenizer) -> Agent:
+    """The configured environment with the run's chat format and caps; RunError (one line, its key) when it
+    cannot be built."""
     ac = cfg.agent
-    try:
-        env = load_env(ac.env, ac.env_args)
-    except ValueError as exc:
-        raise RunError(f"agent.env: {exc}") from None
-    problems = env.check()
-    if problems:
-        raise RunError(f"agent.env_args: {problems[0]}")
     caps = Caps(max_turns=ac.max_turns, max_response_tokens=ac.max_response_tokens,
                 max_tool_response_tokens=ac.max_tool_response_tokens)
-    if not getattr(tokenizer, "chat_template", None):
-        raise RunError("agent.env: the tokenizer has no chat template (tool messages are rendered with it)")
-    return Agent(env, tokenizer, PARSERS[ac.tool_format], caps, enable_thinking=cfg.data.enable_thinking)
+    try:
+        return build_agent(ac.env, ac.env_args, tokenizer, ac.tool_format, caps, cfg.data.enable_thinking)
+    except AgentError as exc:
+        raise RunError(f"agent.{exc.key}: {exc}") from None
 
 
 def split_tasks(tasks: list[Task], ratio: float, seed: int) -> tuple[list[Task], list[Task]]:
@@ -99,23 +145,17 @@ def agent_prompts(agent: Agent, cfg: Config, run_dir: Path, main: bool):
     return prompts, bench, {t.id: t for t in tasks}, line
 
 
-def agent_rollout(run, prompts: list[Prompt], seeds: list[int]) -> tuple[Rollouts, list[float], dict]:
-    """The student's conversations on this process's tasks: rollouts, each one's score, agent/... metrics
-    (over every process's conversations)."""
-    acc = run.accelerator
+def rollout_metrics(conversations: list, acc: Accelerator) -> dict:
+    """agent/... metrics of the step's conversations, over every process's."""
     gather = gather_fn(acc)
-    any_live = (lambda live: any(any(part) for part in gather([live]))) if gather is not None else None
-    out = run.agent.run(run.engine, [run.tasks[p.source] for p in prompts], seeds, run.cfg.rollout.n, run.sampling,
-                        any_live)
-    local = conversation_metrics(out.conversations)
+    local = conversation_metrics(conversations)
     total = {k: global_sum(acc, v) for k, v in local.items() if k != "agent/turns_max"}
     n = max(total.pop("agent/conversations"), 1.0)
     turns_max = max(max(part) for part in gather([local["agent/turns_max"]])) if gather else local["agent/turns_max"]
     parts = {}
-    for name in sorted({k for c in out.conversations for k in c.score.parts}):
-        parts[f"agent/score/{name}"] = global_sum(acc, sum(c.score.parts.get(name, 0.0) for c in out.conversations)) / n
-    metrics = {
+    for name in sorted({k for c in conversations for k in c.score.parts}):
+        parts[f"agent/score/{name}"] = global_sum(acc, sum(c.score.parts.get(name, 0.0) for c in conversations)) / n
+    return {
         "agent/turns_mean": total.pop("agent/turns_sum") / n, "agent/turns_max": turns_max,
         "agent/score_mean": total.pop("agent/score_sum") / n, **total, **parts,
     }
-    return out.rollouts, out.scores(), metrics

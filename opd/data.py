@@ -11,13 +11,11 @@ import datasets
 import pyarrow.parquet as pq
 
 import lm.chat
+from lm.tokenizers import unknown_id
 from demo import task as demo_task
 from eval.benchmarks import dapo_problem
 from opd.config import DataConfig
-
-
-class DataError(Exception):
-    """A data problem worth one line to the user (file, line, what is wrong)."""
+from opd.errors import DataError
 
 
 @dataclass
@@ -205,6 +203,99 @@ def _encode_all(path, split, dc: DataConfig, tokenizer, report, seed, need_answe
             break
     report.records += len(out)
     return out
+
+
+# ----------------------------------------------------------------------------
+# checks before a run (the single-turn source's check, opd.sources)
+
+PEEK_RECORDS = 200  # records read from the head of a data file to catch misnamed fields early
+
+
+def check_data(dc: DataConfig, need_answers: bool) -> list[str]:
+    """Data paths exist, and the head of each local file has the configured fields."""
+    problems = []
+    for key in ("train_path", "val_path"):
+        path = getattr(dc, key)
+        if not path or path.startswith(("hub:", "demo:")):
+            continue
+        local = Path(path).expanduser()
+        if path.startswith(("/", "./", "../", "~")) or local.exists() or path.endswith((".jsonl", ".json", ".parquet")):
+            if not local.exists():
+                problems.append(f"data.{key}: {path} does not exist")
+            else:
+                problems += _peek_fields(key, local, dc, need_answers)
+    return problems
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet"))
+    return [path]
+
+
+def _head_records(file: Path) -> tuple[list[dict], int]:
+    """Up to PEEK_RECORDS records from the start of a file, and how many lines were not JSON objects."""
+    if file.suffix == ".parquet":
+        table = pq.ParquetFile(file).iter_batches(batch_size=PEEK_RECORDS)
+        first = next(table, None)
+        return (first.to_pylist() if first is not None else []), 0
+    records, bad = [], 0
+    with open(file, "rb") as fh:
+        for raw in fh:
+            if len(records) + bad >= PEEK_RECORDS:
+                break
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except ValueError:  # UnicodeDecodeError is a ValueError too
+                bad += 1
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+            else:
+                bad += 1
+    return records, bad
+
+
+def _peek_fields(key: str, path: Path, dc: DataConfig, need_answers: bool) -> list[str]:
+    files = _data_files(path)
+    if not files:
+        return [f"data.{key}: {path} holds no .jsonl, .json or .parquet files"]
+    try:
+        records, bad = _head_records(files[0])
+    except Exception as exc:  # an unreadable file is one line, whatever the reader raised
+        return [f"data.{key}: {files[0]} cannot be read ({exc})".splitlines()[0]]
+    if not records:
+        if bad:
+            return [f"data.{key}: {files[0]}: none of the first {bad} lines is a JSON object"]
+        return [f"data.{key}: {files[0]} holds no records"]
+    problems = []
+    wanted = [("prompt_key", dc.prompt_key)]
+    if dc.answer_key and need_answers:
+        wanted.append(("answer_key", dc.answer_key))
+    for name, field in wanted:
+        if not any(field_value(r, field) is not None for r in records):
+            fields = sorted({k for r in records for k in r})
+            problems.append(
+                f"data.{name}: no record among the first {len(records)} of {files[0]} has field `{field}` "
+                f"(fields there: {', '.join(fields[:12])})"
+            )
+    return problems
+
+
+def unknown_characters(prompts: list[Prompt], tokenizer) -> str | None:
+    """One line when the prompts hold characters a `chars`-style tokenizer would silently read as <pad>."""
+    unk = unknown_id(tokenizer)
+    if unk is None:
+        return None
+    counts = [(p.ids.count(unk), p.source) for p in prompts]
+    bad = [(n, source) for n, source in counts if n]
+    if not bad:
+        return None
+    return (f"data.train_path: {sum(n for n, _ in bad)} characters in {len(bad)} prompts are outside the `chars` "
+            f"tokenizer's alphabet (e.g. {bad[0][1]}); it would read them as <pad>: remove them, or give "
+            f"model.tokenizer / teacher.tokenizer a tokenizer that has them")
 
 
 class PromptSampler:

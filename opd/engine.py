@@ -33,8 +33,7 @@ def build_engine(run):
     engine = build_vllm_engine(
         run.policy.lm, run.run_dir / "vllm_model" / f"rank{acc.process_index}",
         dtype=resolve_dtype(vc.dtype, acc.device),
-        max_model_len=vc.max_model_len or cfg.data.max_prompt_length + (
-            cfg.agent.max_response_tokens if cfg.agent.env else cfg.rollout.max_new_tokens),
+        max_model_len=vc.max_model_len or cfg.data.max_prompt_length + run.source.response_budget,
         device=acc.device, num_processes=acc.num_processes, gpu_memory_utilization=vc.gpu_memory_utilization,
         cpu_kv_cache_gb=vc.cpu_kv_cache_gb, sleep=vc.sleep, enforce_eager=vc.enforce_eager,
     )

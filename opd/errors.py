@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 
@@ -14,6 +15,10 @@ CAUSES = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.
 
 class RunError(Exception):
     """A problem that ends the run with one clear line; train.py prints it after `error:`."""
+
+
+class DataError(Exception):
+    """A data problem worth one line to the user (file, line, what is wrong)."""
 
 
 class WriteError(RunError):
@@ -55,3 +60,17 @@ def hub_unreachable(exc: BaseException) -> bool:
         if type(inner).__name__ in ("ConnectError", "ConnectTimeout", "ReadTimeout", "ProxyError"):  # httpx, requests
             return True
     return False
+
+
+@contextlib.contextmanager
+def loading(key: str, name: str):
+    """Loading `name` (config key `key`) ends the run with one line when it fails: a hub that cannot be
+    reached, or whatever the loader raised (its first line)."""
+    try:
+        yield
+    except (RunError, DataError):
+        raise
+    except Exception as exc:
+        if hub_unreachable(exc):
+            raise RunError(f"{key}: cannot reach the hub for {name}; give a local path") from None
+        raise RunError(f"{key}: {name} cannot be loaded ({type(exc).__name__}: {first_line(exc)})") from None

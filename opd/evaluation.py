@@ -26,7 +26,8 @@ def run_eval(run, name: str, model=None) -> dict:
     """Evaluate the student (or `model`) on eval.benchmarks and the held-out prompts into <run>/eval/<name>/;
     returns the val/... metrics."""
     cfg, acc = run.cfg, run.accelerator
-    benchmarks = cfg.eval.benchmarks + ([run.heldout] if run.heldout is not None else [])
+    heldout = run.source.heldout
+    benchmarks = cfg.eval.benchmarks + ([heldout] if heldout is not None else [])
     if not benchmarks:
         return {}
     with tqdm.external_write_mode():  # the progress bar steps aside while the evaluation prints
@@ -79,7 +80,7 @@ def build_summary(run) -> dict:
     evals = run.evals
     before = evals.get("step_000000")
     k = run.cfg.eval.k
-    agentic = run.agent is not None
+    agentic = run.source.best_of_k  # an environment's fractional scores
     return {
         "metric": f"Avg@{k} (agent score, %)" if agentic else "accuracy (mean@k, %)",
         "teacher_accuracy": _first_mean(evals.get("teacher")),

@@ -3,8 +3,8 @@
 `preflight(cfg, paths)` returns one line per problem (all of them at once),
 each starting with the config key it concerns. Both tokenizers are always read
 and compared (seconds, where a mismatched teacher found after loading the
-models costs minutes); `deep=True` (train.py --check) also reads the whole
-data set. The run-directory rules
+models costs minutes); the rollout source checks its own data or environment
+(opd.sources), and with `deep=True` (train.py --check) reads all of it. The run-directory rules
 (`check_run_dir`) are the same ones the trainer applies when it starts.
 """
 
@@ -17,25 +17,22 @@ import re
 import shutil
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
 from transformers import CONFIG_MAPPING
 
-from agent.registry import load_env
 from demo import pairs as demo_pairs
 from eval.benchmarks import check_specs
 from lm.config import ModelConfig, check_attention
-from lm.tokenizers import TokenizerMismatch, check_tokenizers, load_tokenizer, unknown_id
+from lm.tokenizers import TokenizerMismatch, check_tokenizers, load_tokenizer
 from lm.vllm_engine import check_engine
 from opd.checkpoint import check_run_dir, run_directory
 from opd.config import Config
-from opd.data import DataError, Prompt, field_value, load_prompts
 from opd.errors import first_line, hub_unreachable
 from opd.rewards import check_reward
+from opd.sources import check_source
 from opd.step import check_selector
 
-PEEK_RECORDS = 200  # records read from the head of a data file to catch misnamed fields early
 CHARS_VOCAB = 102  # ids of the built-in character tokenizer (lm.tokenizers.char_tokenizer), for size estimates
 
 def _is_local(path: str) -> bool:
@@ -118,84 +115,6 @@ def _vocab_rows(mc: ModelConfig, tokenizer_len: int) -> int:
             data = json.loads(cfg_file.read_text())
             return int(data.get("vocab_size") or data.get("text_config", {}).get("vocab_size") or tokenizer_len)
     return mc.vocab_size or tokenizer_len
-
-
-# ----------------------------------------------------------------------------
-# data
-
-
-def check_data(cfg: Config) -> list[str]:
-    """Data paths exist, and the head of each local file has the configured fields."""
-    problems = []
-    for key in ("train_path", "val_path"):
-        path = getattr(cfg.data, key)
-        if not path or path.startswith(("hub:", "demo:")):
-            continue
-        if _is_local(path) or path.endswith((".jsonl", ".json", ".parquet")):
-            local = Path(path).expanduser()
-            if not local.exists():
-                problems.append(f"data.{key}: {path} does not exist")
-            else:
-                problems += _peek_fields(key, local, cfg)
-    return problems
-
-
-def _data_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet"))
-    return [path]
-
-
-def _head_records(file: Path) -> tuple[list[dict], int]:
-    """Up to PEEK_RECORDS records from the start of a file, and how many lines were not JSON objects."""
-    if file.suffix == ".parquet":
-        table = pq.ParquetFile(file).iter_batches(batch_size=PEEK_RECORDS)
-        first = next(table, None)
-        return (first.to_pylist() if first is not None else []), 0
-    records, bad = [], 0
-    with open(file, "rb") as fh:
-        for raw in fh:
-            if len(records) + bad >= PEEK_RECORDS:
-                break
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-            except ValueError:  # UnicodeDecodeError is a ValueError too
-                bad += 1
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-            else:
-                bad += 1
-    return records, bad
-
-
-def _peek_fields(key: str, path: Path, cfg: Config) -> list[str]:
-    dc = cfg.data
-    files = _data_files(path)
-    if not files:
-        return [f"data.{key}: {path} holds no .jsonl, .json or .parquet files"]
-    try:
-        records, bad = _head_records(files[0])
-    except Exception as exc:  # an unreadable file is one line, whatever the reader raised
-        return [f"data.{key}: {files[0]} cannot be read ({exc})".splitlines()[0]]
-    if not records:
-        if bad:
-            return [f"data.{key}: {files[0]}: none of the first {bad} lines is a JSON object"]
-        return [f"data.{key}: {files[0]} holds no records"]
-    problems = []
-    wanted = [("prompt_key", dc.prompt_key)]
-    if dc.answer_key and cfg.opd.reward_beta > 0:
-        wanted.append(("answer_key", dc.answer_key))
-    for name, field in wanted:
-        if not any(field_value(r, field) is not None for r in records):
-            fields = sorted({k for r in records for k in r})
-            problems.append(
-                f"data.{name}: no record among the first {len(records)} of {files[0]} has field `{field}` "
-                f"(fields there: {', '.join(fields[:12])})"
-            )
-    return problems
 
 
 # ----------------------------------------------------------------------------
@@ -288,30 +207,8 @@ def _size(n: float) -> str:
 # selector, deep checks, and the entry point
 
 
-def check_agent(cfg: Config, notes: list | None = None) -> list[str]:
-    """agent.env builds with its agent.env_args, and the environment finds its files (env.check(): task file,
-    databases, ...). `notes` receives the task count when all is well."""
-    if not cfg.agent.env:
-        return []
-    try:
-        env = load_env(cfg.agent.env, cfg.agent.env_args)
-    except ValueError as exc:
-        return [f"agent.env: {exc}"]
-    try:
-        problems = [f"agent.env_args: {line}" for line in env.check()]
-        if not problems and notes is not None:
-            tasks = len(env.tasks())
-            notes.append(f"agent: {cfg.agent.env}: {tasks} tasks, {round(cfg.agent.heldout_ratio * tasks)} held out")
-    except Exception as exc:  # a file that is there but unreadable (bad JSON, a missing field): one line
-        problems = [f"agent.env_args: {cfg.agent.env} cannot read its files ({type(exc).__name__}: {first_line(exc)})"]
-    return problems
-
-
-def check_deep(cfg: Config, models_ok: bool = True, data_ok: bool = True, notes: list | None = None) -> list[str]:
-    """Read and compare both tokenizers (when the model paths are fine), and the whole data set when `data_ok`.
-
-    No model weights are loaded. `notes` receives the data summary line.
-    """
+def check_deep(cfg: Config, models_ok: bool = True) -> list[str]:
+    """Read and compare both tokenizers (when the model paths are fine). No model weights are loaded."""
     if not models_ok:
         return []
     try:
@@ -328,17 +225,6 @@ def check_deep(cfg: Config, models_ok: bool = True, data_ok: bool = True, notes:
             check_tokenizers(s_tok, t_tok, _vocab_rows(cfg.model, len(s_tok)), _vocab_rows(cfg.teacher, len(t_tok)))
         except TokenizerMismatch as exc:
             problems.append(f"{mismatch_key(cfg, exc.side)}: {exc}")
-    if data_ok:
-        try:
-            train, val, report = load_prompts(cfg.data, s_tok, seed=cfg.train.seed, need_answers=cfg.opd.reward_beta > 0)
-            unknown = unknown_characters(train + val, s_tok)
-            problems += [unknown] if unknown else []
-            if notes is not None:
-                notes.append(f"data: {report.summary()}: {len(train)} for training, {len(val)} held out")
-        except DataError as exc:
-            problems.append(f"data.train_path: {exc}")
-        except Exception as exc:
-            problems.append(f"data.train_path: {exc}".splitlines()[0])
     return problems
 
 
@@ -358,20 +244,6 @@ def mismatch_key(cfg: Config, side: str | None) -> str:
     return f"{section}.path" if getattr(cfg, section).path else f"{section}.vocab_size"
 
 
-def unknown_characters(prompts: list[Prompt], tokenizer) -> str | None:
-    """One line when the prompts hold characters a `chars`-style tokenizer would silently read as <pad>."""
-    unk = unknown_id(tokenizer)
-    if unk is None:
-        return None
-    counts = [(p.ids.count(unk), p.source) for p in prompts]
-    bad = [(n, source) for n, source in counts if n]
-    if not bad:
-        return None
-    return (f"data.train_path: {sum(n for n, _ in bad)} characters in {len(bad)} prompts are outside the `chars` "
-            f"tokenizer's alphabet (e.g. {bad[0][1]}); it would read them as <pad>: remove them, or give "
-            f"model.tokenizer / teacher.tokenizer a tokenizer that has them")
-
-
 def model_paths(cfg: Config) -> dict[str, str]:
     return {"model": cfg.model.path, "teacher": cfg.teacher.path}
 
@@ -385,18 +257,16 @@ def preflight(cfg: Config, paths=(), deep: bool = False, ignore=(), notes: list 
     """Every problem found without loading model weights, one line each, each starting with its config key.
 
     ignore: config keys already reported (a partially valid config): problems about them are dropped.
-    deep: also read the whole data set (train.py --check); an agentic run (agent.env) has none: its tasks are
-    the environment's, which check_agent looks at.
+    deep: the rollout source also reads everything it will train on (train.py --check): the whole data set,
+    or the environment's tasks (opd.sources.check_source); `notes` receives its summary line.
     """
     model_problems = check_model("model", cfg.model) + check_model("teacher", cfg.teacher)
-    data_problems = check_data(cfg)
-    problems = model_problems + data_problems + check_output(cfg, paths) + check_run_dir(cfg, paths, ignore)
+    source_problems = check_source(cfg, notes, deep)
+    problems = model_problems + source_problems + check_output(cfg, paths) + check_run_dir(cfg, paths, ignore)
     # each subsystem's own check of its settings
     problems += check_selector(cfg.tip.selector) + check_reward(cfg.opd.reward) + check_engine(cfg.rollout.engine)
     problems += check_specs(cfg.eval.benchmarks) + demo_pairs.check(cfg.data.train_path, model_paths(cfg))
-    problems += check_agent(cfg, notes=notes if deep else None)
     demo = cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")
     if not demo:
-        data_ok = deep and not data_problems and not cfg.agent.env
-        problems += check_deep(cfg, models_ok=not model_problems, data_ok=data_ok, notes=notes)
+        problems += check_deep(cfg, models_ok=not model_problems)
     return [p for p in problems if p.split(":", 1)[0] not in ignore]

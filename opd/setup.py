@@ -13,30 +13,23 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from agent.env import Task
-from agent.evaluate import AgentBenchmark
-from agent.rollout import Agent
-from eval.benchmarks import Benchmark, Problem
 from lm.models import head_weight, load_model, rows
 from lm.teacher import LocalTeacher, Teacher
 from lm.tokenizers import check_tokenizers, load_tokenizer
 from opd.checkpoint import check_run_dir, holds_run, resume, run_directory
 from opd.config import Config, save_config, to_dict
-from opd.data import DataError, Prompt, PromptSampler, load_prompts
+from opd.data import PromptSampler
 from opd.distributed import built_whole, global_sum, make_accelerator, zero3_inference_engine
 from opd.engine import build_engine, rollout_sampling
-from opd.errors import RunError, first_line, hub_unreachable
+from opd.errors import RunError, loading
 from opd.policy import PolicyModel
-from opd.agentic import agent_prompts, build_agent
-from opd.preflight import unknown_characters
-from opd.rewards import benchmark_grader, reward_fn
+from opd.sources import RolloutSource, build_source
 from opd.step import LOSS_IMPLS, SelectorState, StepSettings, new_selector_state
 from opd.tracking import MetricsLog, writing
 
@@ -54,12 +47,11 @@ class Run:
     teacher: Teacher  # scores the step's micro-batches (lm.teacher): phase 1 of the step
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    sampler: PromptSampler
-    heldout: Benchmark | AgentBenchmark | None  # held-out prompts or tasks, evaluated as val/heldout/... (eval.heldout)
+    source: RolloutSource  # where rollouts come from: prompts or tasks, held-out part, rollout and reward
+    sampler: PromptSampler  # the step's prompts, drawn from source.prompts
     log: MetricsLog
     settings: StepSettings
     selector_state: SelectorState
-    reward: Callable  # (tokenizer, rollouts, answers) -> list[float] | None
     eos_ids: list[int]
     total_steps: int
     step: int = 0
@@ -69,8 +61,6 @@ class Run:
     bar: tqdm | None = None
     started: float = field(default_factory=time.time)
     evals: dict[str, dict] = field(default_factory=dict)  # evaluation name -> eval summary
-    agent: Agent | None = None  # agentic OPD (agent.env): the environment, chat format and caps
-    tasks: dict[str, Task] = field(default_factory=dict)  # agentic OPD: the environment's tasks by id (Prompt.source)
 
     def student_head(self) -> torch.Tensor:
         return head_weight(self.policy.lm)
@@ -101,12 +91,12 @@ def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, 
     with loading("teacher.tokenizer", cfg.teacher.tokenizer or cfg.teacher.path):
         teacher_tok = load_tokenizer(cfg.teacher)
     # data before models: a bad record refused with its file and line costs seconds, not a model load
-    train_prompts, heldout, agent, tasks = load_training(cfg, tokenizer, run_dir, acc)
+    source = build_source(cfg, tokenizer, run_dir, acc)
     acc.print(f"models: student {cfg.model.path or cfg.model.arch + ' (random init)'}, "
               f"teacher {cfg.teacher.path or cfg.teacher.arch + ' (random init)'}")
     student_lm, teacher_lm = load_pair(cfg, tokenizer, teacher_tok, acc, zero3)
 
-    total_steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(train_prompts) / cfg.train.prompts_per_step)
+    total_steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(source.prompts) / cfg.train.prompts_per_step)
     updates_per_step = cfg.train.prompts_per_step // (cfg.train.mini_batch_size or cfg.train.prompts_per_step)
     policy = PolicyModel(student_lm)
     student, optimizer = acc.prepare(policy, build_optimizer(policy, cfg))
@@ -118,11 +108,10 @@ def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, 
     run = Run(
         cfg=cfg, accelerator=acc, run_dir=run_dir, tokenizer=tokenizer, policy=policy, student=student,
         teacher=teacher,
-        optimizer=optimizer, scheduler=scheduler, sampler=PromptSampler(train_prompts, cfg.train.seed),
-        heldout=heldout, agent=agent, tasks=tasks,
+        optimizer=optimizer, scheduler=scheduler, source=source, sampler=PromptSampler(source.prompts, cfg.train.seed),
         log=MetricsLog(run_dir, cfg.logging, to_dict(cfg), enabled=acc.is_main_process),
         settings=step_settings(cfg), selector_state=new_selector_state(),
-        reward=reward_fn(cfg.opd.reward, cfg.eval.grade_timeout_s), eos_ids=eos_ids(tokenizer, student_lm),
+        eos_ids=eos_ids(tokenizer, student_lm),
         total_steps=total_steps, zero3=zero3, started=started,
     )
     resume(run)
@@ -133,25 +122,6 @@ def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, 
     if cfg.logging.progress_bar and acc.is_main_process and run.step < total_steps:
         run.bar = tqdm(total=total_steps, initial=run.step, desc="opd", dynamic_ncols=True)
     return run
-
-
-def load_training(cfg: Config, tokenizer, run_dir: Path, acc: Accelerator):
-    """(training prompts, held-out benchmark or None, Agent or None, tasks by id): from data.train_path, or
-    from the environment's tasks (agent.env)."""
-    if cfg.agent.env:
-        with loading("agent.env", cfg.agent.env):
-            agent = build_agent(cfg, tokenizer)
-            train_prompts, heldout, tasks, line = agent_prompts(agent, cfg, run_dir, acc.is_main_process)
-        acc.print(f"tasks: {line}")
-        return train_prompts, heldout, agent, tasks
-    with loading("data.train_path", cfg.data.train_path):
-        train_prompts, val_prompts, report = load_prompts(cfg.data, tokenizer, seed=cfg.train.seed,
-                                                          need_answers=cfg.opd.reward_beta > 0)
-    unknown = unknown_characters(train_prompts + val_prompts, tokenizer)
-    if unknown:
-        raise RunError(unknown)
-    acc.print(f"data: {report.summary()}: {len(train_prompts)} for training, {len(val_prompts)} held out")
-    return train_prompts, heldout_benchmark(cfg, val_prompts, acc), None, {}
 
 
 def load_pair(cfg: Config, tokenizer, teacher_tok, acc: Accelerator, zero3: bool):
@@ -188,19 +158,6 @@ def local_teacher(model, oc, device: torch.device, engine) -> LocalTeacher:
                         offload=oc.offload_teacher, engine=engine)
 
 
-def heldout_benchmark(cfg: Config, prompts: list[Prompt], acc: Accelerator) -> Benchmark | None:
-    """The held-out training prompts as a benchmark (formatted as in training, graded by opd.reward), or None."""
-    if not (prompts and cfg.eval.heldout):
-        return None
-    if any(not p.answer for p in prompts):
-        acc.print(f"note: the {len(prompts)} held-out prompts are not evaluated: some have no answer "
-                  f"(data.answer_key = {cfg.data.answer_key!r})")
-        return None
-    grade, extract = benchmark_grader(cfg.opd.reward)
-    problems = tuple(Problem(id=p.source, prompt="", answer=p.answer, ids=tuple(p.ids)) for p in prompts)
-    return Benchmark("heldout", problems, grade=grade, extract=extract)
-
-
 def step_settings(cfg: Config) -> StepSettings:
     return StepSettings(
         loss_impl=cfg.opd.loss_impl, loss_type=cfg.opd.loss_type, beta=cfg.opd.beta, chunk_size=cfg.opd.chunk_size,
@@ -233,20 +190,6 @@ def prepare_run_dir(cfg: Config, config_paths, acc) -> Path:
                 save_config(cfg, saved)
     acc.wait_for_everyone()
     return run_dir
-
-
-@contextlib.contextmanager
-def loading(key: str, name: str):
-    """Loading `name` (config key `key`) ends the run with one line when it fails: a hub that cannot be
-    reached, or whatever the loader raised (its first line)."""
-    try:
-        yield
-    except (RunError, DataError):
-        raise
-    except Exception as exc:
-        if hub_unreachable(exc):
-            raise RunError(f"{key}: cannot reach the hub for {name}; give a local path") from None
-        raise RunError(f"{key}: {name} cannot be loaded ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def use_prepared(cfg: Config, prepared: dict[str, str]) -> None:

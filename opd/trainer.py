@@ -22,7 +22,6 @@ import torch
 from lm.models import rows
 from lm.rollout import Rollouts, derive_seed
 from lm.teacher import TeacherSide
-from opd.agentic import agent_rollout
 from opd.checkpoint import latest_checkpoint, save
 from opd.config import Config
 from opd.distributed import backward_fn, clip_gradients, gather_fn, global_mean, global_sum, shard_places
@@ -51,9 +50,9 @@ def train(cfg: Config, config_paths: list[str] = (), prepared: dict[str, str] | 
     for step in range(first_step, run.total_steps + 1):
         t_step = time.perf_counter()
         reset_peak_memory(run.accelerator.device)
-        # 1. rollout: this process's share of the step's prompts, sampled by the student
-        # (agentic runs: multi-turn conversations with the environment's tools, scored by it)
-        rollouts, row_ids, rewards, agent_metrics = rollout(run, step)
+        # 1. rollout: this process's share of the step's prompts, sampled by the student from the run's
+        # source (opd.sources: single-turn responses, or conversations with an environment's tools)
+        rollouts, row_ids, rewards, source_metrics = rollout(run, step)
         t_generate = time.perf_counter() - t_step
         gap = rollout_gap(run, rollouts)  # the engine's log-probs vs the student's, before any update
         run.engine.sleep()  # GPU vLLM: its memory goes to training until the sync
@@ -69,7 +68,7 @@ def train(cfg: Config, config_paths: list[str] = (), prepared: dict[str, str] | 
         # 4. log, evaluate, checkpoint
         metrics = step_metrics(run, per_update, rewards, rollouts, t_generate, time.perf_counter() - t0, t_step)
         metrics.update(gap)
-        metrics.update(agent_metrics)
+        metrics.update(source_metrics)
         consecutive_skips = consecutive_skips + 1 if metrics["opd/skipped_updates"] == len(updates) else 0
         run.step = step
         if cfg.eval.every and step % cfg.eval.every == 0 and step != run.total_steps:
@@ -138,7 +137,8 @@ def run_update(run: Run, micro: list[MicroBatch], sides: list[TeacherSide], step
 
 def rollout(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, list[float] | None, dict]:
     """This process's rollouts of the step's prompts, each rollout's global place in the step (prompt place x
-    rollout.n + j: the same whatever the process count), their rewards (None: not graded) and agent/... metrics."""
+    rollout.n + j: the same whatever the process count), their rewards (None: not graded) and the source's
+    metrics (agent/... for an agentic run)."""
     cfg, acc = run.cfg, run.accelerator
     batch = run.sampler.next_batch(cfg.train.prompts_per_step)
     places = shard_places(len(batch), cfg.train.mini_batch_size or len(batch), acc.process_index, acc.num_processes)
@@ -147,12 +147,8 @@ def rollout(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, list[float] | 
     # then the same whatever the number of processes (tests/distributed compare 1 and 2).
     seeds = [derive_seed(cfg.train.seed, "rollout", step, i) for i in places]
     row_ids = torch.tensor([place * cfg.rollout.n + j for place in places for j in range(cfg.rollout.n)])
-    if run.agent is not None:
-        rollouts, scores, metrics = agent_rollout(run, prompts, seeds)
-        return rollouts, row_ids, scores, metrics
-    rollouts = run.engine.generate([p.ids for p in prompts], seeds, run.sampling)
-    rewards = run.reward(run.tokenizer, rollouts, [prompts[i].answer for i in rollouts.prompt_index.tolist()])
-    return rollouts, row_ids, rewards, {}
+    rollouts, rewards, metrics = run.source.rollout(run.engine, prompts, seeds, run.sampling)
+    return rollouts, row_ids, rewards, metrics
 
 
 def split_updates(rollouts: Rollouts, weights: torch.Tensor, row_ids: torch.Tensor, cfg: Config,
