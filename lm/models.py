@@ -8,6 +8,7 @@ architecture, so tests and benchmarks exercise the same model classes.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -43,6 +44,16 @@ def random_model_config(mc: ModelConfig, vocab_size: int, tokenizer=None):
         kwargs.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                       bos_token_id=tokenizer.bos_token_id)
     return cls(**kwargs)
+
+
+def vocab_rows(mc: ModelConfig, tokenizer_len: int) -> int:
+    """The embedding rows a model will have, read without loading it: its local config.json's vocab_size, or a
+    random model's (`vocab_size`, else the tokenizer's length)."""
+    config_file = Path(mc.path).expanduser() / "config.json" if mc.path else None
+    if config_file is not None and config_file.is_file():
+        data = json.loads(config_file.read_text())
+        return int(data.get("vocab_size") or data.get("text_config", {}).get("vocab_size") or tokenizer_len)
+    return mc.vocab_size or tokenizer_len
 
 
 def load_model(mc: ModelConfig, tokenizer, device: torch.device, *, trainable: bool):

@@ -99,6 +99,14 @@ class TokenizerMismatch(ValueError):
         super().__init__(message)
         self.side = side
 
+    def key(self, student: ModelConfig, teacher: ModelConfig) -> str:
+        """The config key to fix: the one model at fault (its path, or its random-init vocab_size), or
+        teacher.path when the two tokenizers differ."""
+        if self.side is None:
+            return "teacher.path"
+        section, mc = ("model", student) if self.side == "student" else ("teacher", teacher)
+        return f"{section}.path" if mc.path else f"{section}.vocab_size"
+
 
 def unknown_id(tokenizer) -> int | None:
     """The id a tokenizer silently gives any character it has no token for, or None.

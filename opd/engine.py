@@ -13,7 +13,7 @@ import time
 import torch
 
 from lm.engines import HFEngine, Sampling
-from lm.models import gathered, resolve_dtype, rows
+from lm.models import gathered, resolve_dtype
 from lm.rollout import Rollouts
 from lm.vllm_engine import MISSING, build_vllm_engine, vllm_available
 from opd.distributed import global_sum
@@ -21,47 +21,43 @@ from opd.errors import RunError
 from opd.losses import head_logits
 
 
-def build_engine(run):
-    """The engine of `run` (after its weights are final: resumed or not). A vLLM engine gets the student's
-    weights at once."""
-    cfg, acc = run.cfg, run.accelerator
-    if cfg.rollout.engine == "hf":
-        return HFEngine(run.policy.lm, cfg.rollout.batch_size, synced_gpus=run.zero3 and acc.num_processes > 1)
+def build_engine(lm, rc, max_len: int, run_dir, acc, zero3: bool):
+    """The rollout engine of the student `lm` (after its weights are final: resumed or not), `rc` the rollout
+    section, `max_len` prompt + response tokens at most. A vLLM engine gets the student's weights at once."""
+    if rc.engine == "hf":
+        return HFEngine(lm, rc.batch_size, synced_gpus=zero3 and acc.num_processes > 1)
     if not vllm_available():
         raise RunError(MISSING)
-    vc = cfg.rollout.vllm
+    vc = rc.vllm
     engine = build_vllm_engine(
-        run.policy.lm, run.run_dir / "vllm_model" / f"rank{acc.process_index}",
-        dtype=resolve_dtype(vc.dtype, acc.device),
-        max_model_len=vc.max_model_len or cfg.data.max_prompt_length + run.source.response_budget,
-        device=acc.device, num_processes=acc.num_processes, gpu_memory_utilization=vc.gpu_memory_utilization,
-        cpu_kv_cache_gb=vc.cpu_kv_cache_gb, sleep=vc.sleep, enforce_eager=vc.enforce_eager,
+        lm, run_dir / "vllm_model" / f"rank{acc.process_index}", dtype=resolve_dtype(vc.dtype, acc.device),
+        max_model_len=vc.max_model_len or max_len, device=acc.device, num_processes=acc.num_processes,
+        gpu_memory_utilization=vc.gpu_memory_utilization, cpu_kv_cache_gb=vc.cpu_kv_cache_gb, sleep=vc.sleep,
+        enforce_eager=vc.enforce_eager,
     )
-    engine.sync(student_weights(run))
+    engine.sync(student_weights(lm))
     return engine
 
 
-def rollout_sampling(run) -> Sampling:
-    rc = run.cfg.rollout
+def rollout_sampling(rc, eos_ids: list[int], pad_token_id: int, vocab_limit: int) -> Sampling:
+    """The training rollouts' sampling (`rc` the rollout section); `vocab_limit`: ids the teacher can score."""
     return Sampling(
         temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k, max_new_tokens=rc.max_new_tokens, n=rc.n,
-        eos_ids=tuple(run.eos_ids), pad_token_id=run.tokenizer.pad_token_id,
-        # the teacher must be able to score every sampled id
-        vocab_limit=min(rows(run.student_head()), run.teacher.vocab),
+        eos_ids=tuple(eos_ids), pad_token_id=pad_token_id, vocab_limit=vocab_limit,
     )
 
 
-def student_weights(run):
-    """(HF name, full tensor) of every student parameter, one at a time: under ZeRO-3 each is gathered
-    alone and copied out, so at most one full parameter is held beyond the shards."""
-    for name, param in run.policy.lm.named_parameters():
+def student_weights(lm):
+    """(HF name, full tensor) of every parameter of the student `lm`, one at a time: under ZeRO-3 each is
+    gathered alone and copied out, so at most one full parameter is held beyond the shards."""
+    for name, param in lm.named_parameters():
         with gathered(param):
             yield name, param.detach().clone() if hasattr(param, "ds_id") else param.detach()
 
 
-def sync_engine(run) -> None:
+def sync_engine(engine, lm) -> None:
     """After the step's optimiser updates: the engine takes the student's current weights."""
-    run.engine.sync(student_weights(run))
+    engine.sync(student_weights(lm))
 
 
 @torch.no_grad()

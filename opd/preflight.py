@@ -24,6 +24,7 @@ from transformers import CONFIG_MAPPING
 from demo import pairs as demo_pairs
 from eval.benchmarks import check_specs
 from lm.config import ModelConfig, check_attention
+from lm.models import vocab_rows
 from lm.tokenizers import TokenizerMismatch, check_tokenizers, load_tokenizer
 from lm.vllm_engine import check_engine
 from opd.checkpoint import check_run_dir, run_directory
@@ -106,15 +107,6 @@ def _hub_problem(repo_id: str, exc: Exception) -> str:
     if isinstance(exc, EntryNotFoundError):
         return f"{repo_id} has no config.json (not a transformers checkpoint)"
     return f"{repo_id}: {first_line(exc)}"
-
-
-def _vocab_rows(mc: ModelConfig, tokenizer_len: int) -> int:
-    if mc.path and _is_local(mc.path):
-        cfg_file = Path(mc.path).expanduser() / "config.json"
-        if cfg_file.is_file():
-            data = json.loads(cfg_file.read_text())
-            return int(data.get("vocab_size") or data.get("text_config", {}).get("vocab_size") or tokenizer_len)
-    return mc.vocab_size or tokenizer_len
 
 
 # ----------------------------------------------------------------------------
@@ -204,7 +196,7 @@ def _size(n: float) -> str:
 
 
 # ----------------------------------------------------------------------------
-# selector, deep checks, and the entry point
+# the pair's tokenizers, and the entry point
 
 
 def check_deep(cfg: Config, models_ok: bool = True) -> list[str]:
@@ -222,9 +214,9 @@ def check_deep(cfg: Config, models_ok: bool = True) -> list[str]:
         problems.append(tokenizer_problem("teacher", cfg.teacher, "teacher", exc))
     else:
         try:
-            check_tokenizers(s_tok, t_tok, _vocab_rows(cfg.model, len(s_tok)), _vocab_rows(cfg.teacher, len(t_tok)))
+            check_tokenizers(s_tok, t_tok, vocab_rows(cfg.model, len(s_tok)), vocab_rows(cfg.teacher, len(t_tok)))
         except TokenizerMismatch as exc:
-            problems.append(f"{mismatch_key(cfg, exc.side)}: {exc}")
+            problems.append(f"{exc.key(cfg.model, cfg.teacher)}: {exc}")
     return problems
 
 
@@ -233,19 +225,6 @@ def tokenizer_problem(section: str, mc: ModelConfig, who: str, exc: Exception) -
     if hub_unreachable(exc):
         return f"{section}.tokenizer: cannot reach the hub for {name}; give a local path"
     return f"{section}.tokenizer: cannot load the {who} tokenizer ({first_line(exc)})"
-
-
-def mismatch_key(cfg: Config, side: str | None) -> str:
-    """The key to fix for a tokenizer mismatch: the one model at fault (its path, or its random-init
-    vocab_size), or teacher.path when the two tokenizers differ."""
-    if side is None:
-        return "teacher.path"
-    section = "model" if side == "student" else "teacher"
-    return f"{section}.path" if getattr(cfg, section).path else f"{section}.vocab_size"
-
-
-def model_paths(cfg: Config) -> dict[str, str]:
-    return {"model": cfg.model.path, "teacher": cfg.teacher.path}
 
 
 def config_keys(problems: list[str]) -> set[str]:
@@ -265,7 +244,7 @@ def preflight(cfg: Config, paths=(), deep: bool = False, ignore=(), notes: list 
     problems = model_problems + source_problems + check_output(cfg, paths) + check_run_dir(cfg, paths, ignore)
     # each subsystem's own check of its settings
     problems += check_selector(cfg.tip.selector) + check_reward(cfg.opd.reward) + check_engine(cfg.rollout.engine)
-    problems += check_specs(cfg.eval.benchmarks) + demo_pairs.check(cfg.data.train_path, model_paths(cfg))
+    problems += check_specs(cfg.eval.benchmarks) + demo_pairs.check(cfg.data.train_path, {"model": cfg.model.path, "teacher": cfg.teacher.path})
     demo = cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")
     if not demo:
         problems += check_deep(cfg, models_ok=not model_problems)

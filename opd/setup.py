@@ -52,10 +52,8 @@ class Run:
     log: MetricsLog
     settings: StepSettings
     selector_state: SelectorState
-    eos_ids: list[int]
     total_steps: int
     step: int = 0
-    zero3: bool = False  # DeepSpeed ZeRO-3: the student's weights are sharded over the processes
     engine: object = None  # the rollout engine (lm.engines: HF generate or a colocated vLLM), built after resuming
     sampling: object = None  # lm.engines.Sampling of the training rollouts
     bar: tqdm | None = None
@@ -99,10 +97,10 @@ def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, 
     total_steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(source.prompts) / cfg.train.prompts_per_step)
     updates_per_step = cfg.train.prompts_per_step // (cfg.train.mini_batch_size or cfg.train.prompts_per_step)
     policy = PolicyModel(student_lm)
-    student, optimizer = acc.prepare(policy, build_optimizer(policy, cfg))
+    student, optimizer = acc.prepare(policy, build_optimizer(policy, cfg.optim))
     # Built on the prepared optimizer and not handed to accelerate: its scheduler wrapper would step
     # num_processes times per update, and DeepSpeed may replace the optimizer (offload: DeepSpeedCPUAdam).
-    scheduler = build_scheduler(optimizer, cfg, total_steps * updates_per_step)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps * updates_per_step)
     teacher = local_teacher(teacher_lm, cfg.opd, acc.device, zero3_inference_engine(teacher_lm, acc)
                             if zero3 and cfg.opd.teacher_zero3 else None)
     run = Run(
@@ -111,11 +109,13 @@ def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, 
         optimizer=optimizer, scheduler=scheduler, source=source, sampler=PromptSampler(source.prompts, cfg.train.seed),
         log=MetricsLog(run_dir, cfg.logging, to_dict(cfg), enabled=acc.is_main_process),
         settings=step_settings(cfg), selector_state=new_selector_state(),
-        eos_ids=eos_ids(tokenizer, student_lm),
-        total_steps=total_steps, zero3=zero3, started=started,
+        total_steps=total_steps, started=started,
     )
     resume(run)
-    run.engine, run.sampling = build_engine(run), rollout_sampling(run)
+    run.engine = build_engine(policy.lm, cfg.rollout, cfg.data.max_prompt_length + source.response_budget, run_dir,
+                              acc, zero3)
+    vocab_limit = min(rows(head_weight(student_lm)), teacher.vocab)  # sampled ids the teacher can score
+    run.sampling = rollout_sampling(cfg.rollout, eos_ids(tokenizer, student_lm), tokenizer.pad_token_id, vocab_limit)
     if acc.is_main_process and not (run.step >= total_steps and (run_dir / "summary.json").is_file()):
         with writing(run_dir / "config.yaml"):  # a no-op rerun of a finished run changes no file
             save_config(given, run_dir / "config.yaml")
@@ -202,14 +202,15 @@ def use_prepared(cfg: Config, prepared: dict[str, str]) -> None:
             mc.path = prepared[mc.path]
 
 
-def build_optimizer(policy, cfg: Config):
+def build_optimizer(policy, oc):
+    """AdamW over the trainable parameters (`oc` the optim section), no decay on norms and biases."""
     decay, no_decay = [], []
     for name, p in policy.named_parameters():
         if p.requires_grad:
             # no decay on norms and biases; ds_shape: a ZeRO-3 shard built by zero.Init is a flat (n,) tensor
             (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps)
 
 
 def lr_factor(update: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -222,8 +223,8 @@ def lr_factor(update: int, total: int, warmup: int, schedule: str, min_ratio: fl
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer, cfg: Config, total_updates: int):
-    o = cfg.optim
+def build_scheduler(optimizer, o, total_updates: int):
+    """Warm-up then cosine/constant over `total_updates` optimiser updates (`o` the optim section)."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda u: lr_factor(u, total_updates, o.warmup_steps, o.schedule, o.min_lr_ratio)
     )

@@ -60,11 +60,11 @@ def train(cfg: Config, config_paths: list[str] = (), prepared: dict[str, str] | 
         weights = reward_weights(rewards, cfg.opd.reward_beta, run.accelerator)
         # 3. teacher side of every micro-batch (phase 1), then the student's optimiser updates (phase 2)
         t0 = time.perf_counter()
-        updates = split_updates(rollouts, torch.ones(len(rollouts)) if weights is None else weights, row_ids, cfg,
-                                run.accelerator)
+        updates = split_updates(rollouts, torch.ones(len(rollouts)) if weights is None else weights, row_ids, tc,
+                                run.accelerator.device)
         sides = [run.teacher.score(micro) for micro in updates]
         per_update = [run_update(run, micro, sides[u], step, u) for u, micro in enumerate(updates)]
-        sync_engine(run)  # the next rollout (and any evaluation) samples from the updated student
+        sync_engine(run.engine, run.policy.lm)  # the next rollout (and any evaluation) samples from the updated student
         # 4. log, evaluate, checkpoint
         metrics = step_metrics(run, per_update, rewards, rollouts, t_generate, time.perf_counter() - t0, t_step)
         metrics.update(gap)
@@ -151,27 +151,28 @@ def rollout(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, list[float] | 
     return rollouts, row_ids, rewards, metrics
 
 
-def split_updates(rollouts: Rollouts, weights: torch.Tensor, row_ids: torch.Tensor, cfg: Config,
-                  acc) -> list[list[MicroBatch]]:
-    """This process's rollouts -> optimiser updates -> micro-batches (padding trimmed per micro-batch)."""
+def split_updates(rollouts: Rollouts, weights: torch.Tensor, row_ids: torch.Tensor, tc,
+                  device) -> list[list[MicroBatch]]:
+    """This process's rollouts -> optimiser updates -> micro-batches (padding trimmed per micro-batch) on
+    `device`; `tc` the train section (prompts per step, mini- and micro-batch sizes)."""
     n_rows = len(rollouts)
-    n_updates = cfg.train.prompts_per_step // (cfg.train.mini_batch_size or cfg.train.prompts_per_step)
+    n_updates = tc.prompts_per_step // (tc.mini_batch_size or tc.prompts_per_step)
     per_update = math.ceil(n_rows / n_updates)
     updates = []
     for u in range(n_updates):
         rows = list(range(u * per_update, min(n_rows, (u + 1) * per_update)))
         micro = []
-        for k in range(0, len(rows), cfg.train.micro_batch_size):
-            idx = torch.tensor(rows[k:k + cfg.train.micro_batch_size])
+        for k in range(0, len(rows), tc.micro_batch_size):
+            idx = torch.tensor(rows[k:k + tc.micro_batch_size])
             att = rollouts.attention_mask[idx]
             cols = att.any(0).nonzero().squeeze(1)
             lo, hi = int(cols.min()), int(cols.max()) + 1
             micro.append(MicroBatch(
-                input_ids=rollouts.input_ids[idx, lo:hi].to(acc.device),
-                attention_mask=att[:, lo:hi].to(acc.device),
-                response_mask=rollouts.response_mask[idx, lo:hi].to(acc.device),
-                sample_weight=weights[idx].to(acc.device),
-                sequence_ids=row_ids[idx].to(acc.device),  # step-unique, the same whatever the process count
+                input_ids=rollouts.input_ids[idx, lo:hi].to(device),
+                attention_mask=att[:, lo:hi].to(device),
+                response_mask=rollouts.response_mask[idx, lo:hi].to(device),
+                sample_weight=weights[idx].to(device),
+                sequence_ids=row_ids[idx].to(device),  # step-unique, the same whatever the process count
             ))
         updates.append(micro)
     return updates
