@@ -1,7 +1,8 @@
-"""The set-up of a run: run directory, demo pair, data, models, optimiser and schedule, resumed state.
+"""The set-up of a run: run directory, rollout source, models and the teacher, optimiser and schedule, resumed state.
 
 `setup(cfg)` returns the `Run` that `opd.trainer.train` drives; nothing here
-runs a training step.
+runs a training step or prepares a model (the demo pairs are made by the one
+preparation step before it, opd.cli.prepare).
 """
 
 from __future__ import annotations

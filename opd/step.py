@@ -1,4 +1,5 @@
-"""One OPD optimiser update: teacher side -> student forward -> token stats -> tip selection -> loss.
+"""One micro-batch of an OPD update, given its teacher side (lm.teacher): student forward -> token stats ->
+tip selection -> loss -> backward.
 
 This is the only module of `opd` that imports `tip` (the seam). The two loss
 implementations compute the same thing:
