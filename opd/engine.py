@@ -61,25 +61,24 @@ def sync_engine(engine, lm) -> None:
 
 
 @torch.no_grad()
-def rollout_gap(run, rollouts: Rollouts) -> dict:
+def rollout_gap(student, head: torch.Tensor, rollouts: Rollouts, micro_batch_size: int, chunk_size: int, acc) -> dict:
     """rollout/logprob_diff_mean and _max: |engine log p - trainer log p| of every sampled token, over
     all processes (nats). The trainer side is one extra no-grad student forward over the step's rollouts
     (micro-batch by micro-batch, LM head chunked), run before any update of the step: so the gap measures
     a stale or broken sync and precision differences, never the step's own updates. 0 on the HF path,
-    which samples from the trained model itself (and then costs nothing). Its time: timing/logprob_check_s."""
+    which samples from the trained model itself (and then costs nothing). Its time: timing/logprob_check_s.
+    `student`: the (wrapped) PolicyModel; `head` (V, d) its LM head."""
     if rollouts.logprobs is None:
         return {"rollout/logprob_diff_mean": 0.0, "rollout/logprob_diff_max": 0.0}
     started = time.perf_counter()
-    acc, cfg = run.accelerator, run.cfg
-    head = run.student_head()
     total, count, biggest = 0.0, 0, 0.0
-    for start in range(0, len(rollouts), cfg.train.micro_batch_size):
-        part = rollouts.rows(list(range(start, min(len(rollouts), start + cfg.train.micro_batch_size)))).to(acc.device)
+    for start in range(0, len(rollouts), micro_batch_size):
+        part = rollouts.rows(list(range(start, min(len(rollouts), start + micro_batch_size)))).to(acc.device)
         with acc.autocast():
-            hidden = run.student(part.input_ids, part.attention_mask, hidden=True)
+            hidden = student(part.input_ids, part.attention_mask, hidden=True)
         pos = part.response_mask[:, 1:].bool()
         states, tokens = hidden[:, :-1][pos], part.input_ids[:, 1:][pos]
-        diff = (sampled_logprobs(states, head, tokens, cfg.opd.chunk_size) - part.logprobs[:, 1:][pos]).abs()
+        diff = (sampled_logprobs(states, head, tokens, chunk_size) - part.logprobs[:, 1:][pos]).abs()
         total, count = total + float(diff.sum()), count + diff.numel()
         biggest = max(biggest, float(diff.max())) if diff.numel() else biggest
     worst = acc.gather(torch.tensor([biggest], device=acc.device)).max() if acc.num_processes > 1 else biggest

@@ -54,7 +54,9 @@ def train(cfg: Config, config_paths: list[str] = (), prepared: dict[str, str] | 
         # source (opd.sources: single-turn responses, or conversations with an environment's tools)
         rollouts, row_ids, rewards, source_metrics = rollout(run, step)
         t_generate = time.perf_counter() - t_step
-        gap = rollout_gap(run, rollouts)  # the engine's log-probs vs the student's, before any update
+        # the engine's log-probs vs the student's, before any update
+        gap = rollout_gap(run.student, run.student_head(), rollouts, tc.micro_batch_size, cfg.opd.chunk_size,
+                          run.accelerator)
         run.engine.sleep()  # GPU vLLM: its memory goes to training until the sync
         # 2. rewards (optional): verifiable reward (or environment score) per rollout, softmax sample weights
         weights = reward_weights(rewards, cfg.opd.reward_beta, run.accelerator)
