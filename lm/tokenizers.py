@@ -54,7 +54,8 @@ def _characters(alphabet: str | None, specials: list[str], words: list[str], tem
 QWEN3_STYLE_TEMPLATE = (
     # Qwen3's conventions, written for a character tokenizer: tools named in the system turn, tool calls as
     # <tool_call>{json}</tool_call>, consecutive tool results in one user turn of <tool_response> blocks, and
-    # the thinking blocks of earlier assistant turns dropped when the history is rendered (SPEC §6).
+    # the thinking blocks of earlier assistant turns dropped when the history is rendered (SPEC §6; simpler
+    # than Qwen3's own template, which drops them only before a later user message: docs/agentic.md).
     "{% if tools or messages[0]['role'] == 'system' %}<|im_start|>system\n"
     "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% if tools %}{{ '\n' }}{% endif %}{% endif %}"
     "{% if tools %}# Tools: {% for t in tools %}{{ t['function']['name'] if 'function' in t else t['name'] }}"

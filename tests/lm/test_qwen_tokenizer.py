@@ -65,7 +65,7 @@ def test_added_tokens_sit_at_their_published_ids_with_their_flags(qwen3_tok):
         assert qwen3_tok.decode([64, tid, 65], skip_special_tokens=True) == ("ab" if special else f"a{content}b")
 
 
-def test_the_tokenizer_is_cached_by_the_ranks_hash_and_reloads_identically(qwen3_tok, tmp_path):
+def test_the_tokenizer_is_cached_by_the_ranks_hash_and_reloads_identically(qwen3_tok, tmp_path, monkeypatch):
     def cached():
         return {p.name: (p / "tokenizer.json").stat().st_mtime_ns
                 for p in (REPO / ".cache" / "tokenizers").iterdir() if p.name.startswith("qwen-")}
@@ -74,6 +74,10 @@ def test_the_tokenizer_is_cached_by_the_ranks_hash_and_reloads_identically(qwen3
     again = qwen_tokenizer(cache_dir=REPO / ".cache" / "tokenizers")
     assert cached() == before  # loaded, not rebuilt
     assert again.get_vocab() == qwen3_tok.get_vocab() and again.chat_template is None
+    monkeypatch.chdir(REPO)  # model.tokenizer=qwen3 caches under .cache/tokenizers of the working directory
+    named = load_tokenizer(ModelConfig(tokenizer="qwen3"))
+    assert cached() == before and named.get_vocab() == qwen3_tok.get_vocab()
+    assert named.chat_template == qwen3_tok.chat_template and "enable_thinking" in named.chat_template
     qwen3_tok.save_pretrained(tmp_path / "qwen3")
     loaded = load_tokenizer(ModelConfig(tokenizer=str(tmp_path / "qwen3")))
     assert loaded.get_vocab() == qwen3_tok.get_vocab() and loaded.chat_template == qwen3_tok.chat_template
