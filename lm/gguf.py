@@ -26,6 +26,7 @@ import copy
 import fcntl
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -67,6 +68,9 @@ def check_gguf(side: str, mc: ModelConfig) -> list[str]:
     if magic != MAGIC:
         return [f"{key}: {file} is not a GGUF file (it starts with {magic!r}, not {MAGIC!r})"]
     if not (cache_entry(file, mc.gguf_cache_dir) / DONE).is_file():
+        if importlib.util.find_spec("gguf") is None:
+            return [f"{key}: reading {file} needs the gguf package: pip install --no-deps -r requirements-real.txt "
+                    "(README, 'Real models')"]
         try:
             header(file)
         except Exception as exc:  # the GGUF reader's errors (cut-short file, bad field) say what it found
