@@ -3,6 +3,7 @@
     python -m eval --model Qwen/Qwen3-4B --benchmarks math500,aime24,aime25 --k 16 --out runs/eval/qwen3-4b
     python -m eval --model runs/x/final --benchmarks math500=data/math500.jsonl --max-problems 50
     python -m eval --model runs/x/checkpoints/step_000200 --env lookup --split runs/x/split.json --k 4
+    python -m eval --gguf-file models/SmolLM2-135M-Instruct.Q4_1.gguf --benchmarks demo --k 1
 
 Sampling options left out keep the defaults of `opd.config.EvalConfig`. The
 model loads through transformers (bfloat16 on a GPU that supports it,
@@ -29,6 +30,7 @@ from eval.benchmarks import BenchmarkError, load_benchmark, parse_spec
 from eval.config import EvalConfig
 from eval.runner import evaluate, prompt_format
 from lm.config import ModelConfig
+from lm.gguf import check_gguf, gguf_path
 from lm.models import load_model
 from lm.tokenizers import load_tokenizer
 from lm.vllm_engine import MISSING, build_vllm_engine, vllm_available
@@ -51,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     help_of = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(EvalConfig)}
     defaults = EvalConfig()
     p = argparse.ArgumentParser(prog="python -m eval", description="mean@k / pass@k / maj@k evaluation of a causal LM.")
-    p.add_argument("--model", required=True, help="local checkpoint directory or hub id")
+    p.add_argument("--model", default="", help="local checkpoint directory or hub id (with --gguf-file: the file's directory)")
+    p.add_argument("--gguf-file", default="", help="a GGUF checkpoint: a file name inside --model, or its path without --model; "
+                   "de-quantised once and cached (same as model.gguf_file)")
+    p.add_argument("--gguf-cache-dir", default=ModelConfig.gguf_cache_dir, help="where de-quantised GGUF checkpoints are kept")
     p.add_argument("--tokenizer", default="", help="tokenizer path or hub id (default: the model's)")
     p.add_argument("--benchmarks", default="",
                    help="comma-separated: math500, aime24, aime25, dapo, demo, NAME=PATH.jsonl or PATH.jsonl")
@@ -116,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not specs and not args.env:
             raise BenchmarkError("give --benchmarks or an agent --env")
+        if not args.model and not args.gguf_file:
+            raise ValueError("give --model (a checkpoint directory or hub id) or --gguf-file")
+        gguf_problems = check_gguf("model", model_config(args))  # the file and its header, before any load
+        if gguf_problems:
+            raise ValueError(gguf_problems[0].replace("model.gguf_file", "--gguf-file").replace("model.path", "--model"))
         env_args = agent_options(args)
         for spec in specs:
             parse_spec(spec)
@@ -137,11 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {MISSING.replace('rollout.engine=vllm', '--engine vllm')}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    mc = ModelConfig(path=args.model, tokenizer=args.tokenizer, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    mc = model_config(args)
+    name = str(gguf_path(mc) or args.model)
     try:
         tokenizer = load_tokenizer(mc)
     except (OSError, ValueError) as exc:
-        return cannot_load(args.model, exc)
+        return cannot_load(name, exc)
     try:  # the agent (its environment's files, a --split) before the weights: a typo must not wait for a load
         specs += [agent_benchmark(args, env_args, tokenizer)] if env_args is not None else []
     except ValueError as exc:
@@ -150,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(mc, tokenizer, device, trainable=False)
     except (OSError, ValueError) as exc:
-        return cannot_load(args.model, exc)
-    out = args.out or str(Path("runs") / "eval" / re.sub(r"[^A-Za-z0-9_.\-]+", "_", args.model.strip("/")))
+        return cannot_load(name, exc)
+    label = Path(args.gguf_file).stem if args.gguf_file else args.model.strip("/")
+    out = args.out or str(Path("runs") / "eval" / re.sub(r"[^A-Za-z0-9_.\-]+", "_", label))
     engine = vllm_engine(model, args, cfg, device, out) if args.engine == "vllm" else None
     evaluate(
         model, tokenizer, specs, cfg, out, seed=args.seed, chat_template=not args.no_chat_template,
@@ -159,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"wrote {Path(out) / 'summary.json'} and {Path(out) / 'samples.jsonl'}")
     return 0
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(path=args.model, tokenizer=args.tokenizer, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                       gguf_file=args.gguf_file, gguf_cache_dir=args.gguf_cache_dir)
 
 
 def cannot_load(model: str, exc: Exception) -> int:

@@ -15,7 +15,7 @@ from transformers import AttentionInterface
 
 @dataclass
 class ModelConfig:
-    path: str = field(default="", metadata={"help": "local directory or hub id of a causal LM; empty = build from `arch` with random weights"})
+    path: str = field(default="", metadata={"help": "local directory or hub id of a causal LM; empty = build from `arch` with random weights (or: `gguf_file` is the file's path)"})
     arch: Literal["", "qwen3", "qwen2", "llama"] = field(default="", metadata={"help": "architecture for a randomly initialised model (tests, benchmarks)"})
     hidden_size: int = field(default=64, metadata={"help": "random init: hidden size", "min": 1})
     num_layers: int = field(default=2, metadata={"help": "random init: decoder layers", "min": 1})
@@ -26,6 +26,8 @@ class ModelConfig:
     tie_word_embeddings: bool = field(default=False, metadata={"help": "random init: tie input and output embeddings"})
     init_seed: int = field(default=0, metadata={"help": "random init: seed of the weights"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer path or hub id; empty = `path`; 'chars' = the built-in character tokenizer"})
+    gguf_file: str = field(default="", metadata={"help": "a GGUF checkpoint (llama.cpp): a file name inside the directory `path`, or the file's path with `path` empty; de-quantised to float32 once and cached (lm/gguf.py)"})
+    gguf_cache_dir: str = field(default=".cache/gguf", metadata={"help": "where de-quantised GGUF checkpoints are kept (relative to the working directory), one per file, keyed by its path, size and mtime"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype; auto = bfloat16 on a GPU that supports it, else float32"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "transformers attention implementation (sdpa, eager, flash_attention_2, ...)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing of the decoder layers (student only)"})

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from lm.config import ModelConfig
+from lm.gguf import dequantised, gguf_path, header, ready
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -47,9 +48,13 @@ def random_model_config(mc: ModelConfig, vocab_size: int, tokenizer=None):
 
 
 def vocab_rows(mc: ModelConfig, tokenizer_len: int) -> int:
-    """The embedding rows a model will have, read without loading it: its local config.json's vocab_size, or a
-    random model's (`vocab_size`, else the tokenizer's length)."""
-    config_file = Path(mc.path).expanduser() / "config.json" if mc.path else None
+    """The embedding rows a model will have, read without loading it: its local config.json's vocab_size (a GGUF
+    file: its cached checkpoint's, else its header's), or a random model's (`vocab_size`, else the tokenizer's
+    length)."""
+    if mc.gguf_file and ready(mc) is None:
+        return header(gguf_path(mc))[1]
+    folder = ready(mc) or (Path(mc.path).expanduser() if mc.path else None)
+    config_file = folder / "config.json" if folder is not None else None
     if config_file is not None and config_file.is_file():
         data = json.loads(config_file.read_text())
         return int(data.get("vocab_size") or data.get("text_config", {}).get("vocab_size") or tokenizer_len)
@@ -57,11 +62,13 @@ def vocab_rows(mc: ModelConfig, tokenizer_len: int) -> int:
 
 
 def load_model(mc: ModelConfig, tokenizer, device: torch.device, *, trainable: bool):
-    """Load (or build) a causal LM on `device`. A non-trainable model is frozen and in eval mode."""
+    """Load (or build) a causal LM on `device`. A non-trainable model is frozen and in eval mode.
+    A GGUF checkpoint is de-quantised on first use and loaded from its cache entry (lm.gguf)."""
     dtype = resolve_dtype(mc.dtype, device)
-    if mc.path:
+    path = str(dequantised(mc)) if mc.gguf_file else mc.path
+    if path:
         model = AutoModelForCausalLM.from_pretrained(
-            mc.path, dtype=dtype, attn_implementation=mc.attn_implementation,
+            path, dtype=dtype, attn_implementation=mc.attn_implementation,
             trust_remote_code=mc.trust_remote_code,
         )
     else:

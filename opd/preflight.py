@@ -24,6 +24,7 @@ from transformers import CONFIG_MAPPING
 from demo import pairs as demo_pairs
 from eval.benchmarks import check_specs
 from lm.config import ModelConfig, check_attention
+from lm.gguf import check_gguf, gguf_path, header
 from lm.models import vocab_rows
 from lm.tokenizers import TokenizerMismatch, check_tokenizers, load_tokenizer
 from lm.vllm_engine import check_engine
@@ -49,6 +50,8 @@ def check_model(side: str, mc: ModelConfig) -> list[str]:
     problems = check_attention(side, mc)
     if mc.tokenizer not in ("", "chars") and _is_local(mc.tokenizer) and not Path(mc.tokenizer).expanduser().exists():
         problems.append(f"{side}.tokenizer: {mc.tokenizer} does not exist")
+    if mc.gguf_file:  # `path` is then the GGUF file's directory (or empty), not a checkpoint
+        return problems + check_gguf(side, mc)
     if not mc.path or mc.path.startswith("demo:"):
         return problems
     if not _is_local(mc.path):
@@ -147,8 +150,14 @@ def _checkpoint_bytes(mc: ModelConfig, params: int) -> int:
 def _parameter_count(mc: ModelConfig) -> int:
     """The student's parameters: from its safetensors headers, or from the architecture of a random model.
 
-    0 when unknown without loading anything (a hub id, the demo pair): the check is then skipped.
+    0 when unknown without loading anything (a hub id, the demo pair): the check is then skipped. A GGUF
+    file's count comes from its header (the cached checkpoint holds as many, in float32).
     """
+    if mc.gguf_file:
+        try:
+            return header(gguf_path(mc))[0]
+        except Exception:  # check_model reports an unreadable GGUF file
+            return 0
     if not mc.path:
         vocab = mc.vocab_size or (CHARS_VOCAB if mc.tokenizer in ("", "chars") else 0)
         d, heads, kv, layers = mc.hidden_size, mc.num_heads, mc.num_kv_heads, mc.num_layers
@@ -222,6 +231,8 @@ def check_deep(cfg: Config, models_ok: bool = True) -> list[str]:
 
 def tokenizer_problem(section: str, mc: ModelConfig, who: str, exc: Exception) -> str:
     name = mc.tokenizer or mc.path
+    if mc.gguf_file and not mc.tokenizer:
+        return f"{section}.gguf_file: cannot load the {who} tokenizer from {gguf_path(mc)} ({first_line(exc)})"
     if hub_unreachable(exc):
         return f"{section}.tokenizer: cannot reach the hub for {name}; give a local path"
     return f"{section}.tokenizer: cannot load the {who} tokenizer ({first_line(exc)})"

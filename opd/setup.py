@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from lm.gguf import gguf_path
 from lm.models import head_weight, load_model, rows
 from lm.teacher import LocalTeacher, Teacher
 from lm.tokenizers import check_tokenizers, load_tokenizer
@@ -85,14 +86,13 @@ def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, 
     given = copy.deepcopy(cfg)  # what config.yaml records: `demo:teacher`, not this machine's cache path
     use_prepared(cfg, prepared or {})
 
-    with loading("model.tokenizer", cfg.model.tokenizer or cfg.model.path):
+    with loading("model.tokenizer", cfg.model.tokenizer or model_name(cfg.model)):
         tokenizer = load_tokenizer(cfg.model)
-    with loading("teacher.tokenizer", cfg.teacher.tokenizer or cfg.teacher.path):
+    with loading("teacher.tokenizer", cfg.teacher.tokenizer or model_name(cfg.teacher)):
         teacher_tok = load_tokenizer(cfg.teacher)
     # data before models: a bad record refused with its file and line costs seconds, not a model load
     source = build_source(cfg, tokenizer, run_dir, acc)
-    acc.print(f"models: student {cfg.model.path or cfg.model.arch + ' (random init)'}, "
-              f"teacher {cfg.teacher.path or cfg.teacher.arch + ' (random init)'}")
+    acc.print(f"models: student {model_name(cfg.model)}, teacher {model_name(cfg.teacher)}")
     student_lm, teacher_lm = load_pair(cfg, tokenizer, teacher_tok, acc, zero3)
 
     total_steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(source.prompts) / cfg.train.prompts_per_step)
@@ -125,6 +125,13 @@ def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, 
     return run
 
 
+def model_name(mc) -> str:
+    """How the run's log names a model: its GGUF file, its path, or its random-init architecture."""
+    if mc.gguf_file:
+        return f"{gguf_path(mc)} (GGUF)"
+    return mc.path or mc.arch + " (random init)"
+
+
 def load_pair(cfg: Config, tokenizer, teacher_tok, acc: Accelerator, zero3: bool):
     """(student, teacher) on the run's device; the pair's tokenizers checked against each other."""
     ds_plugin = acc.state.deepspeed_plugin
@@ -133,15 +140,15 @@ def load_pair(cfg: Config, tokenizer, teacher_tok, acc: Accelerator, zero3: bool
         # With zero3_init_flag models are loaded already sharded (zero.Init); a replicated teacher must not be.
         # A random-init model (no path: tests, benchmarks) is built whole and sharded by DeepSpeed after:
         # zero.Init would draw other initial weights than a single process does.
-        whole = zero3 and not (sharded and mc.path)
+        whole = zero3 and not (sharded and (mc.path or mc.gguf_file))
         with built_whole(ds_plugin) if whole else contextlib.nullcontext():
             return load_model(mc, tok, acc.device, trainable=trainable)
 
     # The student trains in float32 under bf16 autocast on GPU ('auto'); the teacher is stored in bf16.
     student_mc = cfg.model if cfg.model.dtype != "auto" else dataclasses.replace(cfg.model, dtype="float32")
-    with loading("model.path", cfg.model.path or f"a random {cfg.model.arch} model"):
+    with loading("model.gguf_file" if cfg.model.gguf_file else "model.path", model_name(cfg.model)):
         student_lm = build(student_mc, tokenizer, trainable=True, sharded=True)
-    with loading("teacher.path", cfg.teacher.path or f"a random {cfg.teacher.arch} model"):
+    with loading("teacher.gguf_file" if cfg.teacher.gguf_file else "teacher.path", model_name(cfg.teacher)):
         teacher = build(cfg.teacher, teacher_tok, trainable=False, sharded=cfg.opd.teacher_zero3)
     try:
         check_tokenizers(tokenizer, teacher_tok, rows(student_lm.get_output_embeddings().weight),
