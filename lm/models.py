@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -126,3 +127,55 @@ def save_pretrained(model, tokenizer, path: str | Path, state_dict: dict | None 
     gathered full weights, since the module itself then holds only this process's shard)."""
     model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(path)
+
+
+CHARS_VOCAB = 102  # ids of the built-in character tokenizer (lm.tokenizers.char_tokenizer), for size estimates
+
+
+def parameter_count(mc: ModelConfig) -> int:
+    """The student's parameters: from its safetensors headers, or from the architecture of a random model.
+
+    0 when unknown without loading anything (a hub id, the demo pair): the check is then skipped. A GGUF
+    file's count comes from its header (the cached checkpoint holds as many, in float32).
+    """
+    if mc.gguf_file:
+        try:
+            return header(gguf_path(mc))[0]
+        except Exception:  # opd.preflight.check_model reports an unreadable GGUF file
+            return 0
+    if not mc.path:
+        vocab = mc.vocab_size or (CHARS_VOCAB if mc.tokenizer in ("", "chars") else 0)
+        d, heads, kv, layers = mc.hidden_size, mc.num_heads, mc.num_kv_heads, mc.num_layers
+        attention = 2 * d * d + 2 * d * (d // heads) * kv
+        per_layer = attention + 3 * d * mc.intermediate_size + 2 * d
+        return vocab * d * (1 if mc.tie_word_embeddings else 2) + layers * per_layer + d
+    path = Path(mc.path).expanduser()
+    if not path.is_dir():
+        return 0
+    count = 0
+    for file in path.glob("*.safetensors"):
+        try:
+            tensors = safetensors_header(file)
+        except (OSError, ValueError):
+            continue  # opd.preflight.check_model reports it
+        count += sum(math.prod(entry["shape"]) for entry in tensors.values())
+    return count
+
+
+def safetensors_header(file: Path) -> dict:
+    """Tensor name -> {dtype, shape, data_offsets} from a .safetensors file's header, reading nothing else.
+
+    ValueError (one line) when the header is unreadable or the file is shorter than its header says.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(length) if 8 <= size and length <= size - 8 else b""
+    try:
+        tensors = {k: v for k, v in json.loads(raw).items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise ValueError(f"is not a safetensors file, or its header is cut short ({size} bytes)") from None
+    if 8 + length + end > size:
+        raise ValueError(f"is cut short: {size} bytes where its header describes {8 + length + end}")
+    return tensors

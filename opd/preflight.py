@@ -11,7 +11,6 @@ models costs minutes); the rollout source checks its own data or environment
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -24,8 +23,8 @@ from transformers import CONFIG_MAPPING
 from demo import pairs as demo_pairs
 from eval.benchmarks import check_specs
 from lm.config import ModelConfig, check_attention
-from lm.gguf import check_gguf, gguf_path, header
-from lm.models import vocab_rows
+from lm.gguf import check_gguf, gguf_path
+from lm.models import parameter_count, safetensors_header, vocab_rows
 from lm.tokenizers import TokenizerMismatch, check_tokenizers, load_tokenizer
 from lm.vllm_engine import check_engine
 from opd.checkpoint import check_run_dir, run_directory
@@ -34,8 +33,6 @@ from opd.errors import first_line, hub_unreachable
 from opd.rewards import check_reward
 from opd.sources import check_source
 from opd.step import check_selector
-
-CHARS_VOCAB = 102  # ids of the built-in character tokenizer (lm.tokenizers.char_tokenizer), for size estimates
 
 def _is_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
@@ -133,7 +130,7 @@ def check_output(cfg: Config, config_paths=()) -> list[str]:
         return [f"train.output_dir: {out} is not writable" if probe == out
                 else f"train.output_dir: {out} cannot be created: {probe} is not writable"]
     free = shutil.disk_usage(probe).free
-    params = _parameter_count(cfg.model)
+    params = parameter_count(cfg.model)
     need = _checkpoint_bytes(cfg.model, params)
     if free < need:
         return [f"train.output_dir: {_size(free)} free on {probe}, one checkpoint of the student "
@@ -145,55 +142,6 @@ def _checkpoint_bytes(mc: ModelConfig, params: int) -> int:
     """Weights and AdamW's two moments, in the student's training dtype ('auto' trains in float32)."""
     element = 2 if mc.dtype in ("bfloat16", "float16") else 4
     return 3 * element * params
-
-
-def _parameter_count(mc: ModelConfig) -> int:
-    """The student's parameters: from its safetensors headers, or from the architecture of a random model.
-
-    0 when unknown without loading anything (a hub id, the demo pair): the check is then skipped. A GGUF
-    file's count comes from its header (the cached checkpoint holds as many, in float32).
-    """
-    if mc.gguf_file:
-        try:
-            return header(gguf_path(mc))[0]
-        except Exception:  # check_model reports an unreadable GGUF file
-            return 0
-    if not mc.path:
-        vocab = mc.vocab_size or (CHARS_VOCAB if mc.tokenizer in ("", "chars") else 0)
-        d, heads, kv, layers = mc.hidden_size, mc.num_heads, mc.num_kv_heads, mc.num_layers
-        attention = 2 * d * d + 2 * d * (d // heads) * kv
-        per_layer = attention + 3 * d * mc.intermediate_size + 2 * d
-        return vocab * d * (1 if mc.tie_word_embeddings else 2) + layers * per_layer + d
-    path = Path(mc.path).expanduser()
-    if not _is_local(mc.path) or not path.is_dir():
-        return 0
-    count = 0
-    for file in path.glob("*.safetensors"):
-        try:
-            header = safetensors_header(file)
-        except (OSError, ValueError):
-            continue  # check_model reports it
-        count += sum(math.prod(entry["shape"]) for entry in header.values())
-    return count
-
-
-def safetensors_header(file: Path) -> dict:
-    """Tensor name -> {dtype, shape, data_offsets} from a .safetensors file's header, reading nothing else.
-
-    ValueError (one line) when the header is unreadable or the file is shorter than its header says.
-    """
-    size = file.stat().st_size
-    with open(file, "rb") as fh:
-        length = int.from_bytes(fh.read(8), "little")
-        raw = fh.read(length) if 8 <= size and length <= size - 8 else b""
-    try:
-        tensors = {k: v for k, v in json.loads(raw).items() if k != "__metadata__"}
-        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        raise ValueError(f"is not a safetensors file, or its header is cut short ({size} bytes)") from None
-    if 8 + length + end > size:
-        raise ValueError(f"is cut short: {size} bytes where its header describes {8 + length + end}")
-    return tensors
 
 
 def _size(n: float) -> str:
