@@ -155,11 +155,12 @@ def _prepare(s: RealDemoConfig, out: Path, log) -> dict:
     student = cut(teacher, parse_layers(s.keep_layers))
     prompts = [r["prompt"] for r in real_task.records(real_task.TRAIN_NAME)]
     random.Random(s.seed).shuffle(prompts)
-    start = time.time()
-    samples = answers(teacher, tokenizer, prompts[:s.heal_prompts], s.max_new_tokens, s.seed)
-    log(f"real demo: the teacher answered {len(samples)} training prompts ({time.time() - start:.0f} s); healing the "
-        f"{student.config.num_hidden_layers}-layer student for {s.heal_steps} steps")
-    loss, seconds = heal(student, samples, s, log) if s.heal_steps else (float("nan"), 0.0)
+    start, loss, seconds = time.time(), float("nan"), 0.0
+    if s.heal_steps:
+        samples = answers(teacher, tokenizer, prompts[:s.heal_prompts], s.max_new_tokens, s.seed)
+        log(f"real demo: the teacher answered {len(samples)} training prompts ({time.time() - start:.0f} s); healing "
+            f"the {student.config.num_hidden_layers}-layer student for {s.heal_steps} steps")
+        loss, seconds = heal(student, samples, s, log)
     kl = heldout_kl(student, teacher, tokenizer, s)
     log(f"real demo: student held-out KL(student || teacher) {kl:.3f} nats/token")
     shutil.copytree(entry, out / "teacher", ignore=shutil.ignore_patterns("gguf.json"))
