@@ -168,7 +168,7 @@ def _prepare(s: RealDemoConfig, out: Path, log) -> dict:
     tokenizer.save_pretrained(out / "student")
     return {"settings": dataclasses.asdict(s), "teacher_gguf": str(teacher_file(s)),
             "student_layers": student.config.num_hidden_layers, "heal_loss": loss, "heal_seconds": round(seconds, 1),
-            "teacher_samples_seconds": round(time.time() - start - seconds, 1), "heldout_kl": kl,
+            "samples_and_kl_seconds": round(time.time() - start - seconds, 1), "heldout_kl": kl,
             "parameters": {"teacher": sum(p.numel() for p in teacher.parameters()),
                            "student": sum(p.numel() for p in student.parameters())}}
 
