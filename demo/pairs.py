@@ -8,27 +8,32 @@ it loads any other. Nothing is prepared inside the training run itself (STYLE po
 
 from __future__ import annotations
 
-from demo import task
+from demo import real_task, task
 from demo.agent_config import AgentDemoConfig
 from demo.agent_prepare import prepare_agent_pair
 from demo.config import DemoConfig
 from demo.prepare import prepare_pair
+from demo.real_config import RealDemoConfig
+from demo.real_prepare import prepare_real_pair
 
-MODELS = ("demo:teacher", "demo:student", "demo:agent_teacher", "demo:agent_student")
+MODELS = ("demo:teacher", "demo:student", "demo:agent_teacher", "demo:agent_student", "demo:real_teacher",
+          "demo:real_student")
+TASKS = (f"demo:{task.NAME}", f"demo:{real_task.TRAIN_NAME}", f"demo:{real_task.HELDOUT_NAME}")
 
 
 def check(train_path: str, model_paths: dict[str, str]) -> list[str]:
     """The demo task and model names (`model_paths`: config section -> path), one line per unknown one."""
     problems = []
-    if train_path.startswith("demo:") and train_path != f"demo:{task.NAME}":
-        problems.append(f"data.train_path: unknown demo task {train_path!r} (the demo task is demo:{task.NAME})")
+    if train_path.startswith("demo:") and train_path not in TASKS:
+        problems.append(f"data.train_path: unknown demo task {train_path!r} (known: {', '.join(TASKS)})")
     for section, path in model_paths.items():
         if path.startswith("demo:") and path not in MODELS:
             problems.append(f"{section}.path: unknown demo model {path!r} (known: {', '.join(MODELS)})")
     return problems
 
 
-def prepare(paths, demo: DemoConfig, agent_demo: AgentDemoConfig, log=print) -> dict[str, str]:
+def prepare(paths, demo: DemoConfig, agent_demo: AgentDemoConfig, real_demo: RealDemoConfig | None = None,
+            log=print) -> dict[str, str]:
     """The named step: every demo model name among `paths` -> the checkpoint directory of its prepared pair.
 
     The pairs are trained when absent (several processes of one launch: one trains, the others wait for it
@@ -39,7 +44,9 @@ def prepare(paths, demo: DemoConfig, agent_demo: AgentDemoConfig, log=print) -> 
     if unknown:
         raise ValueError(f"unknown demo model {unknown[0]!r} (known: {', '.join(MODELS)})")
     out = {}
-    for prefix, build, settings in (("demo:agent_", prepare_agent_pair, agent_demo), ("demo:", prepare_pair, demo)):
+    pairs = (("demo:agent_", prepare_agent_pair, agent_demo), ("demo:real_", prepare_real_pair, real_demo),
+             ("demo:", prepare_pair, demo))
+    for prefix, build, settings in pairs:
         names = {prefix + "teacher", prefix + "student"}
         if wanted & names:
             teacher, student = build(settings, log=log)

@@ -65,7 +65,8 @@ def prepare(cfg) -> dict[str, str]:
     name a demo pair (`demo:student`, ...) -> its checkpoints, the pair trained on first use and cached."""
     log = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
     try:
-        return demo_pairs.prepare([cfg.model.path, cfg.teacher.path], cfg.demo, cfg.agent_demo, log=log)
+        return demo_pairs.prepare([cfg.model.path, cfg.teacher.path], cfg.demo, cfg.agent_demo, cfg.real_demo,
+                                  log=log)
     except ValueError as exc:
         raise RunError(f"model.path / teacher.path: {exc}") from None
 

@@ -21,6 +21,7 @@ import yaml
 
 from agent.config import AgentConfig
 from demo.agent_config import AgentDemoConfig, check_agent_demo
+from demo.real_config import RealDemoConfig, check_real_demo
 from demo.config import DemoConfig, check_demo
 from eval.config import EvalConfig
 from lm.config import RANDOM_INIT_FIELDS, ModelConfig, RolloutConfig
@@ -33,7 +34,7 @@ RUN_NAME = r"([A-Za-z0-9_][A-Za-z0-9_.-]{0,99})?"  # one path component: no '/',
 
 @dataclass
 class DataConfig:
-    train_path: str = field(default="", metadata={"help": "JSONL/Parquet file, directory, `hub:<id>` or `demo:multiplication` (the demo task)"})
+    train_path: str = field(default="", metadata={"help": "JSONL/Parquet file, directory, `hub:<id>` or `demo:multiplication` / `demo:instructions` (the demo tasks)"})
     train_split: str = field(default="train", metadata={"help": "split name for hub data sets"})
     val_path: str = field(default="", metadata={"help": "optional separate validation prompts; empty = split off `val_ratio` of train"})
     val_ratio: float = field(default=0.0, metadata={"help": "fraction of train prompts held out for validation", "min": 0.0, "max": 0.9})
@@ -145,6 +146,7 @@ class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     agent_demo: AgentDemoConfig = field(default_factory=AgentDemoConfig)
+    real_demo: RealDemoConfig = field(default_factory=RealDemoConfig)
 
 
 # ----------------------------------------------------------------------------
@@ -286,6 +288,7 @@ def validate(cfg: Config) -> list[str]:
                         "takes its tasks from the environment; leave data.train_path empty")
     problems += check_demo(cfg.demo)
     problems += check_agent_demo(cfg.agent_demo, prefix="agent_demo.")
+    problems += check_real_demo(cfg.real_demo)
     return problems
 
 

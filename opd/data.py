@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 import lm.chat
 from lm.tokenizers import unknown_id
-from demo import task as demo_task
+from demo import real_task, task as demo_task
 from eval.benchmarks import dapo_problem
 from opd.config import DataConfig
 from opd.errors import DataError
@@ -56,9 +56,14 @@ def field_value(record: dict, key: str):
 def read_records(path: str, split: str, bad_records: str, report: LoadReport, *, seed: int = 0, n: int = 0):
     """Yield (record dict, source string) from a file, directory, hub id or task."""
     if path.startswith("demo:"):
-        if path != f"demo:{demo_task.NAME}":
-            raise DataError(f"unknown demo task {path!r} (the demo task is demo:{demo_task.NAME})")
-        for i, rec in enumerate(demo_task.train_records(n or 20000, seed)):
+        if path in (f"demo:{real_task.TRAIN_NAME}", f"demo:{real_task.HELDOUT_NAME}"):
+            records = real_task.records(path.removeprefix("demo:"))
+        elif path == f"demo:{demo_task.NAME}":
+            records = demo_task.train_records(n or 20000, seed)
+        else:
+            raise DataError(f"unknown demo task {path!r} (known: demo:{demo_task.NAME}, demo:{real_task.TRAIN_NAME}, "
+                            f"demo:{real_task.HELDOUT_NAME})")
+        for i, rec in enumerate(records):
             yield rec, f"{path}[{i}]"
         return
     local = Path(path)
