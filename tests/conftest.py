@@ -120,3 +120,11 @@ def select(name, stats, ratio, **kwargs):
 def tip_denominator(name, sizes, ratio, **kwargs):
     """tip.denominator with the config's default options, unless the test names them."""
     return tip.denominator(name, sizes, ratio, **{**TIP_OPTIONS, **kwargs})
+
+
+def teacher_of(model, impl: str, device):
+    """The local teacher (lm.teacher) that returns what loss path `impl` reads."""
+    from lm.teacher import LocalTeacher
+    from opd.step import LOSS_IMPLS
+
+    return LocalTeacher(model, reads=LOSS_IMPLS[impl].reads, device=device, cache_device=device)

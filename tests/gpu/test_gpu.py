@@ -6,21 +6,15 @@ import pytest
 import torch
 
 import tip
-from conftest import read_metrics, run_cli, tiny_config, write_config
+from conftest import read_metrics, run_cli, teacher_of, tiny_config, write_config
 from lm.config import ModelConfig
 from lm.models import head_weight, load_model
-from lm.teacher import LocalTeacher
 from lm.tokenizers import char_tokenizer
 from opd.policy import PolicyModel
-from opd.step import LOSS_IMPLS, MicroBatch, StepSettings, student_microbatch
+from opd.step import MicroBatch, StepSettings, student_microbatch
 
 pytestmark = pytest.mark.gpu
 TOK = char_tokenizer()
-
-
-def teacher_of(model, impl: str, device) -> LocalTeacher:
-    """The local teacher that returns what loss path `impl` reads."""
-    return LocalTeacher(model, reads=LOSS_IMPLS[impl].reads, device=device, cache_device=device)
 
 
 def cuda_pair():

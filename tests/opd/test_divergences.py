@@ -6,16 +6,15 @@ import torch
 
 from lm.config import ModelConfig
 from lm.models import head_weight, load_model
-from lm.teacher import LocalTeacher
 from lm.tokenizers import char_tokenizer
 from opd import losses
 from opd.config import load_config
 from opd.losses import DIVERGENCES, fused_head_divergence, register_divergence, reverse_kl, token_divergence
 from opd.policy import PolicyModel
-from opd.step import LOSS_IMPLS, MicroBatch, StepSettings, student_microbatch
+from opd.step import MicroBatch, StepSettings, student_microbatch
 
 import tip
-from conftest import REPO
+from conftest import REPO, teacher_of
 
 REPO_DEMO = REPO / "configs" / "demo.yaml"
 
@@ -93,8 +92,7 @@ def tiny_step(loss_type, impl):
     st = StepSettings(loss_impl=impl, loss_type=loss_type, beta=0.5, chunk_size=5, selector="all", ratio=1.0,
                       scope="microbatch", select_options={"normalize": "minmax", "momentum": 0.9,
                                                           "importance_weighting": False})
-    cpu = torch.device("cpu")
-    cached = LocalTeacher(teacher, reads=LOSS_IMPLS[impl].reads, device=cpu, cache_device=cpu).score([mb])[0]
+    cached = teacher_of(teacher, impl, torch.device("cpu")).score([mb])[0]
     _, _, value = student_microbatch(student, head_weight(student.lm), head_weight(teacher), mb, cached, st, 1.0,
                                      lambda key: torch.Generator().manual_seed(0), tip.RunningMinMax(),
                                      lambda loss: loss.backward())

@@ -8,21 +8,15 @@ import torch
 
 from lm.config import ModelConfig
 from lm.models import head_weight, load_model
-from lm.teacher import LocalTeacher
 from lm.tokenizers import char_tokenizer
 from opd.policy import PolicyModel
-from opd.step import LOSS_IMPLS, MicroBatch, StepSettings, denominator, fold_running_range, student_microbatch
+from opd.step import MicroBatch, StepSettings, denominator, fold_running_range, student_microbatch
 
 import tip
-from conftest import select, tip_denominator
+from conftest import select, teacher_of, tip_denominator
 
 TOK = char_tokenizer()
 CPU = torch.device("cpu")
-
-
-def teacher_of(model, impl: str, device) -> LocalTeacher:
-    """The local teacher that returns what loss path `impl` reads."""
-    return LocalTeacher(model, reads=LOSS_IMPLS[impl].reads, device=device, cache_device=device)
 
 
 @functools.lru_cache(maxsize=None)
