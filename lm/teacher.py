@@ -11,13 +11,15 @@ and §7), plus the teacher's LM head and vocabulary size. What a side holds depe
 
 N counts the micro-batch's response positions in `positions()` order (logits at column j predict token
 j + 1). Where the teacher lives is the implementation's business: `LocalTeacher` holds it in this process
-(plain, ZeRO-3-sharded over the processes, or parked on the CPU between steps). A teacher elsewhere is one
-more class with the same three members: nothing in the loop or the step changes.
+(plain, ZeRO-3-sharded over the processes, or parked on the CPU between steps); `lm.served.RayTeacher` is a
+pool of Ray actors on other processes or machines (teacher.placement: ray). Nothing in the loop or the step
+knows which.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence
 
@@ -56,6 +58,11 @@ class Teacher(Protocol):
     vocab   V_T, the teacher's vocabulary rows (padded embedding rows included).
     model   a local module the evaluation can sample from (the teacher's own score on the benchmarks), or
             None where the teacher is not in this process.
+
+    `score` sends all of a step's micro-batches at once and may return a lazy sequence: indexing side j waits
+    for j only (a served teacher, lm.served), so the student's work on j starts as soon as j arrives.
+    `take_metrics` returns the teacher's figures since the last call (see `take_metrics` below); `close`
+    releases what the teacher holds outside the run (a served teacher's replicas) when the run ends.
     """
 
     reads: Reads
@@ -63,7 +70,26 @@ class Teacher(Protocol):
     vocab: int
     model: torch.nn.Module | None
 
-    def score(self, micro_batches: Sequence[Scored]) -> list[TeacherSide]: ...
+    def score(self, micro_batches: Sequence[Scored]) -> Sequence[TeacherSide]: ...
+
+    def take_metrics(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+def take_metrics(teacher) -> dict:
+    """The step's teacher figures, then reset: `timing/teacher_wait_s`, the seconds the trainer spent waiting for
+    sides (a local teacher: its whole forward; a served one: only what the student's work did not hide), and
+    `teacher/payload_mb`, the MiB of sides the teacher returned (what crosses the wire when it is served)."""
+    metrics = {"timing/teacher_wait_s": teacher.waited, "teacher/payload_mb": teacher.received / 2**20}
+    teacher.waited, teacher.received = 0.0, 0
+    return metrics
+
+
+def final_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The teacher's final hidden states (after its last norm, in its dtype) at the response positions: (N, d_T)."""
+    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state[:, :-1][positions]
 
 
 class LocalTeacher:
@@ -82,6 +108,7 @@ class LocalTeacher:
                  offload: bool = False, engine=None):
         self.model, self.reads, self.device, self.cache_device = model, reads, device, cache_device
         self.engine = engine
+        self.waited, self.received = 0.0, 0  # since the last take_metrics: seconds in score, bytes of sides
         self.offload = offload and engine is None and device.type == "cuda"
         weight = head_weight(model)
         self.vocab = rows(weight)
@@ -99,8 +126,18 @@ class LocalTeacher:
 
     @torch.no_grad()
     def score(self, micro_batches: Sequence[Scored]) -> list[TeacherSide]:
+        start = time.perf_counter()
         with self._on_device():
-            return [TeacherSide(self.reads, self._side(mb)) for mb in micro_batches]
+            sides = [TeacherSide(self.reads, self._side(mb)) for mb in micro_batches]
+        self.waited += time.perf_counter() - start
+        self.received += sum(side.values.nbytes for side in sides)
+        return sides
+
+    def take_metrics(self) -> dict:
+        return take_metrics(self)
+
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the run."""
 
     @contextlib.contextmanager
     def _on_device(self):
@@ -115,8 +152,7 @@ class LocalTeacher:
             torch.cuda.empty_cache()
 
     def _side(self, mb: Scored) -> torch.Tensor:
-        out = backbone(self.model)(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
-        states = out.last_hidden_state[:, :-1][mb.positions()]
+        states = final_states(self.model, mb.input_ids, mb.attention_mask, mb.positions())
         if self.reads == "hidden":
             return states.to(self.cache_device)
         # Reference path: float32 products of the final hidden states and the head, autocast off, formed as

@@ -24,7 +24,7 @@ from demo.agent_config import AgentDemoConfig, check_agent_demo
 from demo.real_config import RealDemoConfig, check_real_demo
 from demo.config import DemoConfig, check_demo
 from eval.config import EvalConfig
-from lm.config import RANDOM_INIT_FIELDS, ModelConfig, RolloutConfig
+from lm.config import RANDOM_INIT_FIELDS, ModelConfig, RolloutConfig, TeacherConfig
 from lm.typed import ConfigError, apply, parse_value, where
 from opd.losses import DIVERGENCES
 
@@ -134,7 +134,7 @@ class TipConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     opd: OPDConfig = field(default_factory=OPDConfig)

@@ -26,6 +26,7 @@ from lm.config import ModelConfig, check_attention
 from lm.gguf import check_gguf, gguf_path
 from lm.models import parameter_count, safetensors_header, vocab_rows
 from lm.tokenizers import TokenizerMismatch, check_tokenizers, load_tokenizer
+from lm.served import check_placement
 from lm.vllm_engine import check_engine
 from opd.checkpoint import check_run_dir, run_directory
 from opd.config import Config
@@ -186,6 +187,20 @@ def tokenizer_problem(section: str, mc: ModelConfig, who: str, exc: Exception) -
     return f"{section}.tokenizer: cannot load the {who} tokenizer ({first_line(exc)})"
 
 
+def check_served(cfg: Config) -> list[str]:
+    """A served teacher returns final hidden states to the fused kernel, and is not in this process."""
+    if cfg.teacher.placement != "ray":
+        return []
+    problems = []
+    if cfg.opd.loss_impl != "fused":
+        problems.append("opd.loss_impl: a served teacher (teacher.placement: ray) returns hidden states, which only "
+                        "the fused loss reads; set opd.loss_impl: fused (the reference path stays local-only)")
+    if cfg.eval.teacher:
+        problems.append("eval.teacher: evaluating the teacher needs it in this process; with teacher.placement: ray "
+                        "set eval.teacher: false (or evaluate it with python -m eval)")
+    return problems
+
+
 def config_keys(problems: list[str]) -> set[str]:
     """The `section.key` names that config problems mention (so preflight does not report them twice)."""
     return {m for p in problems for m in re.findall(r"`([A-Za-z_]+\.[A-Za-z_.]+)`", p)}
@@ -203,6 +218,7 @@ def preflight(cfg: Config, paths=(), deep: bool = False, ignore=(), notes: list 
     problems = model_problems + source_problems + check_output(cfg, paths) + check_run_dir(cfg, paths, ignore)
     # each subsystem's own check of its settings
     problems += check_selector(cfg.tip.selector) + check_reward(cfg.opd.reward) + check_engine(cfg.rollout.engine)
+    problems += check_placement(cfg.teacher.placement) + check_served(cfg)
     problems += check_specs(cfg.eval.benchmarks) + demo_pairs.check(cfg.data.train_path, {"model": cfg.model.path, "teacher": cfg.teacher.path})
     demo = cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")
     if not demo:

@@ -10,18 +10,22 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from lm.gguf import gguf_path
 from lm.models import head_weight, load_model, rows
+from lm.served import RayTeacher, TeacherUnavailable
 from lm.teacher import LocalTeacher, Teacher
 from lm.tokenizers import check_tokenizers, load_tokenizer
 from opd.checkpoint import check_run_dir, holds_run, resume, run_directory
@@ -93,7 +97,7 @@ def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, 
     # data before models: a bad record refused with its file and line costs seconds, not a model load
     source = build_source(cfg, tokenizer, run_dir, acc)
     acc.print(f"models: student {model_name(cfg.model)}, teacher {model_name(cfg.teacher)}")
-    student_lm, teacher_lm = load_pair(cfg, tokenizer, teacher_tok, acc, zero3)
+    student_lm, teacher = load_pair(cfg, tokenizer, teacher_tok, acc, zero3, run_dir)
 
     total_steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(source.prompts) / cfg.train.prompts_per_step)
     updates_per_step = cfg.train.prompts_per_step // (cfg.train.mini_batch_size or cfg.train.prompts_per_step)
@@ -102,8 +106,6 @@ def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, 
     # Built on the prepared optimizer and not handed to accelerate: its scheduler wrapper would step
     # num_processes times per update, and DeepSpeed may replace the optimizer (offload: DeepSpeedCPUAdam).
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps * updates_per_step)
-    teacher = local_teacher(teacher_lm, cfg.opd, acc.device, zero3_inference_engine(teacher_lm, acc)
-                            if zero3 and cfg.opd.teacher_zero3 else None)
     run = Run(
         cfg=cfg, accelerator=acc, run_dir=run_dir, tokenizer=tokenizer, policy=policy, student=student,
         teacher=teacher,
@@ -132,8 +134,9 @@ def model_name(mc) -> str:
     return mc.path or mc.arch + " (random init)"
 
 
-def load_pair(cfg: Config, tokenizer, teacher_tok, acc: Accelerator, zero3: bool):
-    """(student, teacher) on the run's device; the pair's tokenizers checked against each other."""
+def load_pair(cfg: Config, tokenizer, teacher_tok, acc: Accelerator, zero3: bool, run_dir: Path):
+    """(student, teacher): the student on the run's device, the teacher in this process or served
+    (teacher.placement); the pair's tokenizers checked against each other."""
     ds_plugin = acc.state.deepspeed_plugin
 
     def build(mc, tok, trainable: bool, sharded: bool):
@@ -148,11 +151,15 @@ def load_pair(cfg: Config, tokenizer, teacher_tok, acc: Accelerator, zero3: bool
     student_mc = cfg.model if cfg.model.dtype != "auto" else dataclasses.replace(cfg.model, dtype="float32")
     with loading("model.gguf_file" if cfg.model.gguf_file else "model.path", model_name(cfg.model)):
         student_lm = build(student_mc, tokenizer, trainable=True, sharded=True)
-    with loading("teacher.gguf_file" if cfg.teacher.gguf_file else "teacher.path", model_name(cfg.teacher)):
-        teacher = build(cfg.teacher, teacher_tok, trainable=False, sharded=cfg.opd.teacher_zero3)
+    if cfg.teacher.placement == "ray":
+        teacher = served_teacher(cfg.teacher, acc, run_dir)
+    else:
+        with loading("teacher.gguf_file" if cfg.teacher.gguf_file else "teacher.path", model_name(cfg.teacher)):
+            teacher_lm = build(cfg.teacher, teacher_tok, trainable=False, sharded=cfg.opd.teacher_zero3)
+        teacher = local_teacher(teacher_lm, cfg.opd, acc.device, zero3_inference_engine(teacher_lm, acc)
+                                if zero3 and cfg.opd.teacher_zero3 else None)
     try:
-        check_tokenizers(tokenizer, teacher_tok, rows(student_lm.get_output_embeddings().weight),
-                         rows(teacher.get_output_embeddings().weight))
+        check_tokenizers(tokenizer, teacher_tok, rows(student_lm.get_output_embeddings().weight), teacher.vocab)
     except ValueError as exc:
         raise RunError(str(exc)) from None
     return student_lm, teacher
@@ -164,6 +171,32 @@ def local_teacher(model, oc, device: torch.device, engine) -> LocalTeacher:
     cache_device = torch.device("cpu") if oc.teacher_cache_device == "cpu" else device
     return LocalTeacher(model, reads=LOSS_IMPLS[oc.loss_impl].reads, device=device, cache_device=cache_device,
                         offload=oc.offload_teacher, engine=engine)
+
+
+def served_teacher(tc, acc: Accelerator, run_dir: Path) -> RayTeacher:
+    """The teacher on a pool of Ray actors (teacher.ray). The run directory records the weights hash of the
+    teacher it started with (teacher.json); a rerun whose replicas hold another teacher is refused."""
+    record = run_dir / "teacher.json"
+    recorded = json.loads(record.read_text())["fingerprint"] if record.is_file() and holds_run(run_dir) else None
+    served_mc = dataclasses.replace(tc, gguf_cache_dir=str(Path(tc.gguf_cache_dir).resolve()))
+    try:
+        teacher = RayTeacher(served_mc, tc.ray, acc.device, process_index=acc.process_index,
+                             num_processes=acc.num_processes, share=shared(acc), recorded=recorded, log=acc.print)
+    except TeacherUnavailable as exc:
+        raise RunError(str(exc)) from None
+    if acc.is_main_process and recorded is None:
+        with writing(record):
+            tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps({"fingerprint": teacher.fingerprint, "replicas": teacher.replicas}, indent=1))
+            os.replace(tmp, record)
+    return teacher
+
+
+def shared(acc: Accelerator):
+    """obj -> process 0's obj on every process (a no-op for one process)."""
+    if acc.num_processes == 1:
+        return lambda obj: obj
+    return lambda obj: broadcast_object_list([obj], from_process=0)[0]
 
 
 def step_settings(cfg: Config) -> StepSettings:

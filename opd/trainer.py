@@ -21,6 +21,7 @@ import torch
 
 from lm.models import rows
 from lm.rollout import Rollouts, derive_seed
+from lm.served import TeacherUnavailable
 from lm.teacher import TeacherSide
 from opd.checkpoint import latest_checkpoint, save
 from opd.config import Config
@@ -40,7 +41,13 @@ def train(cfg: Config, config_paths: list[str] = (), prepared: dict[str, str] | 
     """Run OPD as configured; returns the run directory. `prepared` maps prepared model names (`demo:student`)
     to their checkpoints (opd.cli.prepare); `started` is when the job began (the summary's wall time)."""
     run = setup(cfg, config_paths, prepared or {}, started)
-    tc = cfg.train
+    with contextlib.closing(run.teacher):  # a served teacher's replicas stop with the run, however it ends
+        return train_run(run)
+
+
+def train_run(run: Run) -> Path:
+    """The steps of a set-up run, its evaluations and checkpoints; returns the run directory."""
+    cfg, tc = run.cfg, run.cfg.train
     if run.step >= run.total_steps and (run.run_dir / "summary.json").is_file():
         return already_finished(run)
     if run.step == 0 and (cfg.eval.at_start or cfg.eval.teacher):
@@ -64,12 +71,14 @@ def train(cfg: Config, config_paths: list[str] = (), prepared: dict[str, str] | 
         t0 = time.perf_counter()
         updates = split_updates(rollouts, torch.ones(len(rollouts)) if weights is None else weights, row_ids, tc,
                                 run.accelerator.device)
-        sides = [run.teacher.score(micro) for micro in updates]
-        per_update = [run_update(run, micro, sides[u], step, u) for u, micro in enumerate(updates)]
+        with teacher_failure(run):  # a served teacher with no replica left: one line, the last good checkpoint
+            sides = [run.teacher.score(micro) for micro in updates]  # sent at once; a served side arrives lazily
+            per_update = [run_update(run, micro, sides[u], step, u) for u, micro in enumerate(updates)]
         sync_engine(run.engine, run.policy.lm)  # the next rollout (and any evaluation) samples from the updated student
         # 4. log, evaluate, checkpoint
         metrics = step_metrics(run, per_update, rewards, rollouts, t_generate, time.perf_counter() - t0, t_step)
         metrics.update(gap)
+        metrics.update(run.teacher.take_metrics())
         metrics.update(source_metrics)
         consecutive_skips = consecutive_skips + 1 if metrics["opd/skipped_updates"] == len(updates) else 0
         run.step = step
@@ -135,6 +144,14 @@ def run_update(run: Run, micro: list[MicroBatch], sides: list[TeacherSide], step
 
 # ----------------------------------------------------------------------------
 # the pieces of a step
+
+
+@contextlib.contextmanager
+def teacher_failure(run: Run):
+    try:
+        yield
+    except TeacherUnavailable as exc:
+        raise RunError(f"stopped: {exc} (last good checkpoint: {latest_checkpoint(run.run_dir) or 'none'})") from None
 
 
 def rollout(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, list[float] | None, dict]:

@@ -40,6 +40,12 @@ class ShippedTeacher:
             out.append(TeacherSide(side.kind, torch.load(buf, weights_only=True).to(side.values.device)))
         return out
 
+    def take_metrics(self):
+        return self.inner.take_metrics()
+
+    def close(self):
+        self.inner.close()
+
 
 def run_with(tmp_path, name: str, loss_impl: str, shipped: list | None, monkeypatch) -> tuple[list, dict]:
     cfg_dict = tiny_config(tmp_path, opd={"loss_impl": loss_impl}, tip={"selector": "soft_or", "ratio": 0.5})
