@@ -51,7 +51,7 @@ def load_env(name: str, options: dict) -> Environment:
         raise
     except KeyboardInterrupt:
         raise
-    except BaseException as exc:  # noqa: B036 - a constructor's SystemExit is a bug of the class, not a stop
+    except BaseException as exc:  # a constructor's SystemExit is a bug of the class, not a stop
         raise ValueError(f"{name} could not be built ({type(exc).__name__}{_detail(exc)})") from None
 
 
@@ -74,7 +74,7 @@ def build_env(name: str, options: dict) -> Environment:
         problems = env.check()
     except (KeyboardInterrupt, AgentError):
         raise
-    except BaseException as exc:  # noqa: B036 - as for the constructor
+    except BaseException as exc:  # as for the constructor
         raise AgentError("env_args", f"{name}: check() raised {type(exc).__name__}{_detail(exc)}") from None
     if problems:
         raise AgentError("env_args", problems[0])

@@ -142,7 +142,7 @@ def run_call(env: Environment, state, call: Call, timeout_s: float) -> tuple[str
     def work():
         try:
             box["result"] = env.call(state, call.name, call.arguments)
-        except BaseException as exc:  # noqa: B036 - everything raised on this thread is the tool's own doing
+        except BaseException as exc:  # everything raised on this thread is the tool's own doing
             box["error"] = exc
         finally:
             done.set()
@@ -251,7 +251,7 @@ class Agent:
             score, error = checked_score(self.env.score(c.task, c.state, final_text(c.last_text)))
         except KeyboardInterrupt:
             raise
-        except BaseException as exc:  # noqa: B036 - SystemExit from a scorer is its bug, not a stop request
+        except BaseException as exc:  # SystemExit from a scorer is its bug, not a stop request
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             score, error = Score(0.0), f"score() raised {type(exc).__name__}{': ' + detail if detail else ''}"
         if error:
