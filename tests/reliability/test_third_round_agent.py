@@ -264,3 +264,15 @@ def test_a_valid_score_is_kept():
             return Score(1, {"p": 0.25})
     c = conversation(Fixed())
     assert c.score == Score(1.0, {"p": 0.25}) and not c.score_error and c.tool_errors == 0
+
+
+def test_invalid_scores_are_counted_in_the_evaluation_summary(tmp_path, capsys, scripted):
+    # 8: the held-out evaluation averaged the scores it was given without a word
+    code, out, err = run(tmp_path, capsys, "score_nan", eval={"at_end": True}, train={"steps": 1})
+    assert code == 0, err
+    final = json.loads((tmp_path / "runs" / "run" / "eval" / "final" / "summary.json").read_text())
+    heldout = final["benchmarks"]["heldout"]
+    assert heldout["score_errors"] == 2 and heldout["avg@k"] == 0
+    samples = [json.loads(line) for line in (tmp_path / "runs" / "run" / "eval" / "final" / "samples.jsonl")
+               .read_text().splitlines()]
+    assert all("not a finite number in [0, 1]" in s["score_error"] for s in samples if s["benchmark"] == "heldout")
