@@ -7,15 +7,27 @@ An environment is a plain Python class:
     env.tools(task) -> list[dict]   the task's tools as OpenAI function schemas (rendered by the chat template)
     env.start(task) -> state        a fresh, isolated state for one conversation on the task
     env.call(state, name, arguments) -> str
-                                    runs one tool call; raises ToolError for a bad call (unknown tool,
-                                    wrong arguments, failed lookup): its message is what the model reads
+                                    runs one tool call and returns what the model reads (a string); raises
+                                    ToolError for a bad call (unknown tool, wrong arguments, failed lookup):
+                                    its message is what the model reads
     env.score(task, state, final_text) -> Score
                                     the final answer (the last assistant turn's text, thinking removed)
-                                    scored in [0, 1], with any sub-scores to log
+                                    scored: a finite number in [0, 1], with any sub-scores (finite numbers) to log
     env.check() -> list[str]        problems found before a run starts (missing files), one line each
 
-A call that raises anything else is also shown to the model as an error (and counted): a tool
-bug never ends a run. `Task.messages` are the opening messages (system and user); the tools are
+A tool bug never ends a run. A call that raises anything else (SystemExit and KeyboardInterrupt raised by the
+tool included), returns anything but a string (None, a number, a dict: no conversion), or has not returned
+after `agent.tool_timeout_s` seconds is shown to the model as `Error: tool ... failed / returned NoneType, not
+a string / did not return within ...`, counted in agent/tool_errors, and said once on stderr as a
+`warning:` line naming the environment. Each call runs on a fresh daemon thread: a hung call is abandoned,
+not killed (it may still change its conversation's state if it ever returns), and an environment must not
+rely on objects bound to one thread (an sqlite3 connection made in start()). A real Ctrl-C still stops the run.
+
+A score() that raises, or returns anything but a Score with a finite value in [0, 1] and finite parts (NaN,
+inf, 1.5, None), scores that conversation 0 with no parts, counted in agent/score_errors, with one `warning:`
+line: an invalid score is never used as a reward (a NaN reward would skip every reward-weighted update).
+A constructor that raises anything (ValueError, RuntimeError, SystemExit, ...) is one `error:` line naming the
+environment and its exception. `Task.messages` are the opening messages (system and user); the tools are
 handed to the chat template separately.
 """
 

@@ -43,5 +43,6 @@ class AgentBenchmark:
                 "turns": c.turns,
                 "tool_calls": c.tool_calls,
                 "tool_errors": c.tool_errors,
+                "score_error": c.score_error,
             } for j, c in enumerate(convs)]})
         return results

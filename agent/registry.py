@@ -47,6 +47,17 @@ def load_env(name: str, options: dict) -> Environment:
         return cls(**options)
     except TypeError as exc:
         raise ValueError(f"agent.env_args do not fit {name!r}: {exc}") from None
+    except ValueError:  # the class refusing an option's value: its own words
+        raise
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a constructor's SystemExit is a bug of the class, not a stop
+        raise ValueError(f"{name} could not be built ({type(exc).__name__}{_detail(exc)})") from None
+
+
+def _detail(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f": {text.splitlines()[0]}" if text else ""
 
 
 def build_env(name: str, options: dict) -> Environment:
@@ -59,7 +70,12 @@ def build_env(name: str, options: dict) -> Environment:
         env = load_env(name, options)
     except ValueError as exc:  # load_env's own, or the class refusing its options
         raise AgentError("env", str(exc)) from None
-    problems = env.check()
+    try:
+        problems = env.check()
+    except (KeyboardInterrupt, AgentError):
+        raise
+    except BaseException as exc:  # as for the constructor
+        raise AgentError("env_args", f"{name}: check() raised {type(exc).__name__}{_detail(exc)}") from None
     if problems:
         raise AgentError("env_args", problems[0])
     return env
@@ -75,4 +91,4 @@ def build_agent(env_name: str, env_args: dict, tokenizer, tool_format: str, caps
         raise AgentError("tool_format", f"unknown tool format {tool_format!r} (known: {', '.join(sorted(PARSERS))})")
     if not getattr(tokenizer, "chat_template", None):
         raise AgentError("env", "the tokenizer has no chat template (tool messages are rendered with it)")
-    return Agent(env, tokenizer, PARSERS[tool_format], caps, enable_thinking=enable_thinking)
+    return Agent(env, tokenizer, PARSERS[tool_format], caps, enable_thinking=enable_thinking, name=env_name)

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import sys
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from agent.calls import Call
+from agent.config import AgentConfig
 from agent.env import Environment, Score, Task, ToolError, final_text
 from lm.engines import Sampling
 from lm.rollout import Rollouts, derive_seed, row_seed
@@ -30,6 +34,7 @@ class Caps:
     max_turns: int  # assistant turns
     max_response_tokens: int  # every token after the opening prompt (student, tool results, template glue)
     max_tool_response_tokens: int  # one tool result is cut to this many tokens
+    tool_timeout_s: float = AgentConfig.tool_timeout_s  # one tool call; then it is abandoned (a tool error)
 
 
 class Chat:
@@ -98,6 +103,7 @@ class Conversation:
     done: bool = False
     last_text: str = ""
     score: Score | None = None
+    score_error: str = ""  # why the environment's score was refused (then the score is 0)
 
     def budget(self, caps: Caps) -> int:
         return caps.max_response_tokens - (len(self.ids) - self.prompt_length)
@@ -119,26 +125,77 @@ class AgentRollouts:
         return [c.score.value for c in self.conversations]
 
 
-def run_call(env: Environment, state, call: Call) -> tuple[str, bool]:
-    """(the tool message, whether it is an error). Nothing a tool does ends the run."""
+def run_call(env: Environment, state, call: Call, timeout_s: float) -> tuple[str, bool, str]:
+    """(the tool message, whether it is an error, the environment's fault or ""). Nothing a tool does ends the run.
+
+    A bad call (unreadable, or refused with ToolError) is the model's error. The environment's fault is a tool
+    that raises anything else (SystemExit and KeyboardInterrupt too: on the tool's own thread they are the
+    tool's), returns something other than a string, or does not return within `timeout_s`: the model reads it
+    as an error as well, and the caller warns the user. The call runs on a fresh daemon thread; a hung one is
+    abandoned, not killed (Python cannot kill a thread), and may still change `state` if it ever returns.
+    """
     if call.error:
-        return f"Error: {call.error}", True
-    try:
-        return str(env.call(state, call.name, call.arguments)), False
-    except ToolError as exc:
-        return f"Error: {exc}", True
-    except Exception as exc:  # a failing tool is the model's problem to read about, not the run's end
-        return f"Error: tool {call.name!r} failed ({type(exc).__name__}: {exc})", True
+        return f"Error: {call.error}", True, ""
+    box: dict = {}
+    done = threading.Event()
+
+    def work():
+        try:
+            box["result"] = env.call(state, call.name, call.arguments)
+        except BaseException as exc:  # everything raised on this thread is the tool's own doing
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name=f"tool:{call.name}", daemon=True).start()
+    if not done.wait(timeout_s):  # a real Ctrl-C arrives on this (the main) thread and propagates from here
+        fault = f"tool {call.name!r} did not return within {timeout_s:g} s (agent.tool_timeout_s)"
+        return f"Error: {fault}", True, fault
+    exc = box.get("error")
+    if isinstance(exc, ToolError):
+        return f"Error: {exc}", True, ""
+    if exc is not None:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        fault = f"tool {call.name!r} failed ({type(exc).__name__}{': ' + detail if detail else ''})"
+        return f"Error: {fault}", True, fault
+    result = box["result"]
+    if not isinstance(result, str):
+        fault = f"tool {call.name!r} returned {type(result).__name__}, not a string"
+        return f"Error: {fault}", True, fault
+    return result, False, ""
+
+
+def checked_score(score) -> tuple[Score, str]:
+    """(the score, "") for a Score whose value and parts are finite numbers, the value in [0, 1]; otherwise
+    (Score(0.0), why): an invalid score counts as 0 and is counted (agent/score_errors), never silently."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(score, Score):
+        return Score(0.0), f"score() returned {type(score).__name__}, not a Score"
+    if not number(score.value) or not 0.0 <= score.value <= 1.0:
+        return Score(0.0), f"score() returned the value {score.value!r}, not a finite number in [0, 1]"
+    if not isinstance(score.parts, dict) or not all(isinstance(k, str) and number(v) for k, v in score.parts.items()):
+        return Score(0.0), f"score() returned the parts {score.parts!r}, not names with finite numbers"
+    return Score(float(score.value), {k: float(v) for k, v in score.parts.items()}), ""
 
 
 class Agent:
     """An environment with the chat format and caps its conversations follow: what the trainer and the
     evaluation hold. `prompt(task)` is a task's opening prompt ids; `run(...)` its conversations."""
 
-    def __init__(self, env: Environment, tokenizer, parse, caps: Caps, enable_thinking: bool):
+    def __init__(self, env: Environment, tokenizer, parse, caps: Caps, enable_thinking: bool, name: str = ""):
         self.env, self.tokenizer, self.parse, self.caps = env, tokenizer, parse, caps
         self.enable_thinking = enable_thinking
+        self.name = name or type(env).__name__  # as the user named it (agent.env), for warnings
         self._chats: dict[str, Chat] = {}
+        self._warned: set[str] = set()
+
+    def warn(self, kind: str, fault: str, counted_in: str) -> None:
+        """One `warning:` line per kind of environment fault and process: the run goes on, the fault is counted."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            print(f"warning: agent.env {self.name}: {fault}; counted in {counted_in} (said once)", file=sys.stderr,
+                  flush=True)
 
     def chat(self, task: Task) -> Chat:
         tools = self.env.tools(task)
@@ -180,22 +237,36 @@ class Agent:
                 tokens = tokens[:min(sampling.max_new_tokens, c.budget(caps))]
                 c.append(tokens, True, None if new_logprobs is None else new_logprobs[i][:len(tokens)])
                 c.turns += 1
-                _after_turn(c, tokens, eos, self.env, self.parse, caps, last_turn=turn == caps.max_turns - 1)
+                _after_turn(c, tokens, eos, self, last_turn=turn == caps.max_turns - 1)
         for c in convs:
             if not c.done:  # live after the last turn: only possible when the loop ended early
                 c.capped = True
-            c.score = self.env.score(c.task, c.state, final_text(c.last_text))
+            c.score, c.score_error = self.score(c)
         return AgentRollouts(assemble(convs, tasks, sampling.pad_token_id, with_logprobs), convs)
 
+    def score(self, c: Conversation) -> tuple[Score, str]:
+        """The environment's score of a finished conversation, checked (checked_score); a score() that raises
+        (anything but a real Ctrl-C) scores 0 too. Either is counted and warned about, never silent."""
+        try:
+            score, error = checked_score(self.env.score(c.task, c.state, final_text(c.last_text)))
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit from a scorer is its bug, not a stop request
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            score, error = Score(0.0), f"score() raised {type(exc).__name__}{': ' + detail if detail else ''}"
+        if error:
+            self.warn("score", f"{error}; the conversation scores 0", "agent/score_errors")
+        return score, error
 
-def _after_turn(c: Conversation, tokens: list[int], eos: set[int], env, parse, caps: Caps, last_turn: bool) -> None:
+
+def _after_turn(c: Conversation, tokens: list[int], eos: set[int], agent: Agent, last_turn: bool) -> None:
     """Parse the turn; run its tool calls and append their messages, or end the conversation."""
-    chat = c.chat
+    chat, caps = c.chat, agent.caps
     c.last_text = chat.tokenizer.decode(tokens, skip_special_tokens=True)
     if not tokens or tokens[-1] not in eos:  # cut by the turn or conversation token cap
         c.done = c.capped = True
         return
-    calls = parse(c.last_text)
+    calls = agent.parse(c.last_text)
     if not calls:
         c.done = True  # the final answer
         return
@@ -204,7 +275,9 @@ def _after_turn(c: Conversation, tokens: list[int], eos: set[int], env, parse, c
         return
     results = []
     for call in calls:
-        text, error = run_call(env, c.state, call)
+        text, error, fault = run_call(agent.env, c.state, call, caps.tool_timeout_s)
+        if fault:
+            agent.warn(fault.split(" (")[0], f"{fault}; shown to the model as a tool error", "agent/tool_errors")
         text, was_cut = chat.cut(text, caps.max_tool_response_tokens)
         c.tool_calls += 1
         c.tool_errors += int(error)
@@ -261,4 +334,5 @@ def metrics(convs: list[Conversation]) -> dict[str, float]:
         "agent/tool_tokens": float(sum(len(c.ids) - c.prompt_length - sum(c.student) for c in convs)),
         "agent/capped": float(sum(c.capped for c in convs)),
         "agent/score_sum": float(sum(c.score.value for c in convs if c.score is not None)),
+        "agent/score_errors": float(sum(bool(c.score_error) for c in convs)),
     }

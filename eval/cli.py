@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens after the opening prompt at most (student turns, tool results, template glue)")
     p.add_argument("--max-tool-response-tokens", type=int, default=agent_defaults.max_tool_response_tokens,
                    help="a tool result is cut to this many tokens")
+    p.add_argument("--tool-timeout-s", type=float, default=agent_defaults.tool_timeout_s,
+                   help="seconds one tool call may take; then it is a tool error and its thread is abandoned, not killed")
     p.add_argument("--k", type=int, help=f"{help_of['k']} (default {defaults.k})")
     p.add_argument("--temperature", type=float, help=f"{help_of['temperature']} (default {defaults.temperature})")
     p.add_argument("--top-p", type=float, help=f"{help_of['top_p']} (default {defaults.top_p})")
@@ -197,13 +199,15 @@ def agent_options(args: argparse.Namespace) -> dict | None:
     for flag in ("max_turns", "max_response_tokens", "max_tool_response_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    if not 0 < args.tool_timeout_s <= 86400:  # also refuses nan
+        raise ValueError("--tool-timeout-s must be greater than 0 and at most 86400 seconds")
     return options
 
 
 def agent_benchmark(args: argparse.Namespace, env_args: dict, tokenizer) -> AgentBenchmark:
     """The environment's tasks (or a run's held-out ones, --split) as a benchmark named after the environment.
     ValueError (one line, naming the flag) when the agent cannot be built or the split does not fit."""
-    caps = Caps(args.max_turns, args.max_response_tokens, args.max_tool_response_tokens)
+    caps = Caps(args.max_turns, args.max_response_tokens, args.max_tool_response_tokens, args.tool_timeout_s)
     try:
         agent = build_agent(args.env, env_args, tokenizer, "hermes", caps, args.enable_thinking)
     except AgentError as exc:

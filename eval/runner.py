@@ -9,6 +9,9 @@ once. Output directory:
   truncation_rate is the fraction (0-1) of responses that hit max_new_tokens.
 - samples.jsonl: one line per sample: benchmark, problem_id, sample (index
   0..k-1), response, extracted, correct, length, truncated, answer (gold).
+Agent benchmarks (agent.evaluate) report avg@k, best@k, conversation shape and score_errors (conversations
+whose score the environment got wrong, counted as 0); their samples carry score, parts, turns, tool calls and
+errors, and score_error (why the score was refused, "" when it was not).
 """
 
 from __future__ import annotations
@@ -153,6 +156,7 @@ def agent_metrics(results: list[dict]) -> dict:
         "turns_mean": sum(s["turns"] for s in flat) / len(flat),
         "tool_calls_mean": sum(s["tool_calls"] for s in flat) / len(flat),
         "tool_errors_mean": sum(s["tool_errors"] for s in flat) / len(flat),
+        "score_errors": sum(bool(s.get("score_error")) for s in flat),  # invalid scores, counted as 0 (agent/env.py)
         "parts": {name: sum(float(s["parts"].get(name, 0.0)) for s in flat) / len(flat) for name in parts},
     }
 

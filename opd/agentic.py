@@ -81,7 +81,7 @@ def configured_agent(cfg: Config, tokenizer) -> Agent:
     cannot be built."""
     ac = cfg.agent
     caps = Caps(max_turns=ac.max_turns, max_response_tokens=ac.max_response_tokens,
-                max_tool_response_tokens=ac.max_tool_response_tokens)
+                max_tool_response_tokens=ac.max_tool_response_tokens, tool_timeout_s=ac.tool_timeout_s)
     try:
         return build_agent(ac.env, ac.env_args, tokenizer, ac.tool_format, caps, cfg.data.enable_thinking)
     except AgentError as exc:

@@ -1,16 +1,27 @@
 """Compare one of our runs with a run of the upstream OPD repository (verl-based), like with like.
 
-    python -m scripts.paper.upstream_diff --upstream-log LOG --run RUN_DIR \\
+    python -m scripts.paper.upstream_diff --upstream-log LOG_OR_CSV [--upstream-log ...] --run RUN_DIR \\
         [--upstream-dumps DIR --bench math500=FILE ...] [--regrade] [--upstream-world-size N]
         [--map SOURCE=BENCH ...] [--all-steps] [--out FILE]
 
-Upstream side. verl's console logger prints one record per step,
+Upstream side: one or more files, each verl's console log or a CSV export (the format is detected;
+records of one step are merged across files). Each file read is said in one line on stderr (its format,
+its metrics and what they are compared as, its steps); a file that is empty, binary, in neither format,
+or holds a step that is no whole number is one `error:` line (exit 2) naming it.
+
+verl's console logger prints one record per step,
 `step:<n> - <key>:<value> - <key>:<value> ...` (values through `pprint.pformat`,
 so `np.float64(0.71)` occurs; Ray may prefix the line with `(TaskRunner pid=…)`).
 Validation keys are `val-core/<data_source>/acc/mean@16`, `val-aux/<source>/acc/std@16`,
 `val-core/<source>/acc/best@16/mean` and `…/maj@16/mean`, as fractions in [0, 1].
 The upstream data preparation names its sources `math` (MATH-500), `aime24`,
 `aime25` and `math_dapo` (the DAPO held-out 20%); `--map` renames others.
+A CSV export (as third parties publish the reference's results, e.g. `training_metrics.csv`,
+`eval_curve.csv`) has a `step` column (or `global_step`, `training/global_step`) and one column per
+metric under verl's names (`opd/loss`, `opd/entropy`, `timing/step_s`, ...). Evaluation columns are
+verl's keys or the short forms `<source>/mean@16`, `<source>/acc/mean@16` (also std@n, best@n/mean), as
+fractions in [0, 1] (a value above 1 is refused: percent is not guessed); `--map` renames their sources.
+Empty and `nan` cells are no value.
 `--upstream-dumps` reads verl's validation generation dumps (`<dir>/<step>.jsonl`,
 one line per sample with `input`, `output`, `score` and, in newer versions, `gts`);
 which benchmark a sample belongs to is found by looking for each problem text of
@@ -56,6 +67,8 @@ the last upstream validation against our final evaluation.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import math
 import re
@@ -118,6 +131,105 @@ def parse_console_log(text: str) -> dict[int, dict[str, float]]:
             if value is not None:
                 values[key.strip()] = value
     return dict(steps)
+
+
+class UpstreamError(ValueError):
+    """An upstream file that cannot be read; str() is why, main() names the file and what it accepts."""
+
+
+ACCEPTED = "accepted: verl's console log (`step:N - key:value` lines) or a CSV export (a `step` column, verl's metric names)"
+_STEP_COLUMNS = ("step", "global_step", "training/global_step")
+_SHORT_VAL = re.compile(r"^(?:val(?:-core|-aux)?/)?(?P<source>[^/].*?)(?:/(?P<var>acc|reward|score))?/"
+                        r"(?P<metric>mean|std|best|maj)@(?P<n>\d+)(?P<tail>/mean)?$")
+
+
+def _csv_key(column: str) -> str:
+    """A CSV column -> verl's key: verl's own keys stay; `<source>/mean@16` (or `<source>/acc/mean@16`,
+    `val/<source>/mean@16`) becomes `val-core/<source>/acc/mean@16`."""
+    column = column.strip()
+    if _VAL_KEY.match(column) or column.startswith(("opd/", "tip/", "timing/", "perf/", "training/", "actor/")):
+        return column
+    short = _SHORT_VAL.match(column)
+    if not short:
+        return column
+    return (f"val-core/{short.group('source')}/{short.group('var') or 'acc'}/{short.group('metric')}@{short.group('n')}"
+            f"{short.group('tail') or ''}")
+
+
+def parse_csv_export(text: str) -> tuple[dict[int, dict[str, float]], dict[str, str]]:
+    """A CSV export -> ({step: {verl key: value}}, {verl key: the column it came from}); UpstreamError when it has
+    no step column, a step that is no whole number, or an evaluation value outside [0, 1]."""
+    rows = csv.reader(io.StringIO(text))
+    header = next((row for row in rows if any(cell.strip() for cell in row)), [])
+    names = [cell.strip() for cell in header]
+    at = next((i for i, name in enumerate(names) if name.lower() in _STEP_COLUMNS), None)
+    if at is None:
+        raise UpstreamError(f"unknown format: a CSV without a step column (columns: {', '.join(names)})")
+    keys = {i: _csv_key(name) for i, name in enumerate(names) if i != at and name}
+    steps: dict[int, dict[str, float]] = defaultdict(dict)
+    for row in rows:
+        if not any(cell.strip() for cell in row) or at >= len(row) or not row[at].strip():
+            continue
+        try:
+            step = float(row[at])
+        except ValueError:
+            step = math.nan
+        if not math.isfinite(step) or step != int(step):
+            raise UpstreamError(f"line {rows.line_num}: step {row[at].strip()!r} is not a whole number")
+        for i, key in keys.items():
+            value = _parse_value(row[i]) if i < len(row) else None
+            if value is None:
+                continue
+            if _VAL_KEY.match(key) and not 0.0 <= value <= 1.0 and "/std@" not in key:
+                raise UpstreamError(f"column {names[i]} holds {value:g} at step {int(step)}: evaluation columns are "
+                                    "fractions in [0, 1] (verl's), not percent")
+            steps[int(step)][key] = value
+    return dict(steps), {key: names[i] for i, key in keys.items()}
+
+
+def read_upstream_file(path: Path) -> tuple[dict[int, dict[str, float]], dict[str, str], str]:
+    """One upstream file, its format detected -> (records {step: {verl key: value}}, {key: as the file names it},
+    the format's name). UpstreamError: empty, binary, neither format."""
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="replace").removeprefix("\ufeff")
+    head = text[:65536]
+    odd = sum(c == "\ufffd" or (c < " " and c not in "\t\n\r\x1b") or c == "\x7f" for c in head)
+    if "\x00" in head or odd > 0.05 * len(head):  # a few bad bytes in a console log are kept, replaced
+        raise UpstreamError("binary file")
+    if not text.strip():
+        raise UpstreamError("empty file")
+    records = parse_console_log(text)
+    if records:
+        return records, {}, "verl console log"
+    first = next(line for line in text.splitlines() if line.strip())
+    if "," in first:
+        records, names = parse_csv_export(text)
+        return records, names, "CSV export"
+    raise UpstreamError("unknown format: no `step:N - key:value` record and no CSV header")
+
+
+def describe(path: Path, records: dict[int, dict[str, float]], names: dict[str, str], fmt: str,
+             source_map: dict[str, str], shown: int = 12) -> str:
+    """One line: what `path` gave (its format, metrics and what they are compared as, its steps)."""
+    items = []
+    for key in sorted({k for m in records.values() for k in m}, key=lambda k: names.get(k, k)):
+        as_ours = list(upstream_validation({key: 0.5}, source_map))
+        own = names.get(key, key)
+        items.append(f"{own} as {as_ours[0]}" if as_ours and as_ours[0] != own else own)
+    listed = ", ".join(items[:shown]) + (f", ... {len(items) - shown} more" if len(items) > shown else "")
+    return (f"upstream {path}: {fmt}, {_count(len(items), 'metric')} ({listed or 'none'}), "
+            f"{_count(len(records), 'step')} {_span(records)}")
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _span(steps) -> str:
+    steps = sorted(steps)
+    if not steps:
+        return "(none)"
+    return f"({steps[0]})" if len(steps) == 1 else f"({steps[0]}-{steps[-1]})"
 
 
 def upstream_validation(metrics: dict[str, float], source_map: dict[str, str]) -> dict[str, float]:
@@ -229,13 +341,13 @@ def dump_metrics(dump_file: Path, benches: dict[str, dict[str, str | None]], reg
     return out
 
 
-def read_upstream(log: Path, dumps: Path | None, source_map: dict[str, str], benches: dict[str, dict],
-                  regrade: bool = False, world_size: int = 0):
-    """-> (validation {step: {name: %}}, training {step: {key: value}}).
+def read_upstream(records: dict[int, dict[str, float]], dumps: Path | None, source_map: dict[str, str],
+                  benches: dict[str, dict], regrade: bool = False, world_size: int = 0):
+    """Upstream records (read_upstream_file, merged) and dumps -> (validation {step: {name: %}}, training
+    {step: {key: value}}).
 
     With `world_size`, opd/num_tokens (per rank upstream) is multiplied by it; without, it is left out.
     """
-    records = parse_console_log(log.read_text(errors="replace"))
     val = {step: upstream_validation(m, source_map) for step, m in records.items()}
     if dumps is not None:
         for file in sorted(dumps.glob("*.jsonl")):
@@ -369,8 +481,9 @@ NOTES = (
 )
 
 
-def render(rows: list[tuple[str, str, float, float]], log: Path, run_dir: Path) -> str:
-    lines = ["## Upstream OPD vs ours", "", f"Upstream log: `{log}`  ", f"Our run: `{run_dir}`", "",
+def render(rows: list[tuple[str, str, float, float]], logs: list[Path], run_dir: Path) -> str:
+    upstream = ", ".join(f"`{log}`" for log in logs)
+    lines = ["## Upstream OPD vs ours", "", f"Upstream: {upstream}  ", f"Our run: `{run_dir}`", "",
              "Accuracy metrics in %, upstream fractions multiplied by 100.", "",
              "| step | metric | upstream | ours | ours − upstream | graded by (upstream / ours) |",
              "|---|---|---|---|---|---|"]
@@ -382,7 +495,9 @@ def render(rows: list[tuple[str, str, float, float]], log: Path, run_dir: Path) 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scripts.paper.upstream_diff", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--upstream-log", required=True, help="console log of the upstream verl trainer")
+    ap.add_argument("--upstream-log", action="append", required=True,
+                    help="the upstream verl trainer's console log, or a CSV export of its metrics (a `step` column, "
+                         "verl's metric names; evaluation columns as fractions); repeatable, the format is detected")
     ap.add_argument("--upstream-dumps", default="", help="upstream validation dumps directory (<step>.jsonl files)")
     ap.add_argument("--bench", action="append", default=[], help="NAME=FILE problem set, to attribute dumped samples; repeatable")
     ap.add_argument("--run", required=True, help="our run directory")
@@ -395,10 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="also write the table as Markdown here")
     args = ap.parse_args(argv)
 
-    log, run_dir = Path(args.upstream_log), Path(args.run)
-    if not log.is_file():
-        print(f"error: upstream log {log} not found", file=sys.stderr)
-        return 2
+    logs, run_dir = [Path(p) for p in args.upstream_log], Path(args.run)
+    for log in logs:
+        if not log.is_file():
+            print(f"error: upstream log {log} {'is a directory' if log.is_dir() else 'not found'}", file=sys.stderr)
+            return 2
     if not run_dir.is_dir():
         print(f"error: run directory {run_dir} not found", file=sys.stderr)
         return 2
@@ -425,7 +541,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.upstream_world_size < 0:
         print(f"error: --upstream-world-size {args.upstream_world_size} must be >= 0", file=sys.stderr)
         return 2
-    up_val, up_train = read_upstream(log, dumps, source_map, benches, args.regrade, args.upstream_world_size)
+    records: dict[int, dict[str, float]] = defaultdict(dict)
+    said = []
+    for log in logs:
+        try:
+            found, names, fmt = read_upstream_file(log)
+        except (UpstreamError, OSError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            print(f"error: upstream {log}: {why}; {ACCEPTED}", file=sys.stderr)
+            return 2
+        said.append(describe(log, found, names, fmt, source_map))
+        for step, values in found.items():
+            records[step].update(values)
+    for line in said:
+        print(line, file=sys.stderr)
+    up_val, up_train = read_upstream(dict(records), dumps, source_map, benches, args.regrade, args.upstream_world_size)
     our_val, our_train, our_final = read_ours(run_dir, args.regrade)
     if args.regrade:
         cross_graded(up_val, STRING_MATCH)
@@ -435,11 +565,20 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         up_keys = sorted({k for m in up_val.values() for k in m} | {k for m in up_train.values() for k in m})
         our_keys = sorted({k for m in our_val.values() for k in m} | set(our_final) | {k for m in our_train.values() for k in m})
-        print("no metric at a common step on both sides", file=sys.stderr)
+        up_steps, our_steps = set(up_val) | set(up_train), set(our_val) | set(our_train)
+        common = up_steps & our_steps
+        where = (f"upstream steps {_span(up_steps)[1:-1] or 'none'} ({len(up_steps)}), "
+                 f"ours {_span(our_steps)[1:-1] or 'none'} ({len(our_steps)})")
+        final = (f"; the last upstream evaluation (step {max(up_val)}) and our final one share no metric"
+                 if up_val and our_final else "")
+        if common:
+            print(f"no metric in common at the {_count(len(common), 'common step')} ({where}){final}", file=sys.stderr)
+        else:
+            print(f"no common step: {where}{final}", file=sys.stderr)
         print(f"  upstream steps {sorted(set(up_val) | set(up_train))[:10]}..., metrics: {', '.join(up_keys) or 'none'}", file=sys.stderr)
         print(f"  ours steps {sorted(set(our_val) | set(our_train))[:10]}..., metrics: {', '.join(our_keys) or 'none'}", file=sys.stderr)
         return 1
-    text = render(rows, log, run_dir)
+    text = render(rows, logs, run_dir)
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text)

@@ -194,3 +194,92 @@ def test_nothing_in_common_is_an_error_that_lists_both_sides(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "gsm8k/mean@16" in err and "math500/mean@16" in err
     assert main(["--upstream-log", str(tmp_path / "missing.log"), "--run", str(tmp_path / "run")]) == 2
+
+
+# ----------------------------------------------------------------------------
+# CSV exports (issue 26 item 17): third parties publish the reference implementation's results as CSV files with
+# verl's metric names; the format is detected, and one line says what was read or why nothing matched.
+
+TRAINING_CSV = """\
+step,opd/loss,opd/entropy,opd/grad_norm,tip/selected_fraction,timing/step_s
+1,0.31,0.875,1.5,0.5,300
+2,0.25,0.8,1.25,0.5,290
+5,0.125,0.7,nan,0.5,
+"""
+EVAL_CSV = """\
+step,MATH-500/mean@16,aime24/mean@16,val-core/math_dapo/acc/mean@16
+0,0.5,0.0625,0.25
+5,0.625,0.125,0.3
+"""
+
+
+def _upstream(tmp_path, name: str, text) -> Path:
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def test_csv_exports_are_read_and_mapped(tmp_path, capsys):
+    train = _upstream(tmp_path, "training_metrics.csv", TRAINING_CSV)
+    evals = _upstream(tmp_path, "eval_curve.csv", "\ufeff" + EVAL_CSV)  # a spreadsheet's BOM
+    _our_run(tmp_path / "run")
+    argv = ["--upstream-log", str(train), "--upstream-log", str(evals), "--run", str(tmp_path / "run"),
+            "--map", "MATH-500=math500", "--all-steps"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    rows = _rows(out.out)
+    assert rows[("5", "math500/mean@16")][:3] == (62.5, 61.0, -1.5)  # fractions upstream, percent in the table
+    assert rows[("5", "aime24/mean@16")][:2] == (12.5, 12.5)
+    assert rows[("5", "heldout/mean@16")][:2] == (pytest.approx(30.0), 31.0)  # a full verl key as a column
+    assert rows[("1", "opd/entropy")][:2] == (0.875, 0.9) and rows[("1", "timing/step_s")][:2] == (300.0, 100.0)
+    assert ("5", "timing/step_s") not in rows and ("10", "opd/grad_norm") not in rows  # empty and nan cells
+    assert not any(metric == "opd/loss" for _, metric in rows)  # still not compared (module docstring)
+    said = out.err.splitlines()
+    assert said[0] == (f"upstream {train}: CSV export, 5 metrics (opd/entropy, opd/grad_norm, opd/loss, "
+                       "timing/step_s, tip/selected_fraction), 3 steps (1-5)"), out.err
+    assert said[1] == (f"upstream {evals}: CSV export, 3 metrics (MATH-500/mean@16 as math500/mean@16, "
+                       "aime24/mean@16, val-core/math_dapo/acc/mean@16 as heldout/mean@16), 2 steps (0-5)"), out.err
+    # without --map the column keeps its own name and meets nothing of ours
+    assert main(argv[:-3] + ["--all-steps"]) == 0
+    assert not any(metric.startswith("MATH-500") or step == "5" and metric == "math500/mean@16"
+                   for step, metric in _rows(capsys.readouterr().out))
+
+
+def test_the_console_log_says_what_was_read(tmp_path, capsys):
+    log = _upstream(tmp_path, "upstream.log", VERL_LOG)
+    _our_run(tmp_path / "run")
+    assert main(["--upstream-log", str(log), "--run", str(tmp_path / "run")]) == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith(f"upstream {log}: verl console log, ") and first.endswith("5 steps (0-10)"), first
+
+
+@pytest.mark.parametrize("name,content,why", [
+    ("empty.log", b"", "empty file"),
+    ("blank.csv", b"\n  \n", "empty file"),
+    ("weights.bin", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), "binary file"),
+    ("noise.dat", bytes(range(1, 256)) * 3, "binary file"),  # no NUL byte, not text either
+    ("notes.txt", b"the run went well\nloss fell\n", "unknown format"),
+    ("other.csv", b"epoch,loss\n1,0.5\n", "unknown format: a CSV without a step column (columns: epoch, loss)"),
+    ("bad_step.csv", b"step,opd/loss\n1,0.5\nthree,0.4\n", "line 3: step 'three' is not a whole number"),
+    ("percent.csv", b"step,math500/mean@16\n5,62.5\n", "column math500/mean@16 holds 62.5 at step 5"),
+], ids=["empty", "blank", "binary", "noise", "prose", "no-step-column", "bad-step", "percent"])
+def test_unreadable_upstream_files_are_one_error_line(tmp_path, capsys, name, content, why):
+    path = _upstream(tmp_path, name, content)
+    _our_run(tmp_path / "run")
+    out_file = tmp_path / "diff.md"
+    assert main(["--upstream-log", str(path), "--run", str(tmp_path / "run"), "--out", str(out_file)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: upstream {path}: ") and why in err[0], err
+    assert "console log" in err[0] and "CSV" in err[0]  # says what it accepts
+    assert not out_file.exists()
+
+
+def test_no_common_step_is_said_in_one_line(tmp_path, capsys):
+    evals = _upstream(tmp_path, "eval_curve.csv", "step,gsm8k/mean@16\n100,0.5\n200,0.6\n")
+    _our_run(tmp_path / "run")
+    assert main(["--upstream-log", str(evals), "--run", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"upstream {evals}: CSV export, 1 metric")
+    assert err[1] == ("no common step: upstream steps 100-200 (2), ours 1-5 (3); the last upstream evaluation "
+                      "(step 200) and our final one share no metric"), err
+    assert "gsm8k/mean@16" in err[2] and "math500/mean@16" in err[3]
