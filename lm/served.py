@@ -24,6 +24,7 @@ Ray is optional: it is imported only here, when a served teacher is built.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import socket
 import time
@@ -33,14 +34,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from lm.config import ModelConfig, RayTeacherConfig
-from lm.models import head_weight, load_model, rows
+from lm.models import head_weight, load_model, resolve_dtype, rows
 from lm.teacher import Scored, TeacherSide, final_states, take_metrics
 from lm.tokenizers import load_tokenizer
 
 MISSING = "teacher.placement: ray needs the ray package, which is not installed (pip install -r requirements-ray.txt)"
 PACKAGE_DIR = Path(__file__).resolve().parent  # shipped to the replicas (Ray runtime_env py_modules)
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # Ray's token authentication (Ray >= 2.5x)
 
 
 class TeacherUnavailable(RuntimeError):
@@ -48,8 +51,6 @@ class TeacherUnavailable(RuntimeError):
 
 
 def ray_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("ray") is not None
 
 
@@ -75,7 +76,11 @@ class TeacherReplica:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.model = load_model(mc, load_tokenizer(mc), self.device, trainable=False)
+        if torch.cuda.device_count() > 1 and mc.path and not mc.gguf_file:
+            self.model = spread(mc)  # a teacher larger than one GPU: its layers over the replica's GPUs
+            self.device = self.model.get_input_embeddings().weight.device
+        else:
+            self.model = load_model(mc, load_tokenizer(mc), self.device, trainable=False)
 
     def describe(self) -> dict:
         head = head_weight(self.model)
@@ -92,6 +97,15 @@ class TeacherReplica:
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         on = self.device
         return final_states(self.model, input_ids.to(on), attention_mask.to(on), positions.to(on)).to("cpu")
+
+
+def spread(mc: ModelConfig) -> torch.nn.Module:
+    """The teacher's layers spread over every GPU Ray gave the replica (transformers' device_map="auto"); the
+    final hidden states come out on the last one. Written for multi-GPU replicas; not run here (no GPU)."""
+    model = AutoModelForCausalLM.from_pretrained(mc.path, dtype=resolve_dtype(mc.dtype, torch.device("cuda")),
+                                                 attn_implementation=mc.attn_implementation, device_map="auto",
+                                                 trust_remote_code=mc.trust_remote_code)
+    return model.eval().requires_grad_(False)
 
 
 @dataclass
@@ -133,18 +147,17 @@ class RayTeacher:
     def __init__(self, mc: ModelConfig, rc: RayTeacherConfig, device: torch.device, *, process_index: int = 0,
                  num_processes: int = 1, share: Callable = lambda obj: obj, recorded: str | None = None,
                  log: Callable = print):
-        import ray  # optional dependency: only a served teacher needs it
-
-        self.ray, self.rc, self.device, self.log = ray, rc, device, log
+        self.rc, self.device, self.log = rc, device, log
         self.waited, self.received = 0.0, 0
         self.failures = [0] * rc.num_replicas  # incidents per replica (death or time-out)
         self.serving, self.restarting = set(range(rc.num_replicas)), set()
         self.next = process_index  # round-robin start: the processes' first micro-batches go to different replicas
         self.stride = num_processes
-        address, namespace = share(self._start(mc) if process_index == 0 else None)
+        address, namespace, auth = share(self._start(mc) if process_index == 0 else None)
         if process_index != 0:
-            self._connect(address, namespace)
+            self._connect(address, namespace, auth)
         share(None)  # every process waits here until process 0 has started the pool
+        ray = self.ray
         self.actors = [ray.get_actor(f"teacher-{i}", namespace=namespace) for i in range(rc.num_replicas)]
         self.replicas = self._check(recorded)
         self.fingerprint = self.replicas[0]["fingerprint"]
@@ -153,9 +166,12 @@ class RayTeacher:
 
     # -- start ---------------------------------------------------------------------------------------------
 
-    def _start(self, mc: ModelConfig) -> tuple[str, str]:
-        """Process 0: attach to the cluster (or start a local one), start the replicas; (address, namespace)."""
-        ray, rc = self.ray, self.rc
+    def _start(self, mc: ModelConfig) -> tuple[str, str, dict]:
+        """Process 0: attach to the cluster (or start a local one), start the replicas; (address, namespace, the
+        Ray authentication settings the other processes need to connect)."""
+        import ray  # optional dependency: only a served teacher needs it
+
+        self.ray, rc = ray, self.rc
         namespace = f"tip-teacher-{uuid.uuid4().hex[:12]}"
         runtime_env = {"py_modules": [str(PACKAGE_DIR)]}
         if ray.is_initialized():  # already connected (an earlier run in this process, a notebook): its workers
@@ -172,11 +188,17 @@ class RayTeacher:
                                       num_gpus=rc.num_gpus, max_restarts=rc.max_restarts,
                                       max_task_retries=0).remote(mc, threads)
                       for i in range(rc.num_replicas)]
-        return ray.get_runtime_context().gcs_address, namespace
+        auth = {k: v for k, v in os.environ.items() if k in AUTH_ENV}  # what Ray set up for its token auth
+        return ray.get_runtime_context().gcs_address, namespace, auth
 
-    def _connect(self, address: str, namespace: str) -> None:
-        if not self.ray.is_initialized():
-            self.ray.init(address=address, log_to_driver=False)
+    def _connect(self, address: str, namespace: str, auth: dict) -> None:
+        """The other trainer processes: the same cluster, with process 0's authentication settings."""
+        os.environ.update(auth)  # before Ray is imported: it reads them once
+        import ray  # optional dependency: only a served teacher needs it
+
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=False)
 
     def close(self) -> None:
         """Stop the replicas this process started (the Ray instance itself ends with the process)."""

@@ -32,7 +32,7 @@ ALLOWED = {
     "opd": {"opd", "tip", "eval", "demo", "agent", "lm"},
     "train.py": {"opd"},
 }
-LAZY_OK = {"deepspeed", "matplotlib", "wandb", "math_verify", "vllm", "torch.utils.tensorboard", "gguf"}
+LAZY_OK = {"deepspeed", "matplotlib", "wandb", "math_verify", "vllm", "torch.utils.tensorboard", "gguf", "ray"}
 MAX_FUNCTION_LINES = 60
 
 

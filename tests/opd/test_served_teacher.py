@@ -172,3 +172,56 @@ def kill(pid: int, sig: int) -> None:
         time.sleep(0.1)  # gone (or a zombie Ray has not reaped yet: its socket is closed either way)
         if Path(f"/proc/{pid}/status").exists() and "zombie" in Path(f"/proc/{pid}/status").read_text():
             break
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_two_trainer_processes_each_send_their_share(tmp_path, replicas):
+    """accelerate (DDP on CPU, two processes) with a served teacher trains what one process with a local teacher
+    trains, within fp32 reduction-order noise (the tolerances of tests/distributed)."""
+    import math
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    tip = {"selector": "soft_or", "ratio": 0.5}
+    local = run(tmp_path, "local", None, tip=tip, rollout={"max_new_tokens": 24}, train={"save_every": 0})
+    path = config(tmp_path, "served", {"num_replicas": replicas}, tip=tip, rollout={"max_new_tokens": 24},
+                  train={"save_every": 0})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(REPO / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+                          "--main_process_port", str(port), str(REPO / "train.py"), "--config", str(path)],
+                         capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-4000:]
+    served = path.parent / "runs" / "served"
+    got, want = stable(served), stable(local)
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        off = {k: (g[k], w[k]) for k in w if not math.isclose(g[k], w[k], rel_tol=1e-4, abs_tol=1e-6)}
+        assert not off, f"step {w['step']}: (served on two processes, local on one) {off}"
+    name = "checkpoints/step_000003/model.safetensors"
+    a, b = load_file(str(served / name)), load_file(str(local / name))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+@pytest.mark.slow
+def test_an_agentic_run_with_a_served_teacher_trains_what_the_local_one_trains(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
+    from test_agent_train import agent_config
+
+    def agentic(name: str, teacher: dict) -> Path:
+        path = agent_config(tmp_path, train={"run_name": name}, teacher=teacher)  # merged into the tiny teacher
+        return train(load_config([str(path)]))
+
+    local = agentic("local", {})
+    served = agentic("served", {"placement": "ray", "ray": {"num_replicas": 2}})
+    assert_same_run(served, local)
