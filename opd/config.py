@@ -153,6 +153,49 @@ class Config:
 # loading
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping of one YAML document names `key` (dotted) twice: on line `first`, then on line `line`."""
+
+    def __init__(self, key: str, first: int, line: int):
+        super().__init__(f"duplicate key `{key}`")
+        self.key, self.first, self.line = key, first, line
+
+
+def _unique_keys(node: yaml.Node, prefix: str = "", seen: set | None = None) -> None:
+    """DuplicateKey for the first key a mapping repeats, at any depth (PyYAML would let the last one win)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias met again (a recursive structure included) was checked already
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; it may repeat
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in lines:
+                raise DuplicateKey(f"{prefix}{key}", lines[key], key_node.start_mark.line + 1)
+            if key is not None:
+                lines[key] = key_node.start_mark.line + 1
+            _unique_keys(value_node, f"{prefix}{key}." if key is not None else prefix, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _unique_keys(item, prefix, seen)
+
+
+def load_yaml(text: str):
+    """One YAML document read safely (no tags that build Python objects), refusing repeated keys."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _unique_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
     """Read a YAML file, resolving `base:` chains. Returns (merged dict, key -> file)."""
     path = path.resolve()
@@ -161,7 +204,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str,
     if not path.is_file():
         raise ConfigError([f"{path}: config file not found"])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
+    except DuplicateKey as exc:
+        raise ConfigError([f"{path}:{exc.line}: duplicate key `{exc.key}` (first on line {exc.first}); "
+                           "one file may set a key once"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
