@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,8 +69,7 @@ def read_records(path: str, split: str, bad_records: str, report: LoadReport, *,
         return
     local = Path(path)
     if not path.startswith("hub:") and local.exists():
-        files = sorted(p for p in local.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet")) if local.is_dir() else [local]
-        for file in files:
+        for file in data_files(local, split):
             yield from _read_file(file, bad_records, report)
         return
     if path.endswith((".jsonl", ".json", ".parquet")) or path.startswith(("/", "./", "../")):
@@ -78,6 +78,44 @@ def read_records(path: str, split: str, bad_records: str, report: LoadReport, *,
     ds = datasets.load_dataset(hub_id, split=split)
     for i, rec in enumerate(ds):
         yield dict(rec), f"{hub_id}[{i}]"
+
+
+# A directory of prompt files is read the way `datasets` reads one: a file belongs to a split when a word of its
+# folder names (first) or of its file name is one of that split's words ("train-00000-of-00002.parquet",
+# "my_dev.jsonl", "test/part1.jsonl"); a directory whose files name no split is all train. Metadata files and
+# hidden files are never data. Words are split on anything but letters, so "pretrain.jsonl" names no split.
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+               "test": ("test", "testing", "eval", "evaluation")}
+METADATA_FILES = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "config.json", "state.json")
+
+
+def _split_named(text: str) -> str | None:
+    words = set(re.split(r"[^a-z]+", text.lower()))
+    return next((split for split, names in SPLIT_WORDS.items() if words & set(names)), None)
+
+
+def data_files(path: Path, split: str) -> list[Path]:
+    """The files of `split` in a data file or directory (a file is its own only split), sorted.
+
+    `split` is a split name or one of its words ("dev" is the validation split); "test" (the held-out prompts
+    of data.val_path) takes the validation split where there is no test split. DataError when the directory
+    names splits but not this one."""
+    if not path.is_dir():
+        return [path]
+    files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix in DATA_SUFFIXES
+             and p.name not in METADATA_FILES and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    by_folder = {f: _split_named(str(f.relative_to(path).parent)) for f in files}
+    by_name = {f: _split_named(f.stem) for f in files}
+    splits = by_folder if any(by_folder.values()) else by_name if any(by_name.values()) else {f: "train" for f in files}
+    wanted = _split_named(split) or split
+    chosen = [f for f in files if splits[f] == wanted]
+    if not chosen and wanted == "test":
+        chosen = [f for f in files if splits[f] == "validation"]
+    if files and not chosen:
+        named = ", ".join(sorted({s for s in splits.values() if s}))
+        raise DataError(f"{path} holds the splits {named} and no `{split}` split")
+    return chosen
 
 
 def _read_file(file: Path, bad_records: str, report: LoadReport):
@@ -91,7 +129,7 @@ def _read_file(file: Path, bad_records: str, report: LoadReport):
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw.decode("utf-8"))
+                rec = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a byte-order mark is no data
                 if not isinstance(rec, dict):
                     raise ValueError("not a JSON object")
             except ValueError as exc:  # UnicodeDecodeError included
@@ -139,6 +177,9 @@ def _is_prompt(prompt) -> bool:
     )
 
 
+VAL_SPLIT = "test"  # the split data.val_path is read from (a hub data set's, or a directory's)
+
+
 def load_prompts(dc: DataConfig, tokenizer, *, seed: int, need_answers: bool = False):
     """Load, encode and split prompts. Returns (train, val, report)."""
     report = LoadReport()
@@ -153,7 +194,7 @@ def load_prompts(dc: DataConfig, tokenizer, *, seed: int, need_answers: bool = F
     rng = random.Random(seed)
     rng.shuffle(prompts)
     if dc.val_path:
-        val = _encode_all(dc.val_path, "test", dc, tokenizer, LoadReport(), seed, need_answers)
+        val = _encode_all(dc.val_path, VAL_SPLIT, dc, tokenizer, LoadReport(), seed, need_answers)
     else:
         n_val = int(len(prompts) * dc.val_ratio)
         val, prompts = prompts[:n_val], prompts[n_val:]
@@ -232,12 +273,6 @@ def check_data(dc: DataConfig, need_answers: bool) -> list[str]:
     return problems
 
 
-def _data_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet"))
-    return [path]
-
-
 def _head_records(file: Path) -> tuple[list[dict], int]:
     """Up to PEEK_RECORDS records from the start of a file, and how many lines were not JSON objects."""
     if file.suffix == ".parquet":
@@ -246,13 +281,13 @@ def _head_records(file: Path) -> tuple[list[dict], int]:
         return (first.to_pylist() if first is not None else []), 0
     records, bad = [], 0
     with open(file, "rb") as fh:
-        for raw in fh:
+        for lineno, raw in enumerate(fh, 1):
             if len(records) + bad >= PEEK_RECORDS:
                 break
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw.decode("utf-8"))
+                rec = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
             except ValueError:  # UnicodeDecodeError is a ValueError too
                 bad += 1
                 continue
@@ -264,7 +299,10 @@ def _head_records(file: Path) -> tuple[list[dict], int]:
 
 
 def _peek_fields(key: str, path: Path, dc: DataConfig, need_answers: bool) -> list[str]:
-    files = _data_files(path)
+    try:
+        files = data_files(path, dc.train_split if key == "train_path" else VAL_SPLIT)
+    except DataError as exc:
+        return [f"data.{key}: {exc}"]
     if not files:
         return [f"data.{key}: {path} holds no .jsonl, .json or .parquet files"]
     try:

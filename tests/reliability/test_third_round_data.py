@@ -8,12 +8,15 @@ already written changed. The issue's item number is in each test's comment.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from conftest import run_cli, tiny_config, write_config
-from opd.config import ConfigError, load_config
+from lm.tokenizers import char_tokenizer
+from opd.config import ConfigError, DataConfig, load_config
+from opd.data import DataError, data_files, load_prompts
 from test_faults import error_lines
 
 
@@ -114,3 +117,65 @@ def test_the_bounds_are_in_the_help_text():
         for f in dataclasses.fields(section):
             if "max" in f.metadata and f.type in ("int", int):
                 assert f"at most {f.metadata['max']:,}" in f.metadata["help"], (section.__name__, f.name)
+
+
+# ----------------------------------------------------------------------------
+# 12: a byte-order mark, and a directory of splits
+
+
+def records(n: int, start: int = 0) -> str:
+    return "".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(start, start + n))
+
+
+def test_a_directory_of_splits_trains_on_its_train_split_and_a_bom_is_no_record(tmp_path):
+    # 12: a UTF-8 byte-order mark made the first record malformed; a directory holding train.jsonl and
+    # test.jsonl trained on both, and one holding dataset_info.json beside train.jsonl was refused blaming it
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("\ufeff" + records(10), encoding="utf-8")
+    (data / "test.jsonl").write_text(records(5, start=100))
+    (data / "dataset_info.json").write_text(json.dumps({"description": "x", "splits": {"train": {}}}, indent=1))
+    (data / "README.md").write_text("# data\n")
+    (data / ".gitattributes").write_text("*.jsonl filter=lfs\n")
+    cfg = config_file(tmp_path, data={"train_path": str(data)})
+    out = run_cli(["--config", str(cfg), "--check"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "data: 10 prompts: 10 for training, 0 held out" in out.stdout, out.stdout
+
+
+def test_the_split_files_of_a_directory_follow_the_datasets_conventions(tmp_path):
+    # 12: splits named by file (train.jsonl, train-00000-of-00002.parquet, my_dev.jsonl) or by folder (test/...);
+    # metadata files and hidden files are no data; a directory that names no split is all train
+    def layout(*names):
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        for name in names:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(records(1))
+        return root
+
+    def rel(root, files):
+        return [str(f.relative_to(root)) for f in files]
+
+    root = layout("train.jsonl", "test.jsonl", "dataset_info.json", "dataset_dict.json")
+    assert rel(root, data_files(root, "train")) == ["train.jsonl"]
+    assert rel(root, data_files(root, "test")) == ["test.jsonl"]
+    root = layout("data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "data/my_dev.jsonl")
+    assert rel(root, data_files(root, "train")) == ["data/train-00000-of-00002.parquet",
+                                                    "data/train-00001-of-00002.parquet"]
+    assert rel(root, data_files(root, "validation")) == ["data/my_dev.jsonl"]
+    assert rel(root, data_files(root, "test")) == ["data/my_dev.jsonl"]  # held out: test, else validation
+    root = layout("training/a.jsonl", "training/b.jsonl", "eval/c.jsonl", ".cache/d.jsonl")
+    assert rel(root, data_files(root, "train")) == ["training/a.jsonl", "training/b.jsonl"]
+    root = layout("prompts.jsonl", "more/prompts.json", "config.json", ".hidden.jsonl")
+    assert rel(root, data_files(root, "train")) == ["more/prompts.json", "prompts.jsonl"]
+    root = layout("test.jsonl", "validation.jsonl")
+    with pytest.raises(DataError, match=r"holds the splits test, validation and no `train` split"):
+        data_files(root, "train")
+
+
+def test_a_bom_is_no_record_under_bad_records_error(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + records(3).encode())
+    train, _, report = load_prompts(DataConfig(train_path=str(path), bad_records="error", chat_template=False),
+                                    char_tokenizer(), seed=0)
+    assert len(train) == 3 and not report.skipped
