@@ -196,11 +196,20 @@ def load_prompts(dc: DataConfig, tokenizer, *, seed: int, need_answers: bool = F
     if dc.val_path:
         val = _encode_all(dc.val_path, VAL_SPLIT, dc, tokenizer, LoadReport(), seed, need_answers)
     else:
-        n_val = int(len(prompts) * dc.val_ratio)
-        val, prompts = prompts[:n_val], prompts[n_val:]
+        val, prompts = hold_out(prompts, dc.val_ratio)
     if not prompts:
         raise DataError(f"{dc.train_path}: no usable prompts ({report.summary()})")
     return prompts, val, report
+
+
+def hold_out(prompts: list[Prompt], ratio: float) -> tuple[list[Prompt], list[Prompt]]:
+    """(held out, train) of shuffled prompts: the first int(distinct x ratio) distinct prompts (token ids) are held
+    out, one copy each, and none of their copies is trained on. Distinct prompts split as a plain cut would."""
+    first: dict[tuple[int, ...], Prompt] = {}  # each distinct prompt's first copy, in order of appearance
+    for p in prompts:
+        first.setdefault(tuple(p.ids), p)
+    held = dict(list(first.items())[:int(len(first) * ratio)])
+    return list(held.values()), [p for p in prompts if tuple(p.ids) not in held]
 
 
 def _encode_all(path, split, dc: DataConfig, tokenizer, report, seed, need_answers) -> list[Prompt]:
@@ -270,7 +279,28 @@ def check_data(dc: DataConfig, need_answers: bool) -> list[str]:
                 problems.append(f"data.{key}: {path} does not exist")
             else:
                 problems += _peek_fields(key, local, dc, need_answers)
+    shared = same_data(dc)
+    if shared:
+        problems.append(f"data.val_path: {dc.val_path} is data.train_path's own data ({shared}); held-out prompts "
+                        "would be trained on: give other prompts, or data.val_ratio")
     return problems
+
+
+def same_data(dc: DataConfig) -> str | None:
+    """The file data.val_path would read that data.train_path trains on (or the hub id / task both name), else None.
+    One directory may be both when its splits differ (train.jsonl for training, test.jsonl held out)."""
+    train, val = dc.train_path, dc.val_path
+    if not (train and val):
+        return None
+    if train.startswith(("hub:", "demo:")) or val.startswith(("hub:", "demo:")) or not Path(val).expanduser().exists():
+        same = train.removeprefix("hub:") == val.removeprefix("hub:") and dc.train_split == VAL_SPLIT
+        return val if same or (train == val and train.startswith("demo:")) else None
+    try:
+        trained = {f.resolve(): f for f in data_files(Path(train).expanduser(), dc.train_split)}
+        held = [f.resolve() for f in data_files(Path(val).expanduser(), VAL_SPLIT)]
+    except (DataError, OSError):  # a path that does not resolve is reported on its own
+        return None
+    return next((str(trained[f]) for f in held if f in trained), None)
 
 
 def _head_records(file: Path) -> tuple[list[dict], int]:

@@ -179,3 +179,48 @@ def test_a_bom_is_no_record_under_bad_records_error(tmp_path):
     train, _, report = load_prompts(DataConfig(train_path=str(path), bad_records="error", chat_template=False),
                                     char_tokenizer(), seed=0)
     assert len(train) == 3 and not report.skipped
+
+
+# ----------------------------------------------------------------------------
+# 13: held-out prompts that are also trained on
+
+
+def test_repeated_prompts_never_straddle_training_and_held_out(tmp_path):
+    # 13: with data.dedup off, copies of a held-out prompt stayed in training, without a word
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(records(1, start=i % 10) for i in range(100)))  # 10 prompts, 10 copies each
+    dc = DataConfig(train_path=str(path), val_ratio=0.2, chat_template=False)
+    train, val, _ = load_prompts(dc, char_tokenizer(), seed=0)
+    held = {tuple(p.ids) for p in val}
+    assert len(held) == 2 == len(val)  # 20% of the 10 distinct prompts, each held out once
+    assert len(train) == 80 and not held & {tuple(p.ids) for p in train}
+    # distinct prompts split as before: the first int(n * val_ratio) of the seeded shuffle are held out
+    path.write_text(records(50))
+    train, val, _ = load_prompts(DataConfig(train_path=str(path), val_ratio=0.2), char_tokenizer(), seed=3)
+    assert len(val) == 10 and len(train) == 40
+
+
+def test_a_val_path_that_is_the_train_data_is_refused(tmp_path):
+    # 13: data.val_path equal to data.train_path was accepted: every held-out prompt was trained on
+    cfg = config_file(tmp_path)
+    data = tmp_path / "prompts.jsonl"
+    line = one_error(run_cli(["--config", str(cfg), "--check", f"data.val_path={tmp_path}/./prompts.jsonl"]))
+    assert line == (f"error: data.val_path: {tmp_path}/./prompts.jsonl is data.train_path's own data ({data}); "
+                    "held-out prompts would be trained on: give other prompts, or data.val_ratio"), line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_directory_may_be_both_train_and_val_path_when_its_splits_differ(tmp_path):
+    from opd.data import check_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(records(10))
+    (data / "test.jsonl").write_text(records(5, start=100))
+    assert check_data(DataConfig(train_path=str(data), val_path=str(data)), need_answers=False) == []
+    train, val, _ = load_prompts(DataConfig(train_path=str(data), val_path=str(data)), char_tokenizer(), seed=0)
+    assert (len(train), len(val)) == (10, 5)
+    (data / "test.jsonl").unlink()  # now both read train.jsonl
+    assert check_data(DataConfig(train_path=str(data), val_path=str(data / "train.jsonl")), need_answers=False) == [
+        f"data.val_path: {data / 'train.jsonl'} is data.train_path's own data ({data / 'train.jsonl'}); "
+        "held-out prompts would be trained on: give other prompts, or data.val_ratio"]
