@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -258,6 +259,14 @@ def _encode_all(path, split, dc: DataConfig, tokenizer, report, seed, need_answe
             break
     report.records += len(out)
     return out
+
+
+def prompts_digest(prompts: list[Prompt]) -> str:
+    """SHA-256 of the prompts' token ids in their order: what a run trains on, recorded in its checkpoints."""
+    digest = hashlib.sha256()
+    for p in prompts:
+        digest.update(json.dumps(p.ids, separators=(",", ":")).encode() + b"\n")
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------

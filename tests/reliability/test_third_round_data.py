@@ -17,7 +17,7 @@ from conftest import run_cli, tiny_config, write_config
 from lm.tokenizers import char_tokenizer
 from opd.config import ConfigError, DataConfig, load_config
 from opd.data import DataError, data_files, load_prompts
-from test_faults import error_lines
+from test_faults import error_lines, tree_digest
 
 
 def one_error(out) -> str:
@@ -224,3 +224,46 @@ def test_a_directory_may_be_both_train_and_val_path_when_its_splits_differ(tmp_p
     assert check_data(DataConfig(train_path=str(data), val_path=str(data / "train.jsonl")), need_answers=False) == [
         f"data.val_path: {data / 'train.jsonl'} is data.train_path's own data ({data / 'train.jsonl'}); "
         "held-out prompts would be trained on: give other prompts, or data.val_ratio"]
+
+
+# ----------------------------------------------------------------------------
+# 14: the data changed between the parts of a run
+
+
+@pytest.mark.slow  # two CLI runs, one of them training a step (about 50 s on a shared CPU)
+def test_a_run_does_not_resume_on_other_prompts(tmp_path):
+    # 14: with train.max_steps_per_run the second part resumed silently on the changed file's prompts
+    cfg = config_file(tmp_path, train={"steps": 2, "max_steps_per_run": 1, "save_every": 0})
+    first = run_cli(["--config", str(cfg)])
+    assert first.returncode == 0 and "stopped after train.max_steps_per_run=1 steps" in first.stdout, first.stderr[-3000:]
+    data = tmp_path / "prompts.jsonl"
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[:-1]) + records(1, start=500))  # one prompt replaced
+    run_dir = tmp_path / "runs" / "run"
+    before = tree_digest(run_dir)
+    line = one_error(run_cli(["--config", str(cfg)]))
+    assert line == (f"error: data.train_path: the training prompts of {data} differ from the ones run {run_dir} was "
+                    f"trained on (checkpoint {run_dir / 'checkpoints' / 'step_000001'}); restore that data to resume, "
+                    "or choose another train.run_name to start a new run"), line
+    assert tree_digest(run_dir) == before
+
+
+def test_the_data_hash_is_compared_with_the_newest_checkpoint(tmp_path):
+    # 14, the decision without a training run: a checkpoint from before data hashes is not compared
+    from opd.checkpoint import check_same_data
+    from opd.data import Prompt, prompts_digest
+    from opd.errors import RunError
+
+    prompts = [Prompt(ids=[1, 2, 3], answer="", source="a:1"), Prompt(ids=[4, 5], answer="", source="a:2")]
+    digest = prompts_digest(prompts)
+    assert digest != prompts_digest(prompts[::-1]) and digest != prompts_digest(prompts[:1])
+    run_dir = tmp_path / "run"
+    check_same_data(run_dir, digest, "data.train_path", "p.jsonl")  # no checkpoint yet
+    ckpt = run_dir / "checkpoints" / "step_000003"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 3}))
+    check_same_data(run_dir, digest, "data.train_path", "p.jsonl")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 3, "data_hash": digest}))
+    check_same_data(run_dir, digest, "data.train_path", "p.jsonl")
+    with pytest.raises(RunError, match=r"^data.train_path: the training prompts of p.jsonl differ .* \(checkpoint "):
+        check_same_data(run_dir, prompts_digest(prompts[:1]), "data.train_path", "p.jsonl")
