@@ -13,7 +13,7 @@ import datasets
 import pyarrow.parquet as pq
 
 import lm.chat
-from lm.tokenizers import unknown_id
+from lm.tokenizers import longest_token_chars, unknown_id
 from demo import real_task, task as demo_task
 from eval.benchmarks import dapo_problem
 from opd.config import DataConfig
@@ -164,10 +164,27 @@ def encode_prompt(tokenizer, prompt, dc: DataConfig) -> list[int]:
     """Token ids of one prompt (text, or a list of chat messages) as the data section formats it:
     the source's own instruction stripped (data.prompt_format), then data.instruction appended after
     data.instruction_separator, then the chat template."""
-    prompt = strip_source_instruction(prompt, dc)
+    return _encode_stripped(tokenizer, strip_source_instruction(prompt, dc), dc)
+
+
+def _encode_stripped(tokenizer, prompt, dc: DataConfig) -> list[int]:
     return lm.chat.encode_prompt(tokenizer, prompt, instruction=dc.instruction, separator=dc.instruction_separator,
                                  system_prompt=dc.system_prompt, chat_template=dc.chat_template,
                                  enable_thinking=dc.enable_thinking)
+
+
+# A token stands for at most C characters, C the longest string of the tokenizer's vocabulary
+# (lm.tokenizers.longest_token_chars), so a prompt of more than C x max_prompt_length characters has more than
+# max_prompt_length tokens; the factor 2 leaves room for a normalizer that composes characters (NFC: a letter and
+# its accents become one). Such a prompt is judged on its characters and never tokenised: tokenising a 5 MB prompt
+# took 2.4 GB. Under long_prompts=truncate_left a text prompt keeps only its last 2 x that many characters
+# before tokenising (still more than max_prompt_length tokens, of which the last ones are kept), so the memory a
+# prompt takes is bounded by data.max_prompt_length; a list of chat messages is tokenised whole in that mode.
+CHARS_PER_TOKEN_MARGIN = 2
+
+
+def _chars(prompt) -> int:
+    return len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
 
 
 def _is_prompt(prompt) -> bool:
@@ -216,6 +233,8 @@ def hold_out(prompts: list[Prompt], ratio: float) -> tuple[list[Prompt], list[Pr
 def _encode_all(path, split, dc: DataConfig, tokenizer, report, seed, need_answers) -> list[Prompt]:
     out: list[Prompt] = []
     seen: set[str] = set()  # data.dedup: prompt fields already encoded (a repeat is skipped before tokenizing)
+    longest = longest_token_chars(tokenizer)
+    char_limit = None if longest is None else CHARS_PER_TOKEN_MARGIN * longest * dc.max_prompt_length
     for rec, source in read_records(path, split, dc.bad_records, report, seed=seed, n=dc.max_samples):
         prompt = field_value(rec, dc.prompt_key)
         if dc.dedup and prompt is not None:
@@ -236,8 +255,18 @@ def _encode_all(path, split, dc: DataConfig, tokenizer, report, seed, need_answe
             problem = f"missing answer field `{dc.answer_key}`"
         ids = None
         if problem is None:
+            prompt = strip_source_instruction(prompt, dc)
+            if char_limit is not None and _chars(prompt) > char_limit and dc.long_prompts != "truncate_left":
+                if dc.long_prompts == "error":
+                    raise DataError(f"{source}: prompt of {_chars(prompt)} characters exceeds data.max_prompt_length="
+                                    f"{dc.max_prompt_length} (more than {dc.max_prompt_length} tokens: over "
+                                    f"{char_limit} characters) (data.long_prompts=error)")
+                report.skip("prompts over max_prompt_length")
+                continue
+            if char_limit is not None and isinstance(prompt, str) and len(prompt) > 2 * char_limit:
+                prompt = prompt[-2 * char_limit:]  # truncate_left keeps the end
             try:
-                ids = encode_prompt(tokenizer, prompt, dc)
+                ids = _encode_stripped(tokenizer, prompt, dc)
             except Exception as exc:  # a chat template may reject a message sequence; that is this record's problem
                 problem, ids = f"chat template failed ({exc})".splitlines()[0], []
             if problem is None and len(ids) > dc.max_prompt_length:

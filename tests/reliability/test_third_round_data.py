@@ -267,3 +267,52 @@ def test_the_data_hash_is_compared_with_the_newest_checkpoint(tmp_path):
     check_same_data(run_dir, digest, "data.train_path", "p.jsonl")
     with pytest.raises(RunError, match=r"^data.train_path: the training prompts of p.jsonl differ .* \(checkpoint "):
         check_same_data(run_dir, prompts_digest(prompts[:1]), "data.train_path", "p.jsonl")
+
+
+# ----------------------------------------------------------------------------
+# 15: a huge prompt is tokenised before its length is checked
+
+
+def huge_prompt_file(path: Path, chars: int) -> Path:
+    path.write_text(records(2) + json.dumps({"prompt": "7" * chars, "answer": "1"}) + "\n" + records(2, start=10))
+    return path
+
+
+def test_a_huge_prompt_is_never_tokenised(tmp_path, monkeypatch):
+    # 15: a 5 MB prompt went through the tokenizer before the length check (2.4 GB peak against 0.5 GB)
+    import lm.chat
+
+    seen = []
+    encode = lm.chat.encode_prompt
+
+    def spy(tokenizer, prompt, **kw):
+        seen.append(sum(len(m["content"]) for m in prompt) if isinstance(prompt, list) else len(prompt))
+        return encode(tokenizer, prompt, **kw)
+
+    monkeypatch.setattr(lm.chat, "encode_prompt", spy)
+    path = huge_prompt_file(tmp_path / "p.jsonl", 5_000_000)
+    tok = char_tokenizer()
+    dc = DataConfig(train_path=str(path), max_prompt_length=64, chat_template=False)
+    train, _, report = load_prompts(dc, tok, seed=0)
+    assert len(train) == 4 and report.skipped == {"prompts over max_prompt_length": 1}
+    assert max(seen) < 100
+    messages = tmp_path / "m.jsonl"
+    messages.write_text(json.dumps({"prompt": [{"role": "user", "content": "7" * 5_000_000}]}) + "\n" + records(1))
+    train, _, report = load_prompts(DataConfig(train_path=str(messages), max_prompt_length=64), tok, seed=0)
+    assert len(train) == 1 and report.skipped == {"prompts over max_prompt_length": 1} and max(seen) < 100
+    # truncate_left keeps the prompt's end: only its last characters are tokenised, the same last tokens
+    seen.clear()
+    dc = DataConfig(train_path=str(path), max_prompt_length=64, chat_template=False, long_prompts="truncate_left")
+    train, _, report = load_prompts(dc, tok, seed=0)
+    assert len(train) == 5 and not report.skipped and max(seen) < 100_000
+    assert sorted(len(p.ids) for p in train)[-1] == 64
+
+
+def test_a_huge_prompt_under_long_prompts_error_is_one_line(tmp_path):
+    # 15: the same refusal as for any over-long prompt, naming file and line, decided on its characters
+    path = huge_prompt_file(tmp_path / "huge.jsonl", 5_000_000)
+    cfg = config_file(tmp_path, data={"train_path": str(path), "long_prompts": "error"})
+    line = one_error(run_cli(["--config", str(cfg), "--check"]))
+    assert line.startswith(f"error: data.train_path: {path}:3: prompt of 5000000 characters exceeds "
+                           "data.max_prompt_length=64 (more than 64 tokens"), line
+    assert line.endswith("(data.long_prompts=error)"), line
