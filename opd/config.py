@@ -35,7 +35,7 @@ RUN_NAME = r"([A-Za-z0-9_][A-Za-z0-9_.-]{0,99})?"  # one path component: no '/',
 @dataclass
 class DataConfig:
     train_path: str = field(default="", metadata={"help": "JSONL/Parquet file, directory, `hub:<id>` or `demo:multiplication` / `demo:instructions` (the demo tasks)"})
-    train_split: str = field(default="train", metadata={"help": "split name for hub data sets, and for a directory whose files or folders name their splits as `datasets` reads them (train.jsonl, test.jsonl, data/train-00000-of-00002.parquet, dev/...; metadata such as dataset_info.json is ignored; a directory that names no split is all train)"})
+    train_split: str = field(default="train", metadata={"help": "split name for hub data sets, and for a directory whose files or folders name their splits as `datasets` reads them (train.jsonl, test.jsonl, data/train-00000-of-00002.parquet, dev/...; metadata such as dataset_info.json is ignored; a directory that names no split is read whole)"})
     val_path: str = field(default="", metadata={"help": "optional separate validation prompts; empty = split off `val_ratio` of train"})
     val_ratio: float = field(default=0.0, metadata={"help": "fraction of train prompts held out for validation", "min": 0.0, "max": 0.9})
     prompt_key: str = field(default="prompt", metadata={"help": "field holding the prompt text (or a list of chat messages)"})

@@ -83,7 +83,7 @@ def read_records(path: str, split: str, bad_records: str, report: LoadReport, *,
 
 # A directory of prompt files is read the way `datasets` reads one: a file belongs to a split when a word of its
 # folder names (first) or of its file name is one of that split's words ("train-00000-of-00002.parquet",
-# "my_dev.jsonl", "test/part1.jsonl"); a directory whose files name no split is all train. Metadata files and
+# "my_dev.jsonl", "test/part1.jsonl"); a directory whose files name no split is read whole. Metadata files and
 # hidden files are never data. Words are split on anything but letters, so "pretrain.jsonl" names no split.
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
@@ -100,15 +100,17 @@ def data_files(path: Path, split: str) -> list[Path]:
     """The files of `split` in a data file or directory (a file is its own only split), sorted.
 
     `split` is a split name or one of its words ("dev" is the validation split); "test" (the held-out prompts
-    of data.val_path) takes the validation split where there is no test split. DataError when the directory
-    names splits but not this one."""
+    of data.val_path) takes the validation split where there is no test split. A directory that names no split
+    is read whole. DataError when the directory names splits but not this one."""
     if not path.is_dir():
         return [path]
     files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix in DATA_SUFFIXES
              and p.name not in METADATA_FILES and not any(part.startswith(".") for part in p.relative_to(path).parts)]
     by_folder = {f: _split_named(str(f.relative_to(path).parent)) for f in files}
     by_name = {f: _split_named(f.stem) for f in files}
-    splits = by_folder if any(by_folder.values()) else by_name if any(by_name.values()) else {f: "train" for f in files}
+    splits = by_folder if any(by_folder.values()) else by_name if any(by_name.values()) else None
+    if splits is None:  # no split named: all of it, whichever split is asked (train_path's, or val_path's)
+        return files
     wanted = _split_named(split) or split
     chosen = [f for f in files if splits[f] == wanted]
     if not chosen and wanted == "test":

@@ -143,7 +143,7 @@ def test_a_directory_of_splits_trains_on_its_train_split_and_a_bom_is_no_record(
 
 def test_the_split_files_of_a_directory_follow_the_datasets_conventions(tmp_path):
     # 12: splits named by file (train.jsonl, train-00000-of-00002.parquet, my_dev.jsonl) or by folder (test/...);
-    # metadata files and hidden files are no data; a directory that names no split is all train
+    # metadata files and hidden files are no data; a directory that names no split is read whole
     def layout(*names):
         root = tmp_path / str(len(list(tmp_path.iterdir())))
         for name in names:
@@ -166,6 +166,7 @@ def test_the_split_files_of_a_directory_follow_the_datasets_conventions(tmp_path
     assert rel(root, data_files(root, "train")) == ["training/a.jsonl", "training/b.jsonl"]
     root = layout("prompts.jsonl", "more/prompts.json", "config.json", ".hidden.jsonl")
     assert rel(root, data_files(root, "train")) == ["more/prompts.json", "prompts.jsonl"]
+    assert rel(root, data_files(root, "test")) == ["more/prompts.json", "prompts.jsonl"]  # a val_path directory
     root = layout("test.jsonl", "validation.jsonl")
     with pytest.raises(DataError, match=r"holds the splits test, validation and no `train` split"):
         data_files(root, "train")
