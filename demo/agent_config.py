@@ -46,7 +46,7 @@ class AgentDemoConfig:
     max_response_tokens: int = field(default=400, metadata={"help": "tokens after the opening prompt at most", "min": 1})
     max_tool_response_tokens: int = field(default=16, metadata={"help": "a tool result is cut to this many tokens", "min": 1})
     seed: int = field(default=0, metadata={"help": "seed of weights, data order and sampled rollouts"})
-    num_threads: int = field(default=0, metadata={"help": "torch CPU threads while preparing; 0 = leave as is (not part of the cache key)", "min": 0})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads while preparing; 0 = leave as is (not part of the cache key); at most 4,096", "min": 0, "max": 4096})
     cache_dir: str = field(default=".cache/demo", metadata={"help": "where prepared pairs are kept (relative to the working directory; not part of the cache key)"})
 
 

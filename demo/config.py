@@ -29,7 +29,7 @@ class DemoConfig:
     warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps before the cosine decay", "min": 0})
     eval_problems: int = field(default=512, metadata={"help": "held-out problems for the accuracies in pair.json", "min": 1})
     seed: int = field(default=0, metadata={"help": "seed of weights, data order and evaluation samples"})
-    num_threads: int = field(default=0, metadata={"help": "torch CPU threads while preparing; 0 = leave as is (not part of the cache key)", "min": 0})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads while preparing; 0 = leave as is (not part of the cache key); at most 4,096", "min": 0, "max": 4096})
     cache_dir: str = field(default=".cache/demo", metadata={"help": "where prepared pairs are kept (relative to the working directory; not part of the cache key)"})
 
 

@@ -22,7 +22,7 @@ class RealDemoConfig:
     max_new_tokens: int = field(default=40, metadata={"help": "length bound of the teacher's answers (and of the pair.json KL samples)", "min": 1})
     eval_prompts: int = field(default=32, metadata={"help": "held-out prompts for the KL in pair.json", "min": 1})
     seed: int = field(default=0, metadata={"help": "seed of the teacher's samples and the healing order"})
-    num_threads: int = field(default=0, metadata={"help": "torch CPU threads while preparing; 0 = leave as is (not part of the cache key)", "min": 0})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads while preparing; 0 = leave as is (not part of the cache key); at most 4,096", "min": 0, "max": 4096})
     cache_dir: str = field(default=".cache/demo", metadata={"help": "where prepared pairs are kept (not part of the cache key)"})
     gguf_cache_dir: str = field(default=".cache/gguf", metadata={"help": "where the de-quantised teacher is kept (not part of the cache key)"})
 

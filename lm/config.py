@@ -61,7 +61,7 @@ class VLLMConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "the engine's weights dtype; auto = bfloat16 on a GPU that supports it, else float32"})
     gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU: share of the device's memory the engine may take (weights + KV cache), beside the training state", "min_exclusive": 0.0, "max": 1.0})
     cpu_kv_cache_gb: float = field(default=4.0, metadata={"help": "CPU: KV cache size in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE; an already set environment variable wins)", "min_exclusive": 0.0})
-    max_model_len: int = field(default=0, metadata={"help": "prompt + response tokens at most; 0 = data.max_prompt_length + rollout.max_new_tokens", "min": 0})
+    max_model_len: int = field(default=0, metadata={"help": "prompt + response tokens at most; 0 = data.max_prompt_length + rollout.max_new_tokens; at most 2,097,152", "min": 0, "max": 2**21})
     tensor_parallel_size: int = field(default=1, metadata={"help": "processes that share one engine (tensor parallel); only 1 is implemented", "min": 1, "max": 1})
     sleep: bool = field(default=True, metadata={"help": "GPU: free the engine's weights and KV cache while the student trains (vLLM sleep mode); ignored on CPU"})
     enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs / compilation (faster start, slower decoding); always on for CPU"})
@@ -73,9 +73,9 @@ class RolloutConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "min": 0.0})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling", "min": 0.0, "max": 1.0})
     top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off", "min": 0})
-    max_new_tokens: int = field(default=8192, metadata={"help": "response tokens at most", "min": 1})
-    n: int = field(default=1, metadata={"help": "rollouts per prompt", "min": 1})
-    batch_size: int = field(default=0, metadata={"help": "hf: prompts per generate call; 0 = all prompts of the step at once (vllm schedules its own batches)", "min": 0})
+    max_new_tokens: int = field(default=8192, metadata={"help": "response tokens at most (at most 1,048,576, the longest context of any model)", "min": 1, "max": 2**20})
+    n: int = field(default=1, metadata={"help": "rollouts per prompt (at most 4,096)", "min": 1, "max": 4096})
+    batch_size: int = field(default=0, metadata={"help": "hf: prompts per generate call; 0 = all prompts of the step at once (vllm schedules its own batches); at most 1,048,576", "min": 0, "max": 2**20})
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 

@@ -126,6 +126,17 @@ class TokenizerMismatch(ValueError):
         return f"{section}.path" if mc.path else f"{section}.vocab_size"
 
 
+def longest_token_chars(tokenizer) -> int | None:
+    """The most characters one token of `tokenizer` stands for: its longest vocabulary string (128 for Qwen's
+    byte-level BPE, whose strings spell a token's bytes, each character at least one byte; a SentencePiece
+    byte token `<0x0A>` overstates its one character, which errs on the safe side). None when it has no vocabulary
+    to read."""
+    try:
+        return max(len(token) for token in tokenizer.get_vocab())
+    except Exception:  # a tokenizer without get_vocab (or an empty one): no bound
+        return None
+
+
 def unknown_id(tokenizer) -> int | None:
     """The id a tokenizer silently gives any character it has no token for, or None.
 

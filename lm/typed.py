@@ -5,7 +5,10 @@ in `metadata` ("help", "min", "max", "min_exclusive"; "nonfinite": True for a
 float that may be NaN or infinite, which no other float may be; "pattern" and
 "pattern_help" for a string that must match a regular expression; "choices" for
 a string that must be a key of a registry, a dict read at check time, so names
-registered later count). `apply` fills one from a
+registered later count). Every integer must fit in 64 bits; a setting that sizes
+memory or threads also has a "max" no real run reaches, named in its help text
+("at most 1,048,576"), so a slip of the keyboard is refused at --check, not met as
+a MemoryError or an overflow once the run starts. `apply` fills one from a
 dict (YAML, command line) and reports every problem as one line that names the
 key and where its value came from. `opd.config` builds the run config with it;
 `demo.prepare` validates its own command line with it.
@@ -21,6 +24,9 @@ import typing
 from typing import Any, Literal
 
 import yaml
+
+
+INT64 = (-2**63, 2**63 - 1)  # every integer setting lies in this range, whatever its own bounds
 
 
 class ConfigError(Exception):
@@ -93,6 +99,9 @@ def check_value(current: Any, meta) -> list[str]:
             problems.append(f"is above the maximum {meta['max']}")
         if "min_exclusive" in meta and current <= meta["min_exclusive"]:
             problems.append(f"must be greater than {meta['min_exclusive']}")
+    ints = [v for v in floats if isinstance(v, int) and not isinstance(v, bool)]
+    if not problems and any(not INT64[0] <= v <= INT64[1] for v in ints):  # torch and numpy take no more
+        problems.append("does not fit in a 64-bit integer")
     return problems
 
 

@@ -229,6 +229,7 @@ def save(run) -> None:
             "selector_state": run.selector_state.state_dict(), "torch_rng": None,
             "wall_time_s": time.time() - run.started,
             "num_processes": acc.num_processes, "deepspeed": engine is not None,
+            "data_hash": run.data_hash,
         }
         lm_weights = {k.removeprefix("lm."): v for k, v in weights.items()}  # PolicyModel keys -> the HF model's
 
@@ -252,6 +253,23 @@ def save(run) -> None:
     if global_sum(acc, float(failed is not None)) > 0:
         raise RunError(f"checkpoint at step {run.step} {failed or 'could not be written on the main process'}; "
                        f"last good checkpoint: {latest_checkpoint(run.run_dir) or 'none'}")
+
+
+def check_same_data(run_dir: Path, data_hash: str, key: str, value: str) -> None:
+    """RunError when the run's newest checkpoint was trained on other prompts (`data_hash`, opd.data.prompts_digest)
+    than the config's `key` = `value` now gives: a resumed run would continue on other data without a word.
+    A checkpoint from before data hashes (or one that cannot be read, resume's to judge) is not compared."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return
+    try:
+        saved = load_trainer_state(latest).get("data_hash")
+    except (OSError, ValueError, AttributeError):
+        return
+    if saved and saved != data_hash:
+        raise RunError(f"{key}: the training prompts of {value} differ from the ones run {run_dir} was trained on "
+                       f"(checkpoint {latest}); restore that data to resume, or choose another train.run_name to "
+                       "start a new run")
 
 
 def resume(run) -> None:

@@ -35,7 +35,7 @@ RUN_NAME = r"([A-Za-z0-9_][A-Za-z0-9_.-]{0,99})?"  # one path component: no '/',
 @dataclass
 class DataConfig:
     train_path: str = field(default="", metadata={"help": "JSONL/Parquet file, directory, `hub:<id>` or `demo:multiplication` / `demo:instructions` (the demo tasks)"})
-    train_split: str = field(default="train", metadata={"help": "split name for hub data sets"})
+    train_split: str = field(default="train", metadata={"help": "split name for hub data sets, and for a directory whose files or folders name their splits as `datasets` reads them (train.jsonl, test.jsonl, data/train-00000-of-00002.parquet, dev/...; metadata such as dataset_info.json is ignored; a directory that names no split is read whole)"})
     val_path: str = field(default="", metadata={"help": "optional separate validation prompts; empty = split off `val_ratio` of train"})
     val_ratio: float = field(default=0.0, metadata={"help": "fraction of train prompts held out for validation", "min": 0.0, "max": 0.9})
     prompt_key: str = field(default="prompt", metadata={"help": "field holding the prompt text (or a list of chat messages)"})
@@ -46,7 +46,7 @@ class DataConfig:
     system_prompt: str = field(default="", metadata={"help": "optional system message"})
     chat_template: bool = field(default=True, metadata={"help": "wrap prompts with the tokenizer's chat template"})
     enable_thinking: bool = field(default=False, metadata={"help": "passed to chat templates that understand it (Qwen3)"})
-    max_prompt_length: int = field(default=2048, metadata={"help": "prompt tokens at most", "min": 1})
+    max_prompt_length: int = field(default=2048, metadata={"help": "prompt tokens at most (at most 1,048,576, the longest context of any model)", "min": 1, "max": 2**20})
     long_prompts: Literal["skip", "truncate_left", "error"] = field(default="skip", metadata={"help": "what to do with prompts over max_prompt_length"})
     bad_records: Literal["skip", "error"] = field(default="skip", metadata={"help": "malformed/empty records: skip with a count, or refuse naming file and line"})
     max_samples: int = field(default=0, metadata={"help": "use at most this many prompts; 0 = all", "min": 0})
@@ -57,7 +57,7 @@ class DataConfig:
 class OPDConfig:
     loss_type: str = field(default="reverse_kl", metadata={"help": "per-token divergence: a name registered in opd.losses.DIVERGENCES, e.g. reverse_kl (the paper's), forward_kl, jsd (a wrong name lists them all)", "choices": DIVERGENCES})
     beta: float = field(default=0.5, metadata={"help": "the divergence's knob: jsd interpolation (0 = forward KL, 1 = reverse KL), skew_reverse_kl's teacher share alpha (1 = reverse KL)", "min": 0.0, "max": 1.0})
-    chunk_size: int = field(default=256, metadata={"help": "tokens per chunk of the full-vocabulary computation", "min": 1})
+    chunk_size: int = field(default=256, metadata={"help": "tokens per chunk of the full-vocabulary computation (at most 1,048,576)", "min": 1, "max": 2**20})
     loss_impl: Literal["reference", "fused"] = field(default="fused", metadata={"help": "fused: LM head only on kept rows, recomputed in backward; reference: full logits"})
     teacher_cache_device: Literal["auto", "cpu"] = field(default="auto", metadata={"help": "where phase 1 keeps the teacher side; cpu = offload"})
     offload_teacher: bool = field(default=False, metadata={"help": "move the teacher backbone to CPU between phases (GPU only; ignored for a ZeRO-3 sharded teacher)"})
@@ -86,9 +86,9 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "fixes data order, rollouts and selection"})
     steps: int = field(default=0, metadata={"help": "rollout steps; 0 = derive from epochs", "min": 0})
     epochs: int = field(default=1, metadata={"help": "passes over the train prompts (when steps = 0)", "min": 1})
-    prompts_per_step: int = field(default=256, metadata={"help": "prompts rolled out per step (global, all processes)", "min": 1})
-    mini_batch_size: int = field(default=0, metadata={"help": "prompts per optimiser update (global); 0 = prompts_per_step (one update per step)", "min": 0})
-    micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward/backward per process", "min": 1})
+    prompts_per_step: int = field(default=256, metadata={"help": "prompts rolled out per step (global, all processes; at most 1,048,576: real runs take 64 to 512)", "min": 1, "max": 2**20})
+    mini_batch_size: int = field(default=0, metadata={"help": "prompts per optimiser update (global); 0 = prompts_per_step (one update per step); at most 1,048,576", "min": 0, "max": 2**20})
+    micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward/backward per process (at most 65,536)", "min": 1, "max": 2**16})
     output_dir: str = field(default="runs", metadata={"help": "parent of run directories"})
     run_name: str = field(default="", metadata={
         "help": "run directory name, one path component inside output_dir; empty = the last config file's name",
@@ -103,7 +103,7 @@ class TrainConfig:
     max_consecutive_skips: int = field(default=5, metadata={"help": "stop after this many skipped (non-finite) steps in a row", "min": 1})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto = cuda when available"})
     mixed_precision: Literal["auto", "no", "bf16"] = field(default="auto", metadata={"help": "bf16 autocast of the models' forward passes (token statistics and divergences stay float32); auto = bf16 on a bf16-capable GPU when model.dtype is auto, no elsewhere; bf16 also runs on CPUs"})
-    num_threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0 = torch default", "min": 0})
+    num_threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0 = torch default; at most 4,096", "min": 0, "max": 4096})
 
 
 @dataclass
@@ -126,8 +126,8 @@ class TipConfig:
     threshold_mode: Literal["quantile", "absolute"] = field(default="quantile", metadata={"help": "taxonomy thresholds as quantiles of the scope or absolute values"})
     entropy_threshold: float = field(default=0.5, metadata={"help": "taxonomy: high-entropy threshold (quantile or normalised entropy)", "min": 0.0})
     divergence_threshold: float = field(default=0.5, metadata={"help": "taxonomy: high-divergence threshold (quantile or nats)", "min": 0.0})
-    dump_tokens: int = field(default=0, metadata={"help": "tokens per step written to tokens.jsonl for inspection", "min": 0})
-    dump_topk: int = field(default=5, metadata={"help": "the token dump's top-k tokens of each side, with probabilities", "min": 1})
+    dump_tokens: int = field(default=0, metadata={"help": "tokens per step written to tokens.jsonl for inspection (at most 1,048,576)", "min": 0, "max": 2**20})
+    dump_topk: int = field(default=5, metadata={"help": "the token dump's top-k tokens of each side, with probabilities (at most 1,024)", "min": 1, "max": 1024})
     plots: bool = field(default=True, metadata={"help": "render the tip pictures at the end of training"})
 
 
@@ -153,6 +153,49 @@ class Config:
 # loading
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping of one YAML document names `key` (dotted) twice: on line `first`, then on line `line`."""
+
+    def __init__(self, key: str, first: int, line: int):
+        super().__init__(f"duplicate key `{key}`")
+        self.key, self.first, self.line = key, first, line
+
+
+def _unique_keys(node: yaml.Node, prefix: str = "", seen: set | None = None) -> None:
+    """DuplicateKey for the first key a mapping repeats, at any depth (PyYAML would let the last one win)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias met again (a recursive structure included) was checked already
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; it may repeat
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in lines:
+                raise DuplicateKey(f"{prefix}{key}", lines[key], key_node.start_mark.line + 1)
+            if key is not None:
+                lines[key] = key_node.start_mark.line + 1
+            _unique_keys(value_node, f"{prefix}{key}." if key is not None else prefix, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _unique_keys(item, prefix, seen)
+
+
+def load_yaml(text: str):
+    """One YAML document read safely (no tags that build Python objects), refusing repeated keys."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _unique_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
     """Read a YAML file, resolving `base:` chains. Returns (merged dict, key -> file)."""
     path = path.resolve()
@@ -161,7 +204,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str,
     if not path.is_file():
         raise ConfigError([f"{path}: config file not found"])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
+    except DuplicateKey as exc:
+        raise ConfigError([f"{path}:{exc.line}: duplicate key `{exc.key}` (first on line {exc.first}); "
+                           "one file may set a key once"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -170,8 +216,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str,
         raise ConfigError([f"{path}: top level must be a mapping of sections"])
     merged: dict = {}
     origin: dict[str, str] = {}
-    bases = data.pop("base", None)
-    for base in [bases] if isinstance(bases, str) else (bases or []):
+    given = data.pop("base", None)
+    bases = [given] if isinstance(given, str) else [] if given is None else given
+    if not (isinstance(bases, list) and all(isinstance(b, str) and b for b in bases)):
+        raise ConfigError([f"{path}: `base:` must be a file name or a list of file names (relative to this file), "
+                           f"got {_shown(given)}"])
+    for base in bases:
         base_data, base_origin = _read_yaml(path.parent / base, seen + (path,))
         _deep_merge(merged, base_data)
         origin.update(base_origin)
@@ -179,6 +229,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str,
     for key in _flat_keys(data):
         origin[key] = str(path)
     return merged, origin
+
+
+def _shown(value, limit: int = 80) -> str:
+    """A YAML value as a message shows it: its repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _deep_merge(dst: dict, src: dict) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import datasets
 import pyarrow.parquet as pq
 
 import lm.chat
-from lm.tokenizers import unknown_id
+from lm.tokenizers import longest_token_chars, unknown_id
 from demo import real_task, task as demo_task
 from eval.benchmarks import dapo_problem
 from opd.config import DataConfig
@@ -68,8 +70,7 @@ def read_records(path: str, split: str, bad_records: str, report: LoadReport, *,
         return
     local = Path(path)
     if not path.startswith("hub:") and local.exists():
-        files = sorted(p for p in local.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet")) if local.is_dir() else [local]
-        for file in files:
+        for file in data_files(local, split):
             yield from _read_file(file, bad_records, report)
         return
     if path.endswith((".jsonl", ".json", ".parquet")) or path.startswith(("/", "./", "../")):
@@ -78,6 +79,46 @@ def read_records(path: str, split: str, bad_records: str, report: LoadReport, *,
     ds = datasets.load_dataset(hub_id, split=split)
     for i, rec in enumerate(ds):
         yield dict(rec), f"{hub_id}[{i}]"
+
+
+# A directory of prompt files is read the way `datasets` reads one: a file belongs to a split when a word of its
+# folder names (first) or of its file name is one of that split's words ("train-00000-of-00002.parquet",
+# "my_dev.jsonl", "test/part1.jsonl"); a directory whose files name no split is read whole. Metadata files and
+# hidden files are never data. Words are split on anything but letters, so "pretrain.jsonl" names no split.
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+               "test": ("test", "testing", "eval", "evaluation")}
+METADATA_FILES = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "config.json", "state.json")
+
+
+def _split_named(text: str) -> str | None:
+    words = set(re.split(r"[^a-z]+", text.lower()))
+    return next((split for split, names in SPLIT_WORDS.items() if words & set(names)), None)
+
+
+def data_files(path: Path, split: str) -> list[Path]:
+    """The files of `split` in a data file or directory (a file is its own only split), sorted.
+
+    `split` is a split name or one of its words ("dev" is the validation split); "test" (the held-out prompts
+    of data.val_path) takes the validation split where there is no test split. A directory that names no split
+    is read whole. DataError when the directory names splits but not this one."""
+    if not path.is_dir():
+        return [path]
+    files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix in DATA_SUFFIXES
+             and p.name not in METADATA_FILES and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    by_folder = {f: _split_named(str(f.relative_to(path).parent)) for f in files}
+    by_name = {f: _split_named(f.stem) for f in files}
+    splits = by_folder if any(by_folder.values()) else by_name if any(by_name.values()) else None
+    if splits is None:  # no split named: all of it, whichever split is asked (train_path's, or val_path's)
+        return files
+    wanted = _split_named(split) or split
+    chosen = [f for f in files if splits[f] == wanted]
+    if not chosen and wanted == "test":
+        chosen = [f for f in files if splits[f] == "validation"]
+    if files and not chosen:
+        named = ", ".join(sorted({s for s in splits.values() if s}))
+        raise DataError(f"{path} holds the splits {named} and no `{split}` split")
+    return chosen
 
 
 def _read_file(file: Path, bad_records: str, report: LoadReport):
@@ -91,7 +132,7 @@ def _read_file(file: Path, bad_records: str, report: LoadReport):
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw.decode("utf-8"))
+                rec = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a byte-order mark is no data
                 if not isinstance(rec, dict):
                     raise ValueError("not a JSON object")
             except ValueError as exc:  # UnicodeDecodeError included
@@ -125,10 +166,27 @@ def encode_prompt(tokenizer, prompt, dc: DataConfig) -> list[int]:
     """Token ids of one prompt (text, or a list of chat messages) as the data section formats it:
     the source's own instruction stripped (data.prompt_format), then data.instruction appended after
     data.instruction_separator, then the chat template."""
-    prompt = strip_source_instruction(prompt, dc)
+    return _encode_stripped(tokenizer, strip_source_instruction(prompt, dc), dc)
+
+
+def _encode_stripped(tokenizer, prompt, dc: DataConfig) -> list[int]:
     return lm.chat.encode_prompt(tokenizer, prompt, instruction=dc.instruction, separator=dc.instruction_separator,
                                  system_prompt=dc.system_prompt, chat_template=dc.chat_template,
                                  enable_thinking=dc.enable_thinking)
+
+
+# A token stands for at most C characters, C the longest string of the tokenizer's vocabulary
+# (lm.tokenizers.longest_token_chars), so a prompt of more than C x max_prompt_length characters has more than
+# max_prompt_length tokens; the factor 2 leaves room for a normalizer that composes characters (NFC: a letter and
+# its accents become one). Such a prompt is judged on its characters and never tokenised: tokenising a 5 MB prompt
+# took 2.4 GB. Under long_prompts=truncate_left a text prompt keeps only its last 2 x that many characters
+# before tokenising (still more than max_prompt_length tokens, of which the last ones are kept), so the memory a
+# prompt takes is bounded by data.max_prompt_length; a list of chat messages is tokenised whole in that mode.
+CHARS_PER_TOKEN_MARGIN = 2
+
+
+def _chars(prompt) -> int:
+    return len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
 
 
 def _is_prompt(prompt) -> bool:
@@ -137,6 +195,9 @@ def _is_prompt(prompt) -> bool:
     return isinstance(prompt, list) and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
     )
+
+
+VAL_SPLIT = "test"  # the split data.val_path is read from (a hub data set's, or a directory's)
 
 
 def load_prompts(dc: DataConfig, tokenizer, *, seed: int, need_answers: bool = False):
@@ -153,18 +214,29 @@ def load_prompts(dc: DataConfig, tokenizer, *, seed: int, need_answers: bool = F
     rng = random.Random(seed)
     rng.shuffle(prompts)
     if dc.val_path:
-        val = _encode_all(dc.val_path, "test", dc, tokenizer, LoadReport(), seed, need_answers)
+        val = _encode_all(dc.val_path, VAL_SPLIT, dc, tokenizer, LoadReport(), seed, need_answers)
     else:
-        n_val = int(len(prompts) * dc.val_ratio)
-        val, prompts = prompts[:n_val], prompts[n_val:]
+        val, prompts = hold_out(prompts, dc.val_ratio)
     if not prompts:
         raise DataError(f"{dc.train_path}: no usable prompts ({report.summary()})")
     return prompts, val, report
 
 
+def hold_out(prompts: list[Prompt], ratio: float) -> tuple[list[Prompt], list[Prompt]]:
+    """(held out, train) of shuffled prompts: the first int(distinct x ratio) distinct prompts (token ids) are held
+    out, one copy each, and none of their copies is trained on. Distinct prompts split as a plain cut would."""
+    first: dict[tuple[int, ...], Prompt] = {}  # each distinct prompt's first copy, in order of appearance
+    for p in prompts:
+        first.setdefault(tuple(p.ids), p)
+    held = dict(list(first.items())[:int(len(first) * ratio)])
+    return list(held.values()), [p for p in prompts if tuple(p.ids) not in held]
+
+
 def _encode_all(path, split, dc: DataConfig, tokenizer, report, seed, need_answers) -> list[Prompt]:
     out: list[Prompt] = []
     seen: set[str] = set()  # data.dedup: prompt fields already encoded (a repeat is skipped before tokenizing)
+    longest = longest_token_chars(tokenizer)
+    char_limit = None if longest is None else CHARS_PER_TOKEN_MARGIN * longest * dc.max_prompt_length
     for rec, source in read_records(path, split, dc.bad_records, report, seed=seed, n=dc.max_samples):
         prompt = field_value(rec, dc.prompt_key)
         if dc.dedup and prompt is not None:
@@ -185,8 +257,18 @@ def _encode_all(path, split, dc: DataConfig, tokenizer, report, seed, need_answe
             problem = f"missing answer field `{dc.answer_key}`"
         ids = None
         if problem is None:
+            prompt = strip_source_instruction(prompt, dc)
+            if char_limit is not None and _chars(prompt) > char_limit and dc.long_prompts != "truncate_left":
+                if dc.long_prompts == "error":
+                    raise DataError(f"{source}: prompt of {_chars(prompt)} characters exceeds data.max_prompt_length="
+                                    f"{dc.max_prompt_length} (more than {dc.max_prompt_length} tokens: over "
+                                    f"{char_limit} characters) (data.long_prompts=error)")
+                report.skip("prompts over max_prompt_length")
+                continue
+            if char_limit is not None and isinstance(prompt, str) and len(prompt) > 2 * char_limit:
+                prompt = prompt[-2 * char_limit:]  # truncate_left keeps the end
             try:
-                ids = encode_prompt(tokenizer, prompt, dc)
+                ids = _encode_stripped(tokenizer, prompt, dc)
             except Exception as exc:  # a chat template may reject a message sequence; that is this record's problem
                 problem, ids = f"chat template failed ({exc})".splitlines()[0], []
             if problem is None and len(ids) > dc.max_prompt_length:
@@ -210,6 +292,14 @@ def _encode_all(path, split, dc: DataConfig, tokenizer, report, seed, need_answe
     return out
 
 
+def prompts_digest(prompts: list[Prompt]) -> str:
+    """SHA-256 of the prompts' token ids in their order: what a run trains on, recorded in its checkpoints."""
+    digest = hashlib.sha256()
+    for p in prompts:
+        digest.update(json.dumps(p.ids, separators=(",", ":")).encode() + b"\n")
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------
 # checks before a run (the single-turn source's check, opd.sources)
 
@@ -229,13 +319,28 @@ def check_data(dc: DataConfig, need_answers: bool) -> list[str]:
                 problems.append(f"data.{key}: {path} does not exist")
             else:
                 problems += _peek_fields(key, local, dc, need_answers)
+    shared = same_data(dc)
+    if shared:
+        problems.append(f"data.val_path: {dc.val_path} is data.train_path's own data ({shared}); held-out prompts "
+                        "would be trained on: give other prompts, or data.val_ratio")
     return problems
 
 
-def _data_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet"))
-    return [path]
+def same_data(dc: DataConfig) -> str | None:
+    """The file data.val_path would read that data.train_path trains on (or the hub id / task both name), else None.
+    One directory may be both when its splits differ (train.jsonl for training, test.jsonl held out)."""
+    train, val = dc.train_path, dc.val_path
+    if not (train and val):
+        return None
+    if train.startswith(("hub:", "demo:")) or val.startswith(("hub:", "demo:")) or not Path(val).expanduser().exists():
+        same = train.removeprefix("hub:") == val.removeprefix("hub:") and dc.train_split == VAL_SPLIT
+        return val if same or (train == val and train.startswith("demo:")) else None
+    try:
+        trained = {f.resolve(): f for f in data_files(Path(train).expanduser(), dc.train_split)}
+        held = [f.resolve() for f in data_files(Path(val).expanduser(), VAL_SPLIT)]
+    except (DataError, OSError):  # a path that does not resolve is reported on its own
+        return None
+    return next((str(trained[f]) for f in held if f in trained), None)
 
 
 def _head_records(file: Path) -> tuple[list[dict], int]:
@@ -246,13 +351,13 @@ def _head_records(file: Path) -> tuple[list[dict], int]:
         return (first.to_pylist() if first is not None else []), 0
     records, bad = [], 0
     with open(file, "rb") as fh:
-        for raw in fh:
+        for lineno, raw in enumerate(fh, 1):
             if len(records) + bad >= PEEK_RECORDS:
                 break
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw.decode("utf-8"))
+                rec = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
             except ValueError:  # UnicodeDecodeError is a ValueError too
                 bad += 1
                 continue
@@ -264,7 +369,10 @@ def _head_records(file: Path) -> tuple[list[dict], int]:
 
 
 def _peek_fields(key: str, path: Path, dc: DataConfig, need_answers: bool) -> list[str]:
-    files = _data_files(path)
+    try:
+        files = data_files(path, dc.train_split if key == "train_path" else VAL_SPLIT)
+    except DataError as exc:
+        return [f"data.{key}: {exc}"]
     if not files:
         return [f"data.{key}: {path} holds no .jsonl, .json or .parquet files"]
     try:

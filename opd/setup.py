@@ -28,9 +28,9 @@ from lm.models import head_weight, load_model, rows
 from lm.served import RayTeacher, TeacherUnavailable
 from lm.teacher import LocalTeacher, Teacher
 from lm.tokenizers import check_tokenizers, load_tokenizer
-from opd.checkpoint import check_run_dir, holds_run, resume, run_directory
+from opd.checkpoint import check_run_dir, check_same_data, holds_run, resume, run_directory
 from opd.config import Config, save_config, to_dict
-from opd.data import PromptSampler
+from opd.data import PromptSampler, prompts_digest
 from opd.distributed import built_whole, global_sum, make_accelerator, zero3_inference_engine
 from opd.engine import build_engine, rollout_sampling
 from opd.errors import RunError, loading
@@ -65,6 +65,7 @@ class Run:
     bar: tqdm | None = None
     started: float = field(default_factory=time.time)
     evals: dict[str, dict] = field(default_factory=dict)  # evaluation name -> eval summary
+    data_hash: str = ""  # opd.data.prompts_digest of source.prompts, recorded in every checkpoint
 
     def student_head(self) -> torch.Tensor:
         return head_weight(self.policy.lm)
@@ -96,6 +97,10 @@ def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, 
         teacher_tok = load_tokenizer(cfg.teacher)
     # data before models: a bad record refused with its file and line costs seconds, not a model load
     source = build_source(cfg, tokenizer, run_dir, acc)
+    data_hash = prompts_digest(source.prompts)
+    if cfg.train.resume == "auto":  # refused before any model loads
+        check_same_data(run_dir, data_hash, *(("agent.env", cfg.agent.env) if cfg.agent.env
+                                              else ("data.train_path", cfg.data.train_path)))
     acc.print(f"models: student {model_name(cfg.model)}, teacher {model_name(cfg.teacher)}")
     student_lm, teacher = load_pair(cfg, tokenizer, teacher_tok, acc, zero3, run_dir)
 
@@ -112,7 +117,7 @@ def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, 
         optimizer=optimizer, scheduler=scheduler, source=source, sampler=PromptSampler(source.prompts, cfg.train.seed),
         log=MetricsLog(run_dir, cfg.logging, to_dict(cfg), enabled=acc.is_main_process),
         settings=step_settings(cfg), selector_state=new_selector_state(),
-        total_steps=total_steps, started=started,
+        total_steps=total_steps, started=started, data_hash=data_hash,
     )
     resume(run)
     run.engine = build_engine(policy.lm, cfg.rollout, cfg.data.max_prompt_length + source.response_budget, run_dir,
