@@ -38,12 +38,12 @@ class ModelConfig:
 @dataclass
 class RayTeacherConfig:
     address: str = field(default="", metadata={"help": "the Ray cluster to attach to ('auto', 'ray://head:10001', a GCS address); empty = start a local Ray instance inside this job (CPU tests, one node)"})
-    num_replicas: int = field(default=1, metadata={"help": "teacher replicas, each a Ray actor holding the whole teacher; a step's micro-batches are spread over them", "min": 1, "max": 1024})
+    num_replicas: int = field(default=1, metadata={"help": "teacher replicas, each a Ray actor holding the whole teacher; a step's micro-batches are spread over them; at most 1,024", "min": 1, "max": 1024})
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per replica (Ray resource); 0 = the replica runs on CPU", "min": 0.0})
     num_cpus: float = field(default=1.0, metadata={"help": "CPUs per replica (Ray resource; also its torch threads, rounded, on CPU)", "min_exclusive": 0.0})
     timeout_s: float = field(default=600.0, metadata={"help": "a micro-batch not scored within this many seconds: its replica is killed (and restarted by Ray if it has restarts left) and the micro-batch moves to another replica", "min_exclusive": 0.0})
     start_timeout_s: float = field(default=1800.0, metadata={"help": "how long the replicas may take to start and load the teacher", "min_exclusive": 0.0})
-    max_restarts: int = field(default=1, metadata={"help": "restarts per replica after it dies or times out; once a replica has failed more often it is given up, and with none left the run stops", "min": 0, "max": 1000})
+    max_restarts: int = field(default=1, metadata={"help": "restarts per replica after it dies or times out; once a replica has failed more often it is given up, and with none left the run stops; at most 1,000", "min": 0, "max": 1000})
 
 
 @dataclass
