@@ -80,7 +80,8 @@ class Teacher(Protocol):
 def take_metrics(teacher) -> dict:
     """The step's teacher figures, then reset: `timing/teacher_wait_s`, the seconds the trainer spent waiting for
     sides (a local teacher: its whole forward; a served one: only what the student's work did not hide), and
-    `teacher/payload_mb`, the MiB of sides the teacher returned (what crosses the wire when it is served)."""
+    `teacher/payload_mb`, the MiB of sides the teacher returned to this process (what crosses the wire when it is
+    served; the step's line sums it over the processes)."""
     metrics = {"timing/teacher_wait_s": teacher.waited, "teacher/payload_mb": teacher.received / 2**20}
     teacher.waited, teacher.received = 0.0, 0
     return metrics

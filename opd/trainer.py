@@ -78,7 +78,6 @@ def train_run(run: Run) -> Path:
         # 4. log, evaluate, checkpoint
         metrics = step_metrics(run, per_update, rewards, rollouts, t_generate, time.perf_counter() - t0, t_step)
         metrics.update(gap)
-        metrics.update(run.teacher.take_metrics())
         metrics.update(source_metrics)
         consecutive_skips = consecutive_skips + 1 if metrics["opd/skipped_updates"] == len(updates) else 0
         run.step = step
@@ -244,6 +243,9 @@ def step_metrics(run: Run, per_update: list[dict], rewards, rollouts: Rollouts, 
         "timing/step_s": time.perf_counter() - t_step,
         **memory_metrics(acc.device),
     })
+    # the teacher's figures: the wait of this process, the sides every process received
+    metrics.update(run.teacher.take_metrics())
+    metrics["teacher/payload_mb"] = global_sum(acc, metrics["teacher/payload_mb"])
     return {k: v for k, v in metrics.items() if v is not None}
 
 
