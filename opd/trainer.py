@@ -22,12 +22,13 @@ import torch
 from lm.models import rows
 from lm.rollout import Rollouts, derive_seed
 from lm.teacher import TeacherSide
-from opd.checkpoint import latest_checkpoint, save
+from opd.checkpoint import latest_checkpoint, run_directory, save
 from opd.config import Config
 from opd.distributed import backward_fn, clip_gradients, gather_fn, global_mean, global_sum, shard_places
 from opd.engine import rollout_gap, sync_engine
 from opd.errors import RunError
 from opd.evaluation import finish, print_finished, run_eval, run_initial_evals
+from opd.lock import RunLock
 from opd.rewards import reward_weights
 from opd.setup import Run, setup
 from opd.step import (MicroBatch, combine, denominator, diagnostics, dump_tokens, fold_running_range, gather_stats,
@@ -39,8 +40,13 @@ def train(cfg: Config, config_paths: list[str] = (), prepared: dict[str, str] | 
           started: float | None = None) -> Path:
     """Run OPD as configured; returns the run directory. `prepared` maps prepared model names (`demo:student`)
     to their checkpoints (opd.cli.prepare); `started` is when the job began (the summary's wall time)."""
-    run = setup(cfg, config_paths, prepared or {}, started)
-    tc = cfg.train
+    with RunLock(run_directory(cfg, config_paths)) as lock:  # the directory is this run's until it ends (opd.lock)
+        return run_steps(setup(cfg, config_paths, prepared or {}, started, lock))
+
+
+def run_steps(run: Run) -> Path:
+    """The run's steps from where it stands (0, or the resumed step), its evaluations and checkpoints."""
+    cfg, tc = run.cfg, run.cfg.train
     if run.step >= run.total_steps and (run.run_dir / "summary.json").is_file():
         return already_finished(run)
     if run.step == 0 and (cfg.eval.at_start or cfg.eval.teacher):
