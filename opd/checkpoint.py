@@ -32,7 +32,7 @@ from lm.models import save_pretrained
 from opd.config import Config, drop_unused, to_dict
 from opd.distributed import deepspeed_engine, global_sum
 from opd.errors import RunError, cause, first_line
-from opd.lock import LOCK_FILE, holder
+from opd.lock import holder
 from opd.tracking import read_metrics, truncate_jsonl
 
 PREFIX = "step_"
@@ -365,7 +365,7 @@ def check_run_dir(cfg: Config, config_paths=(), ignore=()) -> list[str]:
     if live:
         return [live]
     if not saved.is_file():
-        if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        if run_dir.is_dir() and any(run_dir.iterdir()):
             return [f"train.run_name: run directory {run_dir} is not empty but holds no run config; "
                     "refusing to write into it"]
         return []

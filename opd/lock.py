@@ -1,10 +1,12 @@
-"""One run per run directory: an OS lock on <run>/.lock, held from set-up to the end of the run.
+"""One run per run directory: an OS lock on <output_dir>/.<run_name>.lock, held from set-up to the end of the run.
 
 A flock(2) lock belongs to the open file, so the kernel drops it when the holding process ends, however
 it ends (kill -9, a crash, a lost node): a crashed run never leaves its directory locked, and a requeued
 job (the same command again) resumes. The file says who holds it (pid, host, start time) for the line that
-refuses a second start. Only the main process of a multi-process launch (RANK 0) takes it: the other
-processes of the same run share the directory by design. Linux maps flock onto NFS byte-range locks, so a
+refuses a second start. It lies beside the run directory, not in it: the run's own files stay as the run
+wrote them (a no-op rerun of a finished run changes none), and a run directory moved elsewhere takes no lock
+along. Only the main process of a multi-process launch (RANK 0) takes it: the other processes of the same
+run share the directory by design. Linux maps flock onto NFS byte-range locks, so a
 directory on NFSv4 is covered too.
 """
 
@@ -16,8 +18,12 @@ import socket
 import time
 from pathlib import Path
 
-LOCK_FILE = ".lock"
 _HELD: set[Path] = set()  # run directories this process holds (its own start checks them again)
+
+
+def lock_file(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    return run_dir.parent / f".{run_dir.name}.lock"
 
 
 def main_process() -> bool:
@@ -37,8 +43,8 @@ def _who(fd: int) -> str:
 def holder(run_dir: Path) -> str | None:
     """Why `run_dir` cannot be started into now (one line naming the holder), or None. Reads only: the
     probe takes a shared lock for an instant, which fails while a run holds the exclusive one."""
-    path = Path(run_dir) / LOCK_FILE
-    if path.parent.resolve() in _HELD:
+    path = lock_file(run_dir)
+    if Path(run_dir).resolve() in _HELD:
         return None
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -55,7 +61,7 @@ def holder(run_dir: Path) -> str | None:
 
 class RunLock:
     """`with RunLock(run_dir) as lock:` holds the run directory's lock inside the block (on the main
-    process; the directory is made if missing). Taking it never raises: `lock.problem` is the one-line
+    process; the folder above it is made if missing). Taking it never raises: `lock.problem` is the one-line
     reason it is held by another run (None when this process holds it, or is not the main process), so
     every process of a launch can be told (opd.setup.prepare_run_dir)."""
 
@@ -68,8 +74,8 @@ class RunLock:
         if not main_process() or (self.run_dir.exists() and not self.run_dir.is_dir()):
             return self  # not a directory: the run-directory check says so
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_file(self.run_dir), os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:  # not writable: the start fails at its first write, with the line saying why
             return self
         try:
