@@ -114,13 +114,14 @@ def _unknown(spec: str) -> BenchmarkError:
     )
 
 
-def check_specs(specs: list[str]) -> list[str]:
-    """Benchmark names and files (eval.benchmarks), one line each: a typo must not surface at the first
-    evaluation, hours in."""
+def check_specs(specs: list[str], max_problems: int = 0, fmt: "PromptFormat | None" = None) -> list[str]:
+    """Benchmark names and files (eval.benchmarks), one line each: a typo, a garbled file or a hub set that
+    cannot be reached must not surface at the first evaluation, hours in. Every benchmark is loaded as the
+    evaluation will load it (`max_problems`, `fmt`), so that evaluation finds it in load_benchmark's cache."""
     problems = []
     for spec in specs:
         try:
-            parse_spec(spec)
+            load_benchmark(spec, max_problems, fmt or PromptFormat())
         except BenchmarkError as exc:
             problems.append(f"eval.benchmarks: {exc}")
     return problems
