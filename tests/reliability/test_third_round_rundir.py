@@ -144,7 +144,7 @@ def test_an_evaluation_that_fails_mid_run_costs_only_the_evaluation(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# 4: a finished run's own files
+# 3, 4: a finished run's own files
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +161,30 @@ def run_module(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
+
+
+@pytest.mark.slow  # several runs of the CLI: over a minute, measured on a loaded 2-core machine
+def test_eval_never_writes_over_a_training_run_or_an_existing_file(finished, tmp_path):
+    # 3: `--out RUN_DIR` overwrote the run's summary.json (its rerun then crashed with KeyError);
+    # `--out FILE` evaluated everything, then died with FileExistsError
+    _, run = finished
+    before = tree_digest(run)
+    model = ["eval", "--model", str(run / "checkpoints" / "step_000003"), "--benchmarks", "demo", "--k", "1",
+             "--max-problems", "2", "--max-new-tokens", "4"]
+    out = run_module(*model, "--out", str(run))
+    line = one_error(out)
+    assert line.startswith(f"error: --out {run} is a training run directory"), line
+    out = run_module(*model, "--out", str(run / "eval" / "final"))
+    line = one_error(out)
+    assert line.startswith(f"error: --out {run / 'eval' / 'final'} holds an evaluation of training run {run}"), line
+    assert tree_digest(run) == before
+    taken = tmp_path / "result.txt"
+    taken.write_text("mine\n")
+    out = run_module(*model, "--out", str(taken))
+    line = one_error(out)
+    assert line == f"error: --out {taken} is a file; give a directory (new, or one an evaluation wrote)", line
+    assert "eval demo" not in out.stdout  # refused before evaluating
+    assert taken.read_text() == "mine\n"
 
 
 def test_a_malformed_summary_of_a_finished_run_is_one_line_and_a_rerun_rewrites_it(finished, tmp_path):
