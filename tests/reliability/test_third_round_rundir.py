@@ -206,6 +206,16 @@ def test_a_malformed_summary_of_a_finished_run_is_one_line_and_a_rerun_rewrites_
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 3]  # the final evaluation's line once
 
 
+def test_compare_names_a_malformed_summary(finished, tmp_path):
+    # 4: `python -m eval.compare` on a malformed summary
+    _, run = finished
+    bad = tmp_path / "bad" / "summary.json"
+    bad.parent.mkdir()
+    bad.write_text(json.dumps({"k": 1, "benchmarks": {"demo": [1, 2]}}))
+    line = one_error(run_module("eval.compare", str(run), str(bad)))
+    assert line.startswith(f"error: {bad}: not an evaluation summary"), line
+
+
 # ----------------------------------------------------------------------------
 # 9: SIGTERM before the first step
 
@@ -247,3 +257,28 @@ def test_sigterm_during_set_up_stops_cleanly(tmp_path):
     assert "stopped by signal at step 0; nothing trained yet, no checkpoint written; rerun the same command" in text
     assert not (tmp_path / "runs" / "run" / "checkpoints").exists()
 
+
+# ----------------------------------------------------------------------------
+# 16: files that are not what they claim name themselves
+
+
+def test_a_latin1_benchmark_and_a_binary_compare_argument_are_named(tmp_path, capsys):
+    # 16: a latin-1 benchmark file and a binary `eval.compare` argument: errors without the file's name
+    from eval import cli, compare
+
+    bench = tmp_path / "latin.jsonl"
+    record = json.dumps({"id": "a", "problem": "caf\u00e9: 1+1=", "answer": "2"}, ensure_ascii=False)
+    bench.write_bytes(record.encode("latin-1") + b"\n")
+    cfg = config_file(tmp_path, eval={**TINY_EVAL, "benchmarks": [str(bench)]})
+    line = one_error(run_cli(["--config", str(cfg), "--check"]))
+    assert line.startswith(f"error: eval.benchmarks: {bench}:1: not UTF-8 text"), line
+    assert cli.main(["--model", str(tmp_path), "--benchmarks", str(bench)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bench}:1: not UTF-8 text"), err
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"k": 1, "benchmarks": {"demo": {"mean@k": 1.0, "std@k": 0.0}}}))
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00" * 20)
+    assert compare.main([str(good), str(binary)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {binary}: not a readable JSON file ("), err
