@@ -140,8 +140,8 @@ def read_summary(run_dir: Path) -> dict:
     except (OSError, ValueError) as exc:
         why = first_line(exc)
     else:
-        shape = (isinstance(summary, dict) and all(isinstance(summary.get(k), (int, float, type(None))) for k in ROW_KEYS)
-                 and isinstance(summary.get("wall_time_s"), (int, float)))
+        shape = (isinstance(summary, dict) and isinstance(summary.get("wall_time_s"), (int, float))
+                 and all(isinstance(summary.get(k), (int, float, type(None))) for k in ROW_KEYS))
         if shape:
             return summary
         kinds = {dict: "object", list: "list", str: "string", bool: "true/false", int: "number", float: "number"}

@@ -101,9 +101,8 @@ def run_steps(run: Run, stop: StopFlag) -> Path:
     if tc.save_final and run.step >= first_step and (not tc.save_every or run.step % tc.save_every):
         save(run)
     if cfg.eval.at_end:
-        with keeping_training(run, "final"):
-            final = run_eval(run, "final")
-        run.log.log(run.step, final, replace=True)  # evaluated again after a failure, or a summary moved aside
+        with keeping_training(run, "final"):  # logged once: evaluated again after a failure or a summary moved aside
+            run.log.log(run.step, run_eval(run, "final"), replace=True)
     finish(run)
     return run.run_dir
 
