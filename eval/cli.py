@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", help=f"{help_of['instruction']} (default {defaults.instruction!r})")
     p.add_argument("--instruction-separator", help=f"{help_of['instruction_separator']} (default {defaults.instruction_separator!r}; "
                    "a blank line is $'\\n\\n' in bash)")
-    p.add_argument("--out", default="", help="output directory (default: runs/eval/<model name>)")
+    p.add_argument("--out", default="", help="output directory (default: runs/eval/<model name>): new, or one an "
+                   "earlier evaluation wrote; a file or a training run's directory is refused")
     p.add_argument("--seed", type=int, default=0, help="fixes the samples")
     p.add_argument("--system-prompt", default="", help="optional system message")
     p.add_argument("--no-chat-template", action="store_true", help="feed the raw prompt text instead of the chat template")
