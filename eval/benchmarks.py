@@ -114,13 +114,14 @@ def _unknown(spec: str) -> BenchmarkError:
     )
 
 
-def check_specs(specs: list[str]) -> list[str]:
-    """Benchmark names and files (eval.benchmarks), one line each: a typo must not surface at the first
-    evaluation, hours in."""
+def check_specs(specs: list[str], max_problems: int = 0, fmt: "PromptFormat | None" = None) -> list[str]:
+    """Benchmark names and files (eval.benchmarks), one line each: a typo, a garbled file or a hub set that
+    cannot be reached must not surface at the first evaluation, hours in. Every benchmark is loaded as the
+    evaluation will load it (`max_problems`, `fmt`), so that evaluation finds it in load_benchmark's cache."""
     problems = []
     for spec in specs:
         try:
-            parse_spec(spec)
+            load_benchmark(spec, max_problems, fmt or PromptFormat())
         except BenchmarkError as exc:
             problems.append(f"eval.benchmarks: {exc}")
     return problems
@@ -182,21 +183,29 @@ def _math_benchmark(name: str, rows: list[tuple[str, str, str]], max_problems: i
 def _read_jsonl(path: Path, name: str) -> list[tuple[str, str, str]]:
     rows = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BenchmarkError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or "problem" not in record or "answer" not in record:
-                raise BenchmarkError(f"{path}:{lineno}: a record needs the fields problem and answer (and id)")
-            pid = str(record.get("id", f"{name}-{len(rows):03d}"))
-            if pid in seen:
-                raise BenchmarkError(f"{path}:{lineno}: problem id {pid!r} appears twice")
-            seen.add(pid)
-            rows.append((pid, str(record["problem"]), str(record["answer"])))
+    try:
+        raw_lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise BenchmarkError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    for lineno, raw in enumerate(raw_lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:  # latin-1 and other legacy encodings; named with the place
+            raise BenchmarkError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                 f"{exc.start + 1}); save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BenchmarkError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or "problem" not in record or "answer" not in record:
+            raise BenchmarkError(f"{path}:{lineno}: a record needs the fields problem and answer (and id)")
+        pid = str(record.get("id", f"{name}-{len(rows):03d}"))
+        if pid in seen:
+            raise BenchmarkError(f"{path}:{lineno}: problem id {pid!r} appears twice")
+        seen.add(pid)
+        rows.append((pid, str(record["problem"]), str(record["answer"])))
     if not rows:
         raise BenchmarkError(f"{path}: no problems in the file")
     return rows

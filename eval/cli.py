@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", help=f"{help_of['instruction']} (default {defaults.instruction!r})")
     p.add_argument("--instruction-separator", help=f"{help_of['instruction_separator']} (default {defaults.instruction_separator!r}; "
                    "a blank line is $'\\n\\n' in bash)")
-    p.add_argument("--out", default="", help="output directory (default: runs/eval/<model name>)")
+    p.add_argument("--out", default="", help="output directory (default: runs/eval/<model name>): new, or one an "
+                   "earlier evaluation wrote; a file or a training run's directory is refused")
     p.add_argument("--seed", type=int, default=0, help="fixes the samples")
     p.add_argument("--system-prompt", default="", help="optional system message")
     p.add_argument("--no-chat-template", action="store_true", help="feed the raw prompt text instead of the chat template")
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         model_path = Path(args.model).expanduser()
         if args.model.startswith((".", "/", "~")) and not model_path.exists():
             raise ValueError(f"model directory not found: {model_path}")
+        out = Path(args.out or default_out(args)).expanduser()
+        check_out(out)
         # Problems before weights: a hub or file problem should not wait for a 70B load.
         for spec in specs:
             load_benchmark(spec, cfg.max_problems, prompt_format(cfg))
@@ -164,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(mc, tokenizer, device, trainable=False)
     except (OSError, ValueError) as exc:
         return cannot_load(name, exc)
-    label = Path(args.gguf_file).stem if args.gguf_file else args.model.strip("/")
-    out = args.out or str(Path("runs") / "eval" / re.sub(r"[^A-Za-z0-9_.\-]+", "_", label))
     engine = vllm_engine(model, args, cfg, device, out) if args.engine == "vllm" else None
     evaluate(
         model, tokenizer, specs, cfg, out, seed=args.seed, chat_template=not args.no_chat_template,
@@ -173,6 +174,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"wrote {Path(out) / 'summary.json'} and {Path(out) / 'samples.jsonl'}")
     return 0
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    label = Path(args.gguf_file).stem if args.gguf_file else args.model.strip("/")
+    return Path("runs") / "eval" / re.sub(r"[^A-Za-z0-9_.\-]+", "_", label)
+
+
+def training_run(path: Path) -> bool:
+    """Whether `path` is a directory train.py made (its config, and its log or checkpoints)."""
+    return (path / "config.yaml").is_file() and ((path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir())
+
+
+def check_out(out: Path) -> None:
+    """`--out` is new, or a directory an earlier `python -m eval` wrote (rewritten); never a file, a training
+    run directory, or an evaluation a training run wrote: those are the run's own record. ValueError (one line)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory (new, or one an evaluation wrote)")
+    if training_run(out):
+        raise ValueError(f"--out {out} is a training run directory (its summary.json is the run's); "
+                         f"give a directory of its own, e.g. {out / 'eval' / 'mine'}")
+    written = [name for name in ("summary.json", "samples.jsonl") if (out / name).exists()]
+    run = next((p for p in out.parents if training_run(p)), None)
+    if written and run is not None:
+        raise ValueError(f"--out {out} holds an evaluation of training run {run} ({written[0]}); "
+                         "give a new directory")
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:

@@ -48,11 +48,16 @@ def _recency(summary: Path) -> tuple:
 
 def load_summary(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text (a binary file)
         raise ValueError(f"{path}: not a readable JSON file ({exc})") from None
     if not isinstance(data, dict) or "k" not in data or not isinstance(data.get("benchmarks"), dict):
         raise ValueError(f"{path}: not an evaluation summary (needs keys k and benchmarks)")
+    for name, m in data["benchmarks"].items():
+        numbers = ("mean@k", "std@k") + (("best@k",) if isinstance(m, dict) and "best@k" in m else ())
+        if not (isinstance(m, dict) and all(isinstance(m.get(key), (int, float)) for key in numbers)):
+            raise ValueError(f"{path}: not an evaluation summary (benchmark {name!r} needs the numbers "
+                             f"{' and '.join(numbers)})")
     return data
 
 

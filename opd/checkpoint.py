@@ -32,6 +32,7 @@ from lm.models import save_pretrained
 from opd.config import Config, drop_unused, to_dict
 from opd.distributed import deepspeed_engine, global_sum
 from opd.errors import RunError, cause, first_line
+from opd.lock import holder
 from opd.tracking import read_metrics, truncate_jsonl
 
 PREFIX = "step_"
@@ -378,6 +379,9 @@ def check_run_dir(cfg: Config, config_paths=(), ignore=()) -> list[str]:
     saved = run_dir / "config.yaml"
     if run_dir.exists() and not run_dir.is_dir():
         return [f"train.run_name: {run_dir} exists and is not a directory"]
+    live = holder(run_dir)  # a run in it now (opd.lock): nothing else about the directory is worth reading
+    if live:
+        return [live]
     if not saved.is_file():
         if run_dir.is_dir() and any(run_dir.iterdir()):
             return [f"train.run_name: run directory {run_dir} is not empty but holds no run config; "

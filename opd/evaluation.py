@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from eval.runner import evaluate, flat_metrics
+from opd.checkpoint import latest_checkpoint, load_trainer_state, save
 from opd.distributed import gather_fn
+from opd.errors import RunError, first_line
 from opd.step import render_pictures
 
 
@@ -44,12 +47,41 @@ def run_eval(run, name: str, model=None) -> dict:
 
 
 def run_initial_evals(run) -> None:
-    """Step 0: the teacher (eval.teacher, logged as val_teacher/...) and the student before training (eval.at_start)."""
+    """Step 0: the teacher (eval.teacher, logged as val_teacher/...) and the student before training (eval.at_start).
+    Their lines replace those of a start that was stopped before its first step (each is logged once)."""
     if run.cfg.eval.teacher:
-        teacher_metrics = run_eval(run, "teacher", model=run.teacher.model)
-        run.log.log(0, {k.replace("val/", "val_teacher/"): v for k, v in teacher_metrics.items()})
+        with keeping_training(run, "teacher"):
+            teacher_metrics = run_eval(run, "teacher", model=run.teacher.model)
+        run.log.log(0, {k.replace("val/", "val_teacher/"): v for k, v in teacher_metrics.items()}, replace=True)
     if run.cfg.eval.at_start:
-        run.log.log(0, run_eval(run, "step_000000"))
+        with keeping_training(run, "step_000000"):
+            student_metrics = run_eval(run, "step_000000")
+        run.log.log(0, student_metrics, replace=True)
+
+
+@contextlib.contextmanager
+def keeping_training(run, name: str, unlogged: dict | None = None):
+    """Evaluation `name` inside: its failure (a grader, a generate, a file) costs the evaluation, never the
+    training. The step's metrics (`unlogged`, when its line is still to be written) are logged and the step is
+    checkpointed, then the run ends with one line naming the checkpoint: rerunning resumes, or after the
+    final evaluation evaluates again."""
+    try:
+        yield
+    except RunError:  # already one line (a write that failed, ...)
+        raise
+    except Exception as exc:
+        if unlogged is not None:
+            run.log.log(run.step, unlogged)
+        latest = latest_checkpoint(run.run_dir)
+        if run.step > 0 and (latest is None or load_trainer_state(latest).get("step") != run.step):
+            save(run)
+            latest = latest_checkpoint(run.run_dir)
+        failed = f"evaluation {name} failed ({type(exc).__name__}: {first_line(exc)}); "
+        if run.step == 0:
+            raise RunError(failed + "nothing trained yet; rerun the same command to start again") from None
+        then = "evaluate it again" if name == "final" else "resume"
+        raise RunError(failed + f"the training is kept: last good checkpoint: {latest}; "
+                       f"rerun the same command to {then}") from None
 
 
 def finish(run) -> None:
@@ -96,15 +128,28 @@ def build_summary(run) -> dict:
     }
 
 
-def print_finished(run_dir: Path) -> None:
-    """A finished run's result table again (rerunning a finished run trains nothing)."""
-    summary_file = Path(run_dir) / "summary.json"
+ROW_KEYS = ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after")
+
+
+def read_summary(run_dir: Path) -> dict:
+    """A finished run's summary.json (its result table, printed again when it is rerun); RunError (one line
+    naming the file) when it is not one train.py wrote."""
+    file = Path(run_dir) / "summary.json"
     try:
-        summary = json.loads(summary_file.read_text())
-    except (OSError, ValueError):
-        print(f"({summary_file} cannot be read; the evaluations are under {Path(run_dir) / 'eval'})")
-        return
-    print_summary(summary, when="when it ran")
+        summary = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        why = first_line(exc)
+    else:
+        shape = (isinstance(summary, dict) and isinstance(summary.get("wall_time_s"), (int, float))
+                 and all(isinstance(summary.get(k), (int, float, type(None))) for k in ROW_KEYS))
+        if shape:
+            return summary
+        kinds = {dict: "object", list: "list", str: "string", bool: "true/false", int: "number", float: "number"}
+        why = f"a JSON {kinds.get(type(summary), 'null')}"
+        if isinstance(summary, dict):
+            why += f" without {', '.join(ROW_KEYS)} and wall_time_s as numbers"
+    raise RunError(f"{file} is not a summary written by train.py ({why}); move it aside and rerun the same "
+                   "command to write it again")
 
 
 def print_summary(summary: dict, when: str = "this train.py") -> None:

@@ -22,6 +22,7 @@ from transformers import CONFIG_MAPPING
 
 from demo import pairs as demo_pairs
 from eval.benchmarks import check_specs
+from eval.runner import prompt_format
 from lm.config import ModelConfig, check_attention
 from lm.gguf import check_gguf, gguf_path
 from lm.models import parameter_count, safetensors_header, vocab_rows
@@ -219,7 +220,9 @@ def preflight(cfg: Config, paths=(), deep: bool = False, ignore=(), notes: list 
     # each subsystem's own check of its settings
     problems += check_selector(cfg.tip.selector) + check_reward(cfg.opd.reward) + check_engine(cfg.rollout.engine)
     problems += check_placement(cfg.teacher.placement) + check_served(cfg)
-    problems += check_specs(cfg.eval.benchmarks) + demo_pairs.check(cfg.data.train_path, {"model": cfg.model.path, "teacher": cfg.teacher.path})
+    # every benchmark read now, as the evaluations will read it: not at the first evaluation, hours in
+    problems += check_specs(cfg.eval.benchmarks, cfg.eval.max_problems, prompt_format(cfg.eval))
+    problems += demo_pairs.check(cfg.data.train_path, {"model": cfg.model.path, "teacher": cfg.teacher.path})
     demo = cfg.model.path.startswith("demo:") or cfg.teacher.path.startswith("demo:")
     if not demo:
         problems += check_deep(cfg, models_ok=not model_problems)

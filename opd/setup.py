@@ -34,6 +34,7 @@ from opd.data import PromptSampler, prompts_digest
 from opd.distributed import built_whole, global_sum, make_accelerator, zero3_inference_engine
 from opd.engine import build_engine, rollout_sampling
 from opd.errors import RunError, loading
+from opd.lock import RunLock
 from opd.policy import PolicyModel
 from opd.sources import RolloutSource, build_source
 from opd.step import LOSS_IMPLS, SelectorState, StepSettings, new_selector_state
@@ -78,16 +79,18 @@ class Run:
             self.bar.update(1)
 
 
-def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, started: float | None = None) -> Run:
+def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, started: float | None = None,
+          lock: RunLock | None = None) -> Run:
     """Build the run: accelerator, run directory, data, models, optimiser; resume if a checkpoint exists.
-    `prepared`: prepared model names -> checkpoint directories (opd.cli.prepare: the demo pairs)."""
+    `prepared`: prepared model names -> checkpoint directories (opd.cli.prepare: the demo pairs); `lock`: the
+    run directory's lock as the caller took it (opd.lock), refused here on every process when another run holds it."""
     started = started or time.time()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     acc = make_accelerator(cfg)
     ds_plugin = acc.state.deepspeed_plugin
     zero3 = ds_plugin is not None and ds_plugin.zero_stage == 3
-    run_dir = prepare_run_dir(cfg, config_paths, acc)
+    run_dir = prepare_run_dir(cfg, config_paths, acc, lock)
     given = copy.deepcopy(cfg)  # what config.yaml records: `demo:teacher`, not this machine's cache path
     use_prepared(cfg, prepared or {})
 
@@ -220,9 +223,11 @@ def eos_ids(tokenizer, model) -> list[int]:
     return sorted({tokenizer.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))} - {None})
 
 
-def prepare_run_dir(cfg: Config, config_paths, acc) -> Path:
-    """The run directory: new, or an existing run with a compatible config (rules in opd.checkpoint.check_run_dir)."""
-    problems = check_run_dir(cfg, config_paths)  # [] on all but the main process
+def prepare_run_dir(cfg: Config, config_paths, acc, lock: RunLock | None = None) -> Path:
+    """The run directory: new, or an existing run with a compatible config (rules in opd.checkpoint.check_run_dir),
+    that no other run holds (`lock`)."""
+    held = lock is not None and lock.problem
+    problems = [lock.problem] if held else check_run_dir(cfg, config_paths)  # [] on all but the main process
     if global_sum(acc, float(bool(problems))) > 0:
         raise RunError(problems[0] if problems else "the main process refused the run directory (its error says why)")
     run_dir = run_directory(cfg, config_paths)

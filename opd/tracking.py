@@ -52,10 +52,18 @@ class MetricsLog:
         if self.enabled:
             truncate_jsonl(self.path, step)
 
-    def log(self, step: int, metrics: dict) -> None:
+    def log(self, step: int, metrics: dict, replace: bool = False) -> None:
+        """Append a line; `replace`: first drop an earlier line of `step` with the same keys (an evaluation run
+        again after an interruption is logged once)."""
         if not self.enabled:
             return
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        if replace and self.path.is_file():
+            old = _records(self.path)
+            keep = [r for r in old if r.keys() != record.keys() or r.get("step") != step]
+            if len(keep) < len(old):
+                with writing(self.path, step):
+                    _rewrite(self.path, keep)
         with writing(self.path, step), open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -93,8 +101,13 @@ def truncate_jsonl(path: Path, step: int) -> None:
     keep = [r for r in _records(path) if r.get("step", 0) <= step]
     if len(keep) == len(lines):  # nothing to drop: leave the file (and its mtime) alone
         return
+    _rewrite(path, keep)
+
+
+def _rewrite(path: Path, records: list[dict]) -> None:
+    """Replace a JSONL file by `records` in one rename (a kill leaves the old file or the new one)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     os.replace(tmp, path)
 
 

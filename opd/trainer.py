@@ -23,12 +23,13 @@ from lm.models import rows
 from lm.rollout import Rollouts, derive_seed
 from lm.served import TeacherUnavailable
 from lm.teacher import TeacherSide
-from opd.checkpoint import latest_checkpoint, save
+from opd.checkpoint import latest_checkpoint, run_directory, save
 from opd.config import Config
 from opd.distributed import backward_fn, clip_gradients, gather_fn, global_mean, global_sum, shard_places
 from opd.engine import rollout_gap, sync_engine
 from opd.errors import RunError
-from opd.evaluation import finish, print_finished, run_eval, run_initial_evals
+from opd.evaluation import finish, keeping_training, print_summary, read_summary, run_eval, run_initial_evals
+from opd.lock import RunLock
 from opd.rewards import reward_weights
 from opd.setup import Run, setup
 from opd.step import (MicroBatch, combine, denominator, diagnostics, dump_tokens, fold_running_range, gather_stats,
@@ -40,20 +41,25 @@ def train(cfg: Config, config_paths: list[str] = (), prepared: dict[str, str] | 
           started: float | None = None) -> Path:
     """Run OPD as configured; returns the run directory. `prepared` maps prepared model names (`demo:student`)
     to their checkpoints (opd.cli.prepare); `started` is when the job began (the summary's wall time)."""
-    run = setup(cfg, config_paths, prepared or {}, started)
-    with contextlib.closing(run.teacher):  # a served teacher's replicas stop with the run, however it ends
-        return train_run(run)
+    stop = install_stop_handler()  # first: a signal while loading or evaluating at step 0 stops cleanly too
+    with RunLock(run_directory(cfg, config_paths)) as lock:  # the directory is this run's until it ends (opd.lock)
+        run = setup(cfg, config_paths, prepared or {}, started, lock)
+        with contextlib.closing(run.teacher):  # a served teacher's replicas stop with the run, however it ends
+            return run_steps(run, stop)
 
 
-def train_run(run: Run) -> Path:
-    """The steps of a set-up run, its evaluations and checkpoints; returns the run directory."""
+def run_steps(run: Run, stop: StopFlag) -> Path:
+    """The run's steps from where it stands (0, or the resumed step), its evaluations and checkpoints."""
     cfg, tc = run.cfg, run.cfg.train
     if run.step >= run.total_steps and (run.run_dir / "summary.json").is_file():
         return already_finished(run)
+    consecutive_skips, first_step = 0, run.step + 1
+    if stop_now(run, stop, run.step, first_step):  # signalled during set-up
+        return run.run_dir
     if run.step == 0 and (cfg.eval.at_start or cfg.eval.teacher):
         run_initial_evals(run)
-    stop = install_stop_handler()
-    consecutive_skips, first_step = 0, run.step + 1
+        if stop_now(run, stop, 0, first_step):
+            return run.run_dir
     for step in range(first_step, run.total_steps + 1):
         t_step = time.perf_counter()
         reset_peak_memory(run.accelerator.device)
@@ -81,9 +87,11 @@ def train_run(run: Run) -> Path:
         metrics.update(source_metrics)
         consecutive_skips = consecutive_skips + 1 if metrics["opd/skipped_updates"] == len(updates) else 0
         run.step = step
+        log_now = step % cfg.logging.log_every == 0 or step == run.total_steps
         if cfg.eval.every and step % cfg.eval.every == 0 and step != run.total_steps:
-            metrics.update(run_eval(run, f"step_{step:06d}"))
-        if step % cfg.logging.log_every == 0 or step == run.total_steps:
+            with keeping_training(run, f"step_{step:06d}", metrics if log_now else None):
+                metrics.update(run_eval(run, f"step_{step:06d}"))
+        if log_now:
             run.log.log(step, metrics)
         run.progress(metrics)
         if consecutive_skips >= tc.max_consecutive_skips:
@@ -93,10 +101,12 @@ def train_run(run: Run) -> Path:
             return run.run_dir
         if tc.save_every and step % tc.save_every == 0:
             save(run)
-    if cfg.eval.at_end:
-        run.log.log(run.step, run_eval(run, "final"))
-    if tc.save_final and (not tc.save_every or run.step % tc.save_every):
+    # saved before the final evaluation, which may fail; not again when resumed from this very step
+    if tc.save_final and run.step >= first_step and (not tc.save_every or run.step % tc.save_every):
         save(run)
+    if cfg.eval.at_end:
+        with keeping_training(run, "final"):  # logged once: evaluated again after a failure or a summary moved aside
+            run.log.log(run.step, run_eval(run, "final"), replace=True)
     finish(run)
     return run.run_dir
 
@@ -304,18 +314,25 @@ def stop_now(run: Run, stop: StopFlag, step: int, first_step: int) -> bool:
     limited = tc.max_steps_per_run and step - first_step + 1 >= tc.max_steps_per_run and step < run.total_steps
     if not (signalled or limited):
         return False
-    save(run)
+    if step >= first_step:
+        save(run)
+        done = "checkpoint saved; rerun the same command to resume"
+    elif step == 0:  # stopped in set-up or in the step-0 evaluations
+        done = "nothing trained yet, no checkpoint written; rerun the same command to start again"
+    else:
+        done = f"nothing trained since the checkpoint of step {step}; rerun the same command to resume"
     why = "by signal" if signalled else f"after train.max_steps_per_run={tc.max_steps_per_run} steps"
-    acc.print(f"stopped {why} at step {step}; checkpoint saved; rerun the same command to resume")
+    acc.print(f"stopped {why} at step {step}; {done}")
     run.log.close()
     return True
 
 
 def already_finished(run: Run) -> Path:
     """Rerunning a finished run: nothing is re-evaluated, re-saved or rewritten."""
+    summary = read_summary(run.run_dir) if run.accelerator.is_main_process else None  # a damaged one: one line
     run.accelerator.print(f"{run.run_dir} already finished at step {run.step}; nothing to train. Its result:")
-    if run.accelerator.is_main_process:
-        print_finished(run.run_dir)
+    if summary is not None:
+        print_summary(summary, when="when it ran")
     run.accelerator.print("Raise train.steps to train further, or set train.run_name=NEW for a fresh run.")
     if run.bar is not None:
         run.bar.close()

@@ -114,7 +114,7 @@ def test_config_and_preflight_problems_are_reported_in_one_round(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
     out = run_cli(["--config", str(cfg), "tip.ratio=0", "optim.lr=fast", "model.path=/nonexistent/model",
                    "teacher.tokenizer=/nonexistent/tokenizer", "data.prompt_key=question",
-                   "eval.benchmarks=[math500, math5OO, /nonexistent/bench.jsonl]"])
+                   "eval.benchmarks=[demo, math5OO, /nonexistent/bench.jsonl]"])  # demo: valid, loads offline
     lines = error_lines(out)
     for needle in ("`tip.ratio`", "`optim.lr`", "model.path: /nonexistent/model does not exist",
                    "teacher.tokenizer: /nonexistent/tokenizer does not exist", "data.prompt_key: no record",

@@ -11,6 +11,10 @@ Faults:
                     the Nth opening of a file called NAME for appending fails with ERRNO (a name
                     from the errno module): ENOSPC lets half of the first write land, then raises, as
                     a disk that fills mid-line does; any other code (EROFS, EPERM, ...) raises at the open
+  fail_eval=NAME     the evaluation written to <run>/eval/NAME (teacher, step_000000, step_000020, final)
+                    raises RuntimeError (a grader, a generate or a file that fails late)
+  pause_eval=NAME   the evaluation NAME first prints `fault: pausing before evaluation NAME` and sleeps 5 s
+  pause_load=S      set-up prints `fault: pausing before loading the models` and sleeps S seconds there
   empty_rollouts=N1,N2,...
                     the first N1 rollouts of step 1 come back with zero response tokens (as
                     from a generate that stopped at once), the first N2 of step 2, ...
@@ -118,8 +122,49 @@ def empty_rollouts(value: str) -> None:
     lm.engines.sample = sample
 
 
+def around_eval(value: str, before) -> None:
+    import opd.evaluation
+
+    real = opd.evaluation.evaluate
+
+    def evaluate(*args, **kwargs):
+        if Path(args[4]).name == value:
+            before()
+        return real(*args, **kwargs)
+
+    opd.evaluation.evaluate = evaluate
+
+
+def fail_eval(value: str) -> None:
+    def fail():
+        raise RuntimeError(f"fault: evaluation {value} fails")
+
+    around_eval(value, fail)
+
+
+def pause_eval(value: str) -> None:
+    def pause():
+        print(f"fault: pausing before evaluation {value}", file=sys.stderr, flush=True)
+        time.sleep(5)
+
+    around_eval(value, pause)
+
+
+def pause_load(value: str) -> None:
+    import opd.setup
+
+    real = opd.setup.load_pair
+
+    def load_pair(*args, **kwargs):
+        print("fault: pausing before loading the models", file=sys.stderr, flush=True)
+        time.sleep(float(value))
+        return real(*args, **kwargs)
+
+    opd.setup.load_pair = load_pair
+
+
 FAULTS = {"disk_free": fake_disk_free, "stall_save": stall_checkpoint_write, "empty_rollouts": empty_rollouts,
-          "fail_write": fail_write}
+          "fail_write": fail_write, "fail_eval": fail_eval, "pause_eval": pause_eval, "pause_load": pause_load}
 
 if __name__ == "__main__":
     name, value = sys.argv[1].split("=", 1)
