@@ -77,9 +77,7 @@ def run_steps(run: Run, stop: StopFlag) -> Path:
         t0 = time.perf_counter()
         updates = split_updates(rollouts, torch.ones(len(rollouts)) if weights is None else weights, row_ids, tc,
                                 run.accelerator.device)
-        with teacher_failure(run):  # a served teacher with no replica left: one line, the last good checkpoint
-            sides = [run.teacher.score(micro) for micro in updates]  # sent at once; a served side arrives lazily
-            per_update = [run_update(run, micro, sides[u], step, u) for u, micro in enumerate(updates)]
+        per_update = teacher_then_updates(run, updates, step)
         sync_engine(run.engine, run.policy.lm)  # the next rollout (and any evaluation) samples from the updated student
         # 4. log, evaluate, checkpoint
         metrics = step_metrics(run, per_update, rewards, rollouts, t_generate, time.perf_counter() - t0, t_step)
@@ -155,10 +153,12 @@ def run_update(run: Run, micro: list[MicroBatch], sides: list[TeacherSide], step
 # the pieces of a step
 
 
-@contextlib.contextmanager
-def teacher_failure(run: Run):
+def teacher_then_updates(run: Run, updates: list[list[MicroBatch]], step: int) -> list[dict]:
+    """Every micro-batch of the step sent to the teacher at once (a served side arrives while the student works
+    on the earlier ones), then the updates; a served teacher with no replica left stops the run in one line."""
     try:
-        yield
+        sides = [run.teacher.score(micro) for micro in updates]
+        return [run_update(run, micro, sides[u], step, u) for u, micro in enumerate(updates)]
     except TeacherUnavailable as exc:
         raise RunError(f"stopped: {exc} (last good checkpoint: {latest_checkpoint(run.run_dir) or 'none'})") from None
 
