@@ -89,8 +89,8 @@ class ChunkBuffers:
 
     buffers(name, c) is the first c rows of buffer `name` (contiguous), holding whatever the previous chunk
     left there: a chunk's tensors from here live until the next chunk asks for the same name. Names used:
-    "s", "t" (a chunk's logits, logit_chunks), "p", "q" (exp / probabilities / scratch, chunk_stats and
-    log_probs_). Reusing them spares the allocator a fresh (chunk, V) tensor per chunk and name: on CPU
+    "s", "t" (a chunk's logits, logit_chunks), "p", "q" (exp / probabilities, log_probs_ and
+    ShiftedChunk.log_probs). Reusing them spares the allocator a fresh (chunk, V) tensor per chunk and name: on CPU
     that cost more than the arithmetic done in it (new pages, zeroed by the kernel at first touch).
     """
 
@@ -174,38 +174,51 @@ def row_stats(lp: LogProbs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
         return hs + lp.guard, ht + lp.guard, rev + lp.guard, fwd + lp.guard
 
 
-def stat_sums(a: torch.Tensor, b: torch.Tensor, e: torch.Tensor, x: torch.Tensor):
+STAT_BLOCK = 2048  # vocabulary columns per step of stat_sums: its (C, 2048) temporaries stay in cache
+
+
+def stat_sums(a: torch.Tensor, b: torch.Tensor, exp_a: torch.Tensor | None = None):
     """The four statistics of a chunk from its max-shifted logits, without forming log-probabilities.
 
     a, b (C, V) float32: student and teacher logits minus their row maxima (read, not modified).
-    e, x (C, V) float32 scratch; e ends holding exp(a) (P_S before normalisation).
+    exp_a: a (C, V) float32 buffer to receive exp(a) (P_S before normalisation, for a loss kernel), or None.
     Returns zs, zt (C, 1) = sum exp(a), sum exp(b), and (H(P_S), H(P_T), KL(P_S||P_T), KL(P_T||P_S)),
     (C,) nats each. With log p = a - log zs, log q = b - log zt, c = log zs - log zt and d = a - b:
         H(P_S) = log zs + sum e^a (-a) / zs       (two terms >= 0: nothing cancels)
         KL(P_S||P_T) = sum e^a d / zs - c,   KL(P_T||P_S) = c - sum e^b d / zt
-    so each side's exp is taken once and the rest is four products and sums. d is formed per element
-    (never the difference of two large sums); for close distributions d and c are both small.
+    so each side's exp is taken once and the rest is products and sums, none of which needs a
+    normaliser first: one sweep over the vocabulary in blocks of STAT_BLOCK columns, whose two
+    (C, block) temporaries stay in cache (no (C, V) temporary). d is formed per element (never the
+    difference of two large sums); for close distributions d and c are both small.
     A product 0 * (-inf) (a -inf logit) makes its row NaN: chunk_stats redoes such rows with row_stats.
     """
-    torch.exp(b, out=e)
-    zt = e.sum(-1, keepdim=True)
-    qb = torch.mul(e, b, out=x).sum(-1)
-    d = torch.sub(a, b, out=x)
-    qd = e.mul_(d).sum(-1)
-    torch.exp(a, out=e)
-    zs = e.sum(-1, keepdim=True)
-    pd = d.mul_(e).sum(-1)
-    pa = torch.mul(e, a, out=x).sum(-1)
-    zs1, zt1 = zs.view(-1), zt.view(-1)
-    lzs, lzt = zs1.log(), zt1.log()
+    rows, vocab = a.shape
+    width = max(1, min(STAT_BLOCK, vocab))
+    e_block = torch.empty(rows, width, dtype=torch.float32, device=a.device)
+    x_block = torch.empty_like(e_block)
+    zs, zt, pa, pd, qb, qd = torch.zeros(6, rows, dtype=torch.float32, device=a.device)
+    for j in range(0, vocab, width):
+        aj, bj = a[:, j:j + width], b[:, j:j + width]
+        e, x = e_block[:, :aj.shape[1]], x_block[:, :aj.shape[1]]
+        torch.exp(bj, out=e)
+        zt += e.sum(-1)
+        qb += torch.mul(e, bj, out=x).sum(-1)
+        d = torch.sub(aj, bj, out=x)
+        qd += e.mul_(d).sum(-1)
+        e = torch.exp(aj, out=e if exp_a is None else exp_a[:, j:j + width])
+        zs += e.sum(-1)
+        pd += d.mul_(e).sum(-1)
+        pa += torch.mul(e, aj, out=x).sum(-1)
+    lzs, lzt = zs.log(), zt.log()
     c = lzs - lzt
-    return zs, zt, (lzs - pa / zs1, lzt - qb / zt1, pd / zs1 - c, c - qd / zt1)
+    return zs[:, None], zt[:, None], (lzs - pa / zs, lzt - qb / zt, pd / zs - c, c - qd / zt)
 
 
 @dataclass
 class ShiftedChunk:
     """A chunk as chunk_stats leaves it: a, b (C, V) its logits minus their row maxima (in the logits'
-    storage), exp(a) in buffers "p", zs, zt (C, 1) the sums of exp(a) and exp(b), guard (C,) as LogProbs'."""
+    storage), zs, zt (C, 1) the sums of exp(a) and exp(b), guard (C,) as LogProbs', buffers the chunk's,
+    exp_kept: whether buffers "p" already holds exp(a)."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -213,23 +226,29 @@ class ShiftedChunk:
     zt: torch.Tensor
     guard: torch.Tensor
     buffers: ChunkBuffers
+    exp_kept: bool
 
     def log_probs(self, need_p: bool, need_q: bool) -> LogProbs:
-        """The chunk's LogProbs, formed in place (consumes the chunk); the same numbers log_probs_ gives."""
+        """The chunk's LogProbs, formed in place (consumes the chunk): log_probs_'s formula, with the
+        normalisers the statistics summed."""
         c = self.a.shape[0]
-        p = self.buffers("p", c).div_(self.zs) if need_p else None
+        p = None
+        if need_p:
+            p = self.buffers("p", c) if self.exp_kept else torch.exp(self.a, out=self.buffers("p", c))
+            p.div_(self.zs)
         q = torch.exp(self.b, out=self.buffers("q", c)).div_(self.zt) if need_q else None
         ls, lt = self.a.sub_(self.zs.log()), self.b.sub_(self.zt.log())
         return LogProbs(ls, lt, p, q, self.guard)
 
 
-def chunk_stats(s: torch.Tensor, t: torch.Tensor, topk: int,
-                buffers: ChunkBuffers | None = None) -> tuple[StatRows, ShiftedChunk]:
+def chunk_stats(s: torch.Tensor, t: torch.Tensor, topk: int, buffers: ChunkBuffers | None = None,
+                keep_exp: bool = False) -> tuple[StatRows, ShiftedChunk]:
     """The statistics of one chunk: the one formula, for the stats pass and for the loss kernel alike.
 
     s, t (C, V) float32 logits over the shared vocabulary, CONSUMED (shifted by their row maxima in place;
-    the returned ShiftedChunk goes on to the log-probabilities for a loss kernel). buffers: "p" and "q"
-    scratch (new when None). topk > 0 adds both sides' top-min(topk, V) ids and probabilities.
+    the returned ShiftedChunk goes on to the log-probabilities for a loss kernel). buffers: the chunk's
+    ChunkBuffers (new when None); keep_exp: leave exp(a) in buffers "p" for the kernel's P_S (otherwise
+    no (C, V) tensor besides s and t is used). topk > 0 adds both sides' top-min(topk, V) ids and probabilities.
     stat_sums forms the values; rows where it meets 0 * (-inf) (a -inf logit) are redone with the
     log-probability form (row_stats), so 0 log 0 counts as 0 as there.
     """
@@ -241,8 +260,7 @@ def chunk_stats(s: torch.Tensor, t: torch.Tensor, topk: int,
             tops = [s.topk(k, dim=-1), t.topk(k, dim=-1)]
         maxes = [s.amax(-1, keepdim=True), t.amax(-1, keepdim=True)]
         a, b = s.sub_(maxes[0]), t.sub_(maxes[1])
-        c = a.shape[0]
-        zs, zt, sums = stat_sums(a, b, buffers("p", c), buffers("q", c))
+        zs, zt, sums = stat_sums(a, b, buffers("p", a.shape[0]) if keep_exp else None)
         guard = zs.view(-1) * 0.0 + zt.view(-1) * 0.0
         values = [v + guard for v in sums]
         redo = torch.isnan(values[0] + values[1] + values[2] + values[3]) & ~torch.isnan(guard)
@@ -257,7 +275,7 @@ def chunk_stats(s: torch.Tensor, t: torch.Tensor, topk: int,
             t_probs = (t_vals - maxes[1]).sub_(zt.log()).exp_()
             top = dict(student_top_ids=s_ids, student_top_probs=s_probs, teacher_top_ids=t_ids,
                        teacher_top_probs=t_probs)
-        return StatRows(*values, top), ShiftedChunk(a, b, zs, zt, guard, buffers)
+        return StatRows(*values, top), ShiftedChunk(a, b, zs, zt, guard, buffers, keep_exp)
 
 
 # ----------------------------------------------------------------------------
@@ -491,7 +509,7 @@ def divergence_kernel(s: torch.Tensor, t: torch.Tensor, div: Divergence, beta: f
         need_p = with_grad or "p" in needs
         need_q = "q" in needs
         if with_stats:
-            rows, shifted = chunk_stats(s, t, topk, buffers)
+            rows, shifted = chunk_stats(s, t, topk, buffers, keep_exp=need_p)
             lp = shifted.log_probs(need_p, need_q)
         else:
             rows, lp = None, log_probs_(s, t, need_p, need_q, buffers)

@@ -131,8 +131,8 @@ def test_stat_sums_equal_the_log_probability_form_and_minus_inf_rows_take_it():
 
 @pytest.mark.parametrize("kind,beta", CASES)
 def test_kernel_value_and_gradient_do_not_change_with_stats_or_reused_buffers(kind, beta):
-    """The statistics route into the loss (ShiftedChunk.log_probs) forms the same bits as log_probs_, and a
-    pass's reused ChunkBuffers give what fresh tensors give."""
+    """The statistics route into the loss (ShiftedChunk.log_probs, normalisers summed by blocks) gives what
+    log_probs_ gives to float32 rounding, and a pass's reused ChunkBuffers give what fresh tensors give."""
     g = torch.Generator().manual_seed(6)
     s, t = 3 * torch.randn(10, 70, generator=g), 3 * torch.randn(10, 70, generator=g)
     plain_d, plain_g, _ = divergence_kernel(s.clone(), t.clone(), DIVERGENCES[kind], beta, with_grad=True)
@@ -140,7 +140,9 @@ def test_kernel_value_and_gradient_do_not_change_with_stats_or_reused_buffers(ki
     buffers("p", 16).fill_(7.0), buffers("q", 16).fill_(-3.0)  # whatever an earlier chunk left
     d, grad, rows = divergence_kernel(s.clone(), t.clone(), DIVERGENCES[kind], beta, with_grad=True,
                                       with_stats=True, buffers=buffers)
-    assert torch.equal(d, plain_d) and torch.equal(grad, plain_g) and rows is not None
+    torch.testing.assert_close(d, plain_d, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, plain_g, atol=1e-7, rtol=1e-5)
+    assert rows is not None
     h, w = torch.randn(23, 8, generator=g), torch.randn(70, 8, generator=g)
     th, tw = torch.randn(23, 8, generator=g), torch.randn(70, 8, generator=g)
     h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
