@@ -3,16 +3,22 @@
 Everything here works chunk by chunk in float32, so an (N, V) float32 tensor
 never exists, and keeps nothing per chunk for backward: gradients are
 recomputed from the inputs chunk by chunk (analytic softmax gradients).
+A pass over many chunks reuses the same few (chunk, V) buffers (`ChunkBuffers`):
+on CPU a fresh 150 MB tensor per chunk cost more than the arithmetic on it
+(new pages mapped and zeroed by the kernel at first touch).
 Float32 whatever the autocast state: autocast is off inside the kernels (a bf16
 matmul would round the logits and the sums), row reductions are elementwise
-products and sums, and every KL is one sum of p (log p - log q) terms, never a
-difference of two large sums.
+products and sums, and every KL is one sum of p-weighted per-token log-ratios
+(a - b, or log p - log q) plus a normaliser term, never a difference of two large sums.
 
 One chunk goes through one path: its float32 logits (`logit_chunks`, from logits
-or from final hidden states through the LM heads) are log-softmaxed in place
-(`log_probs_`, the one log-softmax), then
+or from final hidden states through the LM heads) are shifted by their row maxima
+and log-softmaxed in place (`log_probs_`, the one log-softmax; after the statistics
+`ShiftedChunk.log_probs`, the same numbers), then
   - statistics: `chunk_stats` (entropies and both KLs in nats, `StatRows`),
-    the only formula for them; `stats_pass` runs it over all rows under no_grad;
+    the only formula for them (`stat_sums`: four p- and q-weighted sums over the
+    max-shifted logits, exp taken once per side; `row_stats`, the log-probability
+    form, for rows with -inf logits); `stats_pass` runs it over all rows under no_grad;
   - divergence: an entry of `DIVERGENCES` (opd.loss_type), registered with
     `@register_divergence("name")`, gives the per-token value and its gradient
     w.r.t. the student logits; `token_divergence` (from logits) and
@@ -78,32 +84,57 @@ class LogProbs:
     guard: torch.Tensor
 
 
-def log_softmax_(x: torch.Tensor, with_probs: bool = False):
+class ChunkBuffers:
+    """(rows, V) float32 scratch tensors made once per pass and handed out by name to each of its chunks.
+
+    buffers(name, c) is the first c rows of buffer `name` (contiguous), holding whatever the previous chunk
+    left there: a chunk's tensors from here live until the next chunk asks for the same name. Names used:
+    "s", "t" (a chunk's logits, logit_chunks), "p", "q" (exp / probabilities, log_probs_ and
+    ShiftedChunk.log_probs). Reusing them spares the allocator a fresh (chunk, V) tensor per chunk and name: on CPU
+    that cost more than the arithmetic done in it (new pages, zeroed by the kernel at first touch).
+    """
+
+    def __init__(self, rows: int, vocab: int, device):
+        self.rows, self.vocab, self.device = rows, vocab, device
+        self._made: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def like(cls, x: torch.Tensor) -> "ChunkBuffers":
+        return cls(x.shape[0], x.shape[1], x.device)
+
+    def __call__(self, name: str, c: int) -> torch.Tensor:
+        if name not in self._made:
+            self._made[name] = torch.empty(self.rows, self.vocab, dtype=torch.float32, device=self.device)
+        return self._made[name][:c]
+
+
+def log_softmax_(x: torch.Tensor, with_probs: bool = False, out: torch.Tensor | None = None):
     """log_softmax over the last dimension of float32 x (C, V), in x's own storage.
 
-    Returns (log p (x itself), softmax(x) in new storage or None, guard (C,): 0 or NaN for a broken row).
+    Returns (log p (x itself), softmax(x) or None, guard (C,): 0 or NaN for a broken row).
+    out: a (C, V) float32 scratch for exp(x - max), then the probabilities (new storage when None).
     Not torch.log_softmax: on CPU its float32 normaliser is off by up to ~1e-5 at V = 152k. The row max
     is subtracted first and log sum exp(x - max) (a few nats) last, so no log-probability passes
     through a logsumexp of tens of nats, whose float32 rounding (~1e-6) would shift the whole row.
     """
     with _no_autocast(x):
         x.sub_(x.amax(-1, keepdim=True))
-        e = x.exp()
+        e = x.exp() if out is None else torch.exp(x, out=out)
         z = e.sum(-1, keepdim=True)
         x.sub_(z.log())
         return x, (e.div_(z) if with_probs else None), z.view(-1) * 0.0
 
 
-def log_probs_(s: torch.Tensor, t: torch.Tensor, need_p: bool, need_q: bool) -> LogProbs:
+def log_probs_(s: torch.Tensor, t: torch.Tensor, need_p: bool, need_q: bool,
+               buffers: ChunkBuffers | None = None) -> LogProbs:
     """log_softmax_ of both sides of a chunk, s and t (C, V) float32 logits CONSUMED in place.
 
-    The side without probabilities goes first: its exp temporary is gone before the other's p exists."""
-    if need_p:
-        lt, q, guard_t = log_softmax_(t, need_q)
-        ls, p, guard_s = log_softmax_(s, True)
-    else:
-        ls, p, guard_s = log_softmax_(s, False)
-        lt, q, guard_t = log_softmax_(t, need_q)
+    P_S and P_T (when asked for) go to buffers "p" and "q"; a side without probabilities uses one of them
+    as its exp scratch before the probabilities are formed there."""
+    buffers = buffers or ChunkBuffers.like(s)
+    c = s.shape[0]
+    lt, q, guard_t = log_softmax_(t, need_q, buffers("q" if need_q else "p", c))
+    ls, p, guard_s = log_softmax_(s, need_p, buffers("p", c))
     return LogProbs(ls, lt, p, q, guard_s + guard_t)
 
 
@@ -125,9 +156,10 @@ class StatRows(NamedTuple):
 def row_stats(lp: LogProbs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(H(P_S), H(P_T), KL(P_S||P_T), KL(P_T||P_S)) per row (C,), nats, float32, from a chunk's LogProbs.
 
-    p = exp(log p) and q = exp(log q) are formed where lp does not carry them. Nothing in lp is
-    modified. Each statistic is one sum of p-weighted terms (KL as sum p (log p - log q), never a
-    difference of two large sums), so a small divergence keeps its relative precision.
+    The log-probability form of the statistics, 0 log 0 counted as 0: what chunk_stats falls back to for
+    rows with -inf logits (where stat_sums meets 0 * (-inf)). p = exp(log p) and q = exp(log q) are formed
+    where lp does not carry them. Nothing in lp is modified. Each statistic is one sum of p-weighted terms
+    (KL as sum p (log p - log q), never a difference of two large sums).
     Temporaries: one (C, V) scratch, plus p and q when not given.
     """
     ls, lt = lp.ls, lp.lt
@@ -142,29 +174,110 @@ def row_stats(lp: LogProbs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
         return hs + lp.guard, ht + lp.guard, rev + lp.guard, fwd + lp.guard
 
 
-def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most likely ids per row of float32 logits (C, V), most likely first, and their probabilities."""
-    with _no_autocast(logits):
-        values, ids = logits.topk(k, dim=-1)
-        return ids, (values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+STAT_BLOCKS = 4  # column blocks of stat_sums: its two temporaries are (C, V/4) each, half a logit buffer in all.
+# Fewer, larger operations than cache-sized blocks: on a loaded 2-core CPU, 2,048-column blocks (~1,300 small
+# parallel operations a chunk) made the pass 8x slower with 2 threads; V/4 costs the same as unblocked.
 
 
-def chunk_stats(s: torch.Tensor, t: torch.Tensor, topk: int, need_p: bool = False,
-                need_q: bool = False) -> tuple[StatRows, LogProbs]:
+def stat_sums(a: torch.Tensor, b: torch.Tensor, exp_a: torch.Tensor | None = None):
+    """The four statistics of a chunk from its max-shifted logits, without forming log-probabilities.
+
+    a, b (C, V) float32: student and teacher logits minus their row maxima (read, not modified).
+    exp_a: a (C, V) float32 buffer to receive exp(a) (P_S before normalisation, for a loss kernel), or None.
+    Returns zs, zt (C, 1) = sum exp(a), sum exp(b), and (H(P_S), H(P_T), KL(P_S||P_T), KL(P_T||P_S)),
+    (C,) nats each. With log p = a - log zs, log q = b - log zt, c = log zs - log zt and d = a - b:
+        H(P_S) = log zs + sum e^a (-a) / zs       (two terms >= 0: nothing cancels)
+        KL(P_S||P_T) = sum e^a d / zs - c,   KL(P_T||P_S) = c - sum e^b d / zt
+    so each side's exp is taken once and the rest is products and sums, none of which needs a
+    normaliser first: one sweep over the vocabulary in STAT_BLOCKS column blocks, with two (C, V/blocks)
+    temporaries (no (C, V) one). d is formed per element (never the
+    difference of two large sums); for close distributions d and c are both small.
+    A product 0 * (-inf) (a -inf logit) makes its row NaN: chunk_stats redoes such rows with row_stats.
+    """
+    rows, vocab = a.shape
+    width = max(1, -(-vocab // STAT_BLOCKS))
+    e_block = torch.empty(rows, width, dtype=torch.float32, device=a.device)
+    x_block = torch.empty_like(e_block)
+    zs, zt, pa, pd, qb, qd = torch.zeros(6, rows, dtype=torch.float32, device=a.device)
+    for j in range(0, vocab, width):
+        aj, bj = a[:, j:j + width], b[:, j:j + width]
+        e, x = e_block[:, :aj.shape[1]], x_block[:, :aj.shape[1]]
+        torch.exp(bj, out=e)
+        zt += e.sum(-1)
+        qb += torch.mul(e, bj, out=x).sum(-1)
+        d = torch.sub(aj, bj, out=x)
+        qd += e.mul_(d).sum(-1)
+        e = torch.exp(aj, out=e if exp_a is None else exp_a[:, j:j + width])
+        zs += e.sum(-1)
+        pd += d.mul_(e).sum(-1)
+        pa += torch.mul(e, aj, out=x).sum(-1)
+    lzs, lzt = zs.log(), zt.log()
+    c = lzs - lzt
+    return zs[:, None], zt[:, None], (lzs - pa / zs, lzt - qb / zt, pd / zs - c, c - qd / zt)
+
+
+@dataclass
+class ShiftedChunk:
+    """A chunk as chunk_stats leaves it: a, b (C, V) its logits minus their row maxima (in the logits'
+    storage), zs, zt (C, 1) the sums of exp(a) and exp(b), guard (C,) as LogProbs', buffers the chunk's,
+    exp_kept: whether buffers "p" already holds exp(a)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    zs: torch.Tensor
+    zt: torch.Tensor
+    guard: torch.Tensor
+    buffers: ChunkBuffers
+    exp_kept: bool
+
+    def log_probs(self, need_p: bool, need_q: bool) -> LogProbs:
+        """The chunk's LogProbs, formed in place (consumes the chunk): log_probs_'s formula, with the
+        normalisers the statistics summed."""
+        c = self.a.shape[0]
+        p = None
+        if need_p:
+            p = self.buffers("p", c) if self.exp_kept else torch.exp(self.a, out=self.buffers("p", c))
+            p.div_(self.zs)
+        q = torch.exp(self.b, out=self.buffers("q", c)).div_(self.zt) if need_q else None
+        ls, lt = self.a.sub_(self.zs.log()), self.b.sub_(self.zt.log())
+        return LogProbs(ls, lt, p, q, self.guard)
+
+
+def chunk_stats(s: torch.Tensor, t: torch.Tensor, topk: int, buffers: ChunkBuffers | None = None,
+                keep_exp: bool = False) -> tuple[StatRows, ShiftedChunk]:
     """The statistics of one chunk: the one formula, for the stats pass and for the loss kernel alike.
 
-    s, t (C, V) float32 logits over the shared vocabulary, CONSUMED (log-softmaxed in place).
-    topk > 0 adds both sides' top-min(topk, V) ids and probabilities (read before the log-softmax).
-    need_p / need_q: keep P_S / P_T in the returned LogProbs (the loss kernel goes on from them);
-    the statistics then use them, and exp(log p) otherwise.
+    s, t (C, V) float32 logits over the shared vocabulary, CONSUMED (shifted by their row maxima in place;
+    the returned ShiftedChunk goes on to the log-probabilities for a loss kernel). buffers: the chunk's
+    ChunkBuffers (new when None); keep_exp: leave exp(a) in buffers "p" for the kernel's P_S (otherwise
+    no (C, V) tensor besides s and t is used). topk > 0 adds both sides' top-min(topk, V) ids and probabilities.
+    stat_sums forms the values; rows where it meets 0 * (-inf) (a -inf logit) are redone with the
+    log-probability form (row_stats), so 0 log 0 counts as 0 as there.
     """
-    top = {}
-    if topk > 0:
-        k = min(topk, s.shape[1])
-        (s_ids, s_probs), (t_ids, t_probs) = top_k(s, k), top_k(t, k)
-        top = dict(student_top_ids=s_ids, student_top_probs=s_probs, teacher_top_ids=t_ids, teacher_top_probs=t_probs)
-    lp = log_probs_(s, t, need_p, need_q)
-    return StatRows(*row_stats(lp), top), lp
+    buffers = buffers or ChunkBuffers.like(s)
+    with _no_autocast(s):
+        tops = []
+        if topk > 0:
+            k = min(topk, s.shape[1])
+            tops = [s.topk(k, dim=-1), t.topk(k, dim=-1)]
+        maxes = [s.amax(-1, keepdim=True), t.amax(-1, keepdim=True)]
+        a, b = s.sub_(maxes[0]), t.sub_(maxes[1])
+        zs, zt, sums = stat_sums(a, b, buffers("p", a.shape[0]) if keep_exp else None)
+        guard = zs.view(-1) * 0.0 + zt.view(-1) * 0.0
+        values = [v + guard for v in sums]
+        redo = torch.isnan(values[0] + values[1] + values[2] + values[3]) & ~torch.isnan(guard)
+        if bool(redo.any()):
+            rows = redo.nonzero().squeeze(1)
+            for mine, safe in zip(values, row_stats(log_probs_(a[rows], b[rows], False, False))):
+                mine[rows] = safe
+        top = {}
+        if tops:
+            (s_vals, s_ids), (t_vals, t_ids) = tops
+            s_probs = (s_vals - maxes[0]).sub_(zs.log()).exp_()
+            t_probs = (t_vals - maxes[1]).sub_(zt.log()).exp_()
+            top = dict(student_top_ids=s_ids, student_top_probs=s_probs, teacher_top_ids=t_ids,
+                       teacher_top_probs=t_probs)
+        return StatRows(*values, top), ShiftedChunk(a, b, zs, zt, guard, buffers, keep_exp)
 
 
 # ----------------------------------------------------------------------------
@@ -176,24 +289,25 @@ def _slice_rows(chunk_size: int, vocab: int, width: int) -> int:
     return max(1, chunk_size * vocab // (2 * max(width, 1)))
 
 
-def _head_logits(h: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
-    """h (C, d) @ w.T -> (C, V) float32 logits, multiplied in float32 (autocast must be off).
+def _head_logits(h: torch.Tensor, w: torch.Tensor, rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """h (C, d) @ w.T -> (C, V) float32 logits, multiplied in float32 (autocast must be off), in `out` if given.
 
     A float32 head is used as is; a bf16/fp16 one is upcast `rows` vocabulary rows at a time,
     so no float32 copy of the whole (V, d) matrix exists."""
     h = h.float()
+    if out is None:
+        out = torch.empty(h.shape[0], w.shape[0], dtype=torch.float32, device=h.device)
     if w.dtype == torch.float32:
-        return h @ w.T
-    out = torch.empty(h.shape[0], w.shape[0], dtype=torch.float32, device=h.device)
+        return torch.mm(h, w.T, out=out)
     for j in range(0, w.shape[0], rows):
         torch.mm(h, w[j:j + rows].float().T, out=out[:, j:j + rows])
     return out
 
 
-def head_logits(h: torch.Tensor, w: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def head_logits(h: torch.Tensor, w: torch.Tensor, chunk_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """h (C, d) @ w.T -> (C, V) float32 logits, autocast off (the statistics' numbers, as the loss forms them)."""
     with _no_autocast(h):
-        return _head_logits(h, w, _slice_rows(chunk_size, w.shape[0], h.shape[1]))
+        return _head_logits(h, w, _slice_rows(chunk_size, w.shape[0], h.shape[1]), out)
 
 
 def shared_vocab(student: torch.Tensor, teacher: torch.Tensor, heads=None) -> int:
@@ -203,9 +317,17 @@ def shared_vocab(student: torch.Tensor, teacher: torch.Tensor, heads=None) -> in
     return min(heads[0].shape[0], heads[1].shape[0])
 
 
-def logit_chunks(student: torch.Tensor, teacher: torch.Tensor, chunk_size: int, heads=None):
+def chunk_buffers(student: torch.Tensor, teacher: torch.Tensor, chunk_size: int, heads=None) -> ChunkBuffers:
+    """The buffers of one pass of logit_chunks over these rows (see there for the arguments)."""
+    return ChunkBuffers(max(1, min(chunk_size, student.shape[0])), shared_vocab(student, teacher, heads),
+                        student.device)
+
+
+def logit_chunks(student: torch.Tensor, teacher: torch.Tensor, chunk_size: int, heads=None,
+                 buffers: ChunkBuffers | None = None):
     """Yield (start, s, t) per chunk of `chunk_size` rows: float32 logits (C, V) of both sides over the shared
-    V columns, in new storage (the caller may consume them).
+    V columns, in new storage, or in buffers "s" and "t" when given (the caller may consume them; the next
+    chunk overwrites them).
 
     Without heads, student (N, V_S) and teacher (N, V_T) are logits of any float dtype, upcast per chunk.
     With heads = (W_S (V_S, d_S), W_T (V_T, d_T)), they are final hidden states (N, d_S), (N, d_T) and
@@ -213,12 +335,17 @@ def logit_chunks(student: torch.Tensor, teacher: torch.Tensor, chunk_size: int, 
     """
     v = shared_vocab(student, teacher, heads)
     for i in range(0, student.shape[0], chunk_size):
+        c = min(chunk_size, student.shape[0] - i)
+        s_out, t_out = (buffers("s", c), buffers("t", c)) if buffers is not None else (None, None)
         if heads is None:
-            yield (i, student[i:i + chunk_size, :v].to(torch.float32, copy=True),
-                   teacher[i:i + chunk_size, :v].to(torch.float32, copy=True))
+            if buffers is None:
+                yield (i, student[i:i + c, :v].to(torch.float32, copy=True),
+                       teacher[i:i + c, :v].to(torch.float32, copy=True))
+            else:
+                yield i, s_out.copy_(student[i:i + c, :v]), t_out.copy_(teacher[i:i + c, :v])
         else:
-            yield (i, head_logits(student[i:i + chunk_size], heads[0][:v], chunk_size),
-                   head_logits(teacher[i:i + chunk_size], heads[1][:v], chunk_size))
+            yield (i, head_logits(student[i:i + c], heads[0][:v], chunk_size, s_out),
+                   head_logits(teacher[i:i + c], heads[1][:v], chunk_size, t_out))
 
 
 @torch.no_grad()
@@ -239,7 +366,8 @@ def stats_pass(student: torch.Tensor, teacher: torch.Tensor, chunk_size: int, to
         raise ValueError(f"stats_pass: student has {student.shape[0]} rows but teacher has {teacher.shape[0]}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"stats_pass: chunk_size must be a positive int, got {chunk_size!r}")
-    return [chunk_stats(s, t, topk)[0] for _, s, t in logit_chunks(student, teacher, chunk_size, heads)]
+    buffers = chunk_buffers(student, teacher, chunk_size, heads)
+    return [chunk_stats(s, t, topk, buffers)[0] for _, s, t in logit_chunks(student, teacher, chunk_size, heads, buffers)]
 
 
 # ----------------------------------------------------------------------------
@@ -365,7 +493,7 @@ def skew_reverse_kl(lp: LogProbs, beta: float, with_grad: bool):
 
 
 def divergence_kernel(s: torch.Tensor, t: torch.Tensor, div: Divergence, beta: float, with_grad: bool,
-                      with_stats: bool = False, topk: int = 0):
+                      with_stats: bool = False, topk: int = 0, buffers: ChunkBuffers | None = None):
     """Divergence of one chunk and, optionally, its gradient w.r.t. the student logits and its statistics.
 
     s, t: (C, V) float32 logits over the shared vocabulary. They are CONSUMED
@@ -374,16 +502,19 @@ def divergence_kernel(s: torch.Tensor, t: torch.Tensor, div: Divergence, beta: f
     from the log-probabilities the divergence needs anyway.
     Returns (D (C,) nats, dD/ds (C, V) or None, StatRows or None), all float32 whatever the autocast
     state. A logit of -inf on both sides at the same id contributes exactly 0 (value and gradient).
-    Temporaries: the probabilities the entry and the gradient need, plus one (C, V) scratch with_stats.
+    buffers: the chunk's "p" and "q" scratch (ChunkBuffers; new when None). The gradient is returned in
+    the storage of s, t or a buffer: consume it before the next chunk.
+    Temporaries: buffers "p" and "q" (the probabilities the entry and the gradient need).
     """
     with _no_autocast(s):
         needs = div.probs(beta)
-        need_p = with_grad or with_stats or "p" in needs
-        need_q = with_stats or "q" in needs
+        need_p = with_grad or "p" in needs
+        need_q = "q" in needs
         if with_stats:
-            rows, lp = chunk_stats(s, t, topk, need_p, need_q)
+            rows, shifted = chunk_stats(s, t, topk, buffers, keep_exp=need_p)
+            lp = shifted.log_probs(need_p, need_q)
         else:
-            rows, lp = None, log_probs_(s, t, need_p, need_q)
+            rows, lp = None, log_probs_(s, t, need_p, need_q, buffers)
         d, grad = div.fn(lp, beta, with_grad)
         return d.clamp_min(0.0), grad, rows
 
@@ -392,8 +523,9 @@ class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, div, beta, chunk_size):
         out = torch.empty(student_logits.shape[0], dtype=torch.float32, device=student_logits.device)
-        for i, s, t in logit_chunks(student_logits, teacher_logits, chunk_size):
-            out[i:i + chunk_size], _, _ = divergence_kernel(s, t, div, beta, with_grad=False)
+        buffers = chunk_buffers(student_logits, teacher_logits, chunk_size)
+        for i, s, t in logit_chunks(student_logits, teacher_logits, chunk_size, buffers=buffers):
+            out[i:i + chunk_size], _, _ = divergence_kernel(s, t, div, beta, with_grad=False, buffers=buffers)
         ctx.save_for_backward(student_logits, teacher_logits)
         ctx.config = (div, beta, chunk_size)
         return out
@@ -404,8 +536,9 @@ class _ChunkedDivergence(torch.autograd.Function):
         div, beta, chunk_size = ctx.config
         v = shared_vocab(student_logits, teacher_logits)
         grad = torch.zeros_like(student_logits)
-        for i, s, t in logit_chunks(student_logits, teacher_logits, chunk_size):
-            _, g, _ = divergence_kernel(s, t, div, beta, with_grad=True)
+        buffers = chunk_buffers(student_logits, teacher_logits, chunk_size)
+        for i, s, t in logit_chunks(student_logits, teacher_logits, chunk_size, buffers=buffers):
+            _, g, _ = divergence_kernel(s, t, div, beta, with_grad=True, buffers=buffers)
             grad[i:i + chunk_size, :v] = g.mul_(grad_out[i:i + chunk_size, None].float())
         return grad, None, None, None, None
 
@@ -452,11 +585,12 @@ class _FusedHeadDivergence(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         rows_s = _slice_rows(chunk_size, v, weight.shape[1])
+        heads = (weight, teacher_weight)
+        buffers = chunk_buffers(hidden, teacher_hidden, chunk_size, heads)
         with _no_autocast(hidden):
-            for i, s, t in logit_chunks(hidden, teacher_hidden, chunk_size, heads=(weight, teacher_weight)):
+            for i, s, t in logit_chunks(hidden, teacher_hidden, chunk_size, heads, buffers):
                 d, g, rows = divergence_kernel(s, t, div, beta, with_grad=need_h or need_w,
-                                               with_stats=stats_out is not None, topk=topk)
-                del s, t  # consumed by the kernel
+                                               with_stats=stats_out is not None, topk=topk, buffers=buffers)
                 if rows is not None:
                     stats_out.append(rows)
                 tw = token_weights[i:i + chunk_size].float()

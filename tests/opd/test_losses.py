@@ -1,9 +1,12 @@
 """Chunked divergences against a naive float64 full-tensor computation."""
 
+import math
+
 import pytest
 import torch
 
-from opd.losses import DIVERGENCES, divergence_kernel, fused_head_divergence, stats_pass, token_divergence
+from opd.losses import (DIVERGENCES, ChunkBuffers, chunk_stats, divergence_kernel, fused_head_divergence, log_probs_,
+                        row_stats, stats_pass, token_divergence)
 
 CASES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2), ("jsd", 0.0), ("jsd", 1.0),
          ("skew_reverse_kl", 0.3), ("skew_reverse_kl", 1.0)]
@@ -105,3 +108,44 @@ def test_kernel_row_stats_equal_the_stats_pass_on_peaked_and_flat_rows():
     (ref,) = stats_pass(s, t, 64)
     for got, want in zip(rows[:4], ref[:4]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_stat_sums_equal_the_log_probability_form_and_minus_inf_rows_take_it():
+    """chunk_stats' fast sums (one exp per side, no log-probabilities) against row_stats, the log-probability
+    form: close on flat to peaked rows, and exactly it on rows with -inf logits (the rows it redoes)."""
+    g = torch.Generator().manual_seed(5)
+    v = 3000
+    s = torch.randn(32, v, generator=g) * torch.linspace(0.1, 12.0, 32)[:, None]
+    t = s + torch.randn(32, v, generator=g) * torch.linspace(0.01, 3.0, 32)[:, None]
+    s[3, [5, 9]], t[3, [5, 9]] = -math.inf, -math.inf  # both sides rule the same ids out
+    s[7, 11] = -math.inf  # only the student
+    t[8, 12] = -math.inf  # only the teacher: KL(q||p) finite, KL(p||q) infinite
+    fast, _ = chunk_stats(s.clone(), t.clone(), 0)
+    safe = row_stats(log_probs_(s.clone(), t.clone(), False, False))
+    normal = [i for i in range(32) if i not in (3, 7, 8)]
+    for got, want in zip(fast[:4], safe):
+        torch.testing.assert_close(got[normal], want[normal], atol=2e-6, rtol=1e-5)
+        assert torch.equal(got[[3, 7, 8]], want[[3, 7, 8]])
+    assert fast.reverse_kl[8] == math.inf and math.isfinite(fast.forward_kl[8])
+
+
+@pytest.mark.parametrize("kind,beta", CASES)
+def test_kernel_value_and_gradient_do_not_change_with_stats_or_reused_buffers(kind, beta):
+    """The statistics route into the loss (ShiftedChunk.log_probs, normalisers summed by blocks) gives what
+    log_probs_ gives to float32 rounding, and a pass's reused ChunkBuffers give what fresh tensors give."""
+    g = torch.Generator().manual_seed(6)
+    s, t = 3 * torch.randn(10, 70, generator=g), 3 * torch.randn(10, 70, generator=g)
+    plain_d, plain_g, _ = divergence_kernel(s.clone(), t.clone(), DIVERGENCES[kind], beta, with_grad=True)
+    buffers = ChunkBuffers(16, 70, s.device)
+    buffers("p", 16).fill_(7.0), buffers("q", 16).fill_(-3.0)  # whatever an earlier chunk left
+    d, grad, rows = divergence_kernel(s.clone(), t.clone(), DIVERGENCES[kind], beta, with_grad=True,
+                                      with_stats=True, buffers=buffers)
+    torch.testing.assert_close(d, plain_d, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, plain_g, atol=1e-7, rtol=1e-5)
+    assert rows is not None
+    h, w = torch.randn(23, 8, generator=g), torch.randn(70, 8, generator=g)
+    th, tw = torch.randn(23, 8, generator=g), torch.randn(70, 8, generator=g)
+    h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+    fused_head_divergence(h1, w, th, tw, torch.ones(23), kind, beta, 5).backward()  # 5 chunks, buffers reused
+    fused_head_divergence(h2, w, th, tw, torch.ones(23), kind, beta, 23).backward()  # one chunk
+    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-6, rtol=1e-5)
