@@ -295,10 +295,10 @@ def _head_logits(h: torch.Tensor, w: torch.Tensor, rows: int, out: torch.Tensor 
     A float32 head is used as is; a bf16/fp16 one is upcast `rows` vocabulary rows at a time,
     so no float32 copy of the whole (V, d) matrix exists."""
     h = h.float()
+    if w.dtype == torch.float32:  # without `out`, autograd can follow (a head that requires grad, grad enabled)
+        return h @ w.T if out is None else torch.mm(h, w.T, out=out)
     if out is None:
         out = torch.empty(h.shape[0], w.shape[0], dtype=torch.float32, device=h.device)
-    if w.dtype == torch.float32:
-        return torch.mm(h, w.T, out=out)
     for j in range(0, w.shape[0], rows):
         torch.mm(h, w[j:j + rows].float().T, out=out[:, j:j + rows])
     return out

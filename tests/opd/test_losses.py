@@ -149,3 +149,20 @@ def test_kernel_value_and_gradient_do_not_change_with_stats_or_reused_buffers(ki
     fused_head_divergence(h1, w, th, tw, torch.ones(23), kind, beta, 5).backward()  # 5 chunks, buffers reused
     fused_head_divergence(h2, w, th, tw, torch.ones(23), kind, beta, 23).backward()  # one chunk
     torch.testing.assert_close(h1.grad, h2.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_head_logits_follow_autograd_for_a_trainable_head():
+    """Outside no_grad with a head that requires grad (an evaluation's or a test's log-probs): the product is an
+    ordinary autograd op, equal to h @ w.T (a regression: an `out=` product refused autograd)."""
+    from opd.engine import sampled_logprobs
+    from opd.losses import head_logits
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(5, 8, generator=g), torch.randn(11, 8, generator=g, requires_grad=True)
+    logits = head_logits(h, w, 4)
+    torch.testing.assert_close(logits, h @ w.T)
+    tokens = torch.tensor([0, 3, 10, 7, 1])
+    lp = sampled_logprobs(h, w, tokens, 2)
+    torch.testing.assert_close(lp, torch.log_softmax(h @ w.T, -1).gather(1, tokens[:, None])[:, 0])
+    lp.sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
