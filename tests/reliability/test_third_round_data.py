@@ -13,21 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, tiny_config, write_config
+from conftest import run_cli
 from lm.tokenizers import char_tokenizer
 from opd.config import ConfigError, DataConfig, load_config
 from opd.data import DataError, data_files, load_prompts
 from test_faults import error_lines, tree_digest
-
-
-def one_error(out) -> str:
-    lines = error_lines(out)
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
-def config_file(tmp_path: Path, **sections) -> Path:
-    return write_config(tmp_path / "c.yaml", tiny_config(tmp_path, **sections))
+from test_second_round import config_file, one_error
 
 
 def config_problems(paths, overrides=()) -> list[str]:
