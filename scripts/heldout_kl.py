@@ -38,6 +38,22 @@ def measure(student, teacher, tokenizer, prompts: list[str], max_new_tokens: int
             "sample": tokenizer.decode(r.response_ids()[0], skip_special_tokens=True)}
 
 
+def evaluate(teacher_dir, students: dict, prompts_path: str, max_new_tokens: int, seed: int) -> tuple[dict, list]:
+    """{name: measure(...)} for every student (name -> checkpoint directory; the teacher's own directory scores the
+    teacher itself), each printed as it is done; and the prompts."""
+    prompts = [rec["prompt"] for rec, _ in read_records(prompts_path, "test", "error", LoadReport())]
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    results = {}
+    for name, path in students.items():
+        same = str(path) == str(teacher_dir)
+        model = teacher if same else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        res = results[name] = measure(model, teacher, tokenizer, prompts, max_new_tokens, seed)
+        print(f"{name:<22} KL {res['kl_per_token']:.4f} nats/token  h {res['entropy']:.3f}  "
+              f"length {res['mean_length']:.1f}  ({res['tokens']} tokens)  e.g. {res['sample']!r}", flush=True)
+    return results, prompts
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", required=True)
@@ -47,17 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="", help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    prompts = [rec["prompt"] for rec, _ in read_records(args.prompts, "test", "error", LoadReport())]
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval()
-    results = {}
-    for spec in args.student:
-        name, _, path = spec.partition("=")
-        model = teacher if path == args.teacher else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        results[name] = measure(model, teacher, tokenizer, prompts, args.max_new_tokens, args.seed)
-        res = results[name]
-        print(f"{name:<16} KL {res['kl_per_token']:.4f} nats/token  h {res['entropy']:.3f}  "
-              f"length {res['mean_length']:.1f}  ({res['tokens']} tokens)  e.g. {res['sample']!r}", flush=True)
+    students = dict(spec.partition("=")[::2] for spec in args.student)
+    results, prompts = evaluate(args.teacher, students, args.prompts, args.max_new_tokens, args.seed)
     if args.out:
         Path(args.out).write_text(json.dumps({"prompts": len(prompts), **results}, indent=1) + "\n")
     return 0

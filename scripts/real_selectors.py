@@ -36,12 +36,12 @@ def final_checkpoint(run_dir: Path, steps: int) -> Path:
     return run_dir / "checkpoints" / f"step_{steps:06d}"
 
 
-def train(setting: str, seed: int, steps: int, out: Path, extra: list[str]) -> tuple[bool, float]:
+def train(setting: str, seed: int, steps: int, out: Path, extra: list[str]) -> tuple[bool, float | None]:
     sel, _, ratio = setting.partition(":")
     name = run_name(setting, seed)
     if (final_checkpoint(out / name, steps) / "config.json").is_file():
         print(f"[real_selectors] {name}: reusing its final checkpoint", flush=True)
-        return True, 0.0
+        return True, None
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "demo_real.yaml"),
            f"tip.selector={sel}", f"tip.ratio={ratio}", f"train.seed={seed}", f"train.steps={steps}",
            f"train.output_dir={out}", f"train.run_name={name}", *extra]
@@ -56,7 +56,7 @@ def table(results: dict, settings: list[str], seeds: list[int]) -> str:
     lines = [head, "|" + "---|" * (len(seeds) + 3)]
     before = results.get("before")
     if before:
-        lines.append(f"| untrained student | " + " | ".join(f"{before['kl_per_token']:.3f}" for _ in seeds)
+        lines.append("| untrained student | " + " | ".join(f"{before['kl_per_token']:.3f}" for _ in seeds)
                      + f" | {before['kl_per_token']:.3f} | {before['entropy']:.3f} |")
     for setting in settings:
         runs = [results.get(run_name(setting, s)) for s in seeds]
@@ -97,31 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         for setting in settings:
             ok, secs = train(setting, seed, args.steps, out, args.overrides)
-            seconds[run_name(setting, seed)] = round(secs, 1)
+            seconds[run_name(setting, seed)] = None if secs is None else round(secs, 1)  # None: reused
             if not ok:
                 failed.append(run_name(setting, seed))
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from demo.real_prepare import prepare_real_pair
-    from opd.data import LoadReport, read_records
-    from scripts.heldout_kl import measure
+    from scripts.heldout_kl import evaluate
 
     teacher_dir, student_dir = prepare_real_pair(None)
-    prompts = [rec["prompt"] for rec, _ in read_records("demo:instructions_heldout", "test", "error", LoadReport())]
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     students = {"before": student_dir}
     for seed in seeds:
         for setting in settings:
             name = run_name(setting, seed)
             if name not in failed:
                 students[name] = final_checkpoint(out / name, args.steps)
-    results = {}
-    for name, path in students.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        results[name] = measure(model, teacher, tokenizer, prompts, 40, args.eval_seed)
-        print(f"[real_selectors] {name:<22} held-out KL {results[name]['kl_per_token']:.4f} nats/token", flush=True)
+    results, prompts = evaluate(teacher_dir, students, "demo:instructions_heldout", 40, args.eval_seed)
     text = table(results, settings, seeds)
     print(text)
     (out / "real_selectors.md").write_text(
