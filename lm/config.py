@@ -47,9 +47,22 @@ class RayTeacherConfig:
 
 
 @dataclass
-class TeacherConfig(ModelConfig):
+class OneTeacherConfig(ModelConfig):
+    """One teacher: its model and where it runs."""
+
     placement: Literal["local", "ray"] = field(default="local", metadata={"help": "where the teacher runs: local = inside every training process; ray = a pool of Ray actors (teacher.ray) that return final hidden states to the trainer's fused kernel (pip install -r requirements-ray.txt)"})
     ray: RayTeacherConfig = field(default_factory=RayTeacherConfig)
+
+
+@dataclass
+class TeacherConfig(OneTeacherConfig):
+    """The run's teacher (the `default` one) and, optionally, a teacher per data source (`routes`)."""
+
+    routes: dict[str, OneTeacherConfig] = field(default_factory=dict, metadata={"help": "several teachers: a data source (the value of each record's data.source_key field; for an agentic run, agent.env) -> a teacher section of its own (path, gguf_file, dtype, placement, ray, ...: every key of teacher: but routes, with the same defaults, nothing inherited); each rollout is distilled from its source's teacher, rollouts of a source without a route from this section's teacher; every teacher must share the student's tokenizer; at most 64 routes"})
+
+
+ROUTES_MAX = 64  # teachers per run besides the default one
+DEFAULT_TEACHER = "default"  # how metrics and messages name the teacher of the `teacher:` section itself
 
 # The ModelConfig fields that only build a randomly initialised model: a model loaded from `path` ignores them.
 RANDOM_INIT_FIELDS = ("arch", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",

@@ -54,9 +54,9 @@ def ray_available() -> bool:
     return importlib.util.find_spec("ray") is not None
 
 
-def check_placement(placement: str) -> list[str]:
-    """teacher.placement=ray needs Ray importable here: said at --check, before anything loads."""
-    return [MISSING] if placement == "ray" and not ray_available() else []
+def check_placement(placement: str, key: str = "teacher") -> list[str]:
+    """`key`.placement=ray needs Ray importable here: said at --check, before anything loads."""
+    return [MISSING.replace("teacher.", f"{key}.", 1)] if placement == "ray" and not ray_available() else []
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -139,6 +139,7 @@ class RayTeacher:
     share(obj)  process 0's `obj` on every trainer process (a broadcast; identity for one process): the Ray
                 address and the pool's namespace are decided once, by process 0.
     recorded    the weights hash the run directory recorded at its first start (None: a new run)
+    key         the config section of this teacher (`teacher`, or `teacher.routes.<source>`), for messages
     """
 
     reads = "hidden"
@@ -146,8 +147,9 @@ class RayTeacher:
 
     def __init__(self, mc: ModelConfig, rc: RayTeacherConfig, device: torch.device, *, process_index: int = 0,
                  num_processes: int = 1, share: Callable = lambda obj: obj, recorded: str | None = None,
-                 log: Callable = print):
-        self.rc, self.device, self.log = rc, device, log
+                 log: Callable = print, key: str = "teacher"):
+        self.rc, self.device, self.log, self.key = rc, device, log, key
+        self.label = "teacher" if key == "teacher" else f"teacher `{key.removeprefix('teacher.routes.')}`"
         self.waited, self.received = 0.0, 0
         self.failures = [0] * rc.num_replicas  # incidents per replica (death or time-out)
         self.serving, self.restarting = set(range(rc.num_replicas)), set()
@@ -211,20 +213,20 @@ class RayTeacher:
         try:
             described = self.ray.get([a.describe.remote() for a in self.actors], timeout=self.rc.start_timeout_s)
         except self.ray.exceptions.GetTimeoutError:
-            raise TeacherUnavailable(f"the teacher replicas did not start within teacher.ray.start_timeout_s="
+            raise TeacherUnavailable(f"the {self.label} replicas did not start within {self.key}.ray.start_timeout_s="
                                      f"{self.rc.start_timeout_s:g}s") from None
         except self.ray.exceptions.RayError as exc:
-            raise TeacherUnavailable(f"a teacher replica failed to start: {last_line(exc)}") from None
+            raise TeacherUnavailable(f"a {self.label} replica failed to start: {last_line(exc)}") from None
         first = described[0]
         for i, d in enumerate(described):
             if d["fingerprint"] != first["fingerprint"]:
-                raise TeacherUnavailable(f"teacher replica {i} ({where(d)}) holds a different teacher than replica 0 "
+                raise TeacherUnavailable(f"{self.label} replica {i} ({where(d)}) holds a different teacher than replica 0 "
                                          f"(weights sha256 {d['fingerprint'][:12]} vs {first['fingerprint'][:12]})")
         if recorded and first["fingerprint"] != recorded:
-            raise TeacherUnavailable(f"the teacher replicas hold a different teacher than this run started with "
+            raise TeacherUnavailable(f"the {self.label} replicas hold a different teacher than this run started with "
                                      f"(weights sha256 {first['fingerprint'][:12]} vs {recorded[:12]} in teacher.json)")
         for i, d in enumerate(described):
-            self.log(f"teacher replica {i}: {where(d)}, {d['device']}, {d['dtype']}, weights sha256 "
+            self.log(f"{self.label} replica {i}: {where(d)}, {d['device']}, {d['dtype']}, weights sha256 "
                      f"{d['fingerprint'][:12]}")
         return described
 
@@ -237,7 +239,7 @@ class RayTeacher:
             args = (mb.input_ids.to("cpu"), mb.attention_mask.to("cpu"), mb.positions().to("cpu"))
             replica = self._pick(avoid=None)
             if replica is None:
-                raise TeacherUnavailable(f"no teacher replica is left (teacher.ray.max_restarts="
+                raise TeacherUnavailable(f"no {self.label} replica is left ({self.key}.ray.max_restarts="
                                          f"{self.rc.max_restarts} per replica)")
             jobs.append(Job(args, replica, self.actors[replica].score.remote(*args)))
         return PendingSides(self, jobs)
@@ -251,14 +253,14 @@ class RayTeacher:
                     values = self.ray.get(job.ref, timeout=self.rc.timeout_s)
                     break
                 except self.ray.exceptions.GetTimeoutError:
-                    why = f"did not answer within teacher.ray.timeout_s={self.rc.timeout_s:g}s"
+                    why = f"did not answer within {self.key}.ray.timeout_s={self.rc.timeout_s:g}s"
                     self.ray.kill(self.actors[job.replica], no_restart=False)  # Ray restarts it if it may
                 except self.ray.exceptions.ActorDiedError:
                     why = "died"
                 except self.ray.exceptions.RayActorError:
                     why = "became unreachable (its process died, or Ray is restarting it)"
                 except self.ray.exceptions.RayTaskError as exc:
-                    raise TeacherUnavailable(f"teacher replica {job.replica} failed to score a micro-batch: "
+                    raise TeacherUnavailable(f"{self.label} replica {job.replica} failed to score a micro-batch: "
                                              f"{last_line(exc)}") from None
                 self._move(job, why)
         finally:
@@ -278,9 +280,9 @@ class RayTeacher:
         job.moves += 1
         replica = self._pick(avoid=failed) if job.moves <= self.rc.num_replicas * (self.rc.max_restarts + 2) else None
         if replica is None:
-            raise TeacherUnavailable(f"teacher replica {failed} ({where(self.replicas[failed])}) {why}, and no "
-                                     f"replica is left (teacher.ray.max_restarts={self.rc.max_restarts} per replica)")
-        self.log(f"teacher replica {failed} {why}: its micro-batch moves to replica {replica}")
+            raise TeacherUnavailable(f"{self.label} replica {failed} ({where(self.replicas[failed])}) {why}, and no "
+                                     f"replica is left ({self.key}.ray.max_restarts={self.rc.max_restarts} per replica)")
+        self.log(f"{self.label} replica {failed} {why}: its micro-batch moves to replica {replica}")
         job.replica, job.ref = replica, self.actors[replica].score.remote(*job.args)
 
     def _pick(self, avoid: int | None) -> int | None:

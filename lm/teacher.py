@@ -32,7 +32,8 @@ Reads = Literal["hidden", "logits"]
 
 class Scored(Protocol):
     """What a teacher needs of a micro-batch: rows of token ids (B, L), their attention mask (B, L), and
-    `positions()` (B, L-1) bool, the columns whose next token is a response token."""
+    `positions()` (B, L-1) bool, the columns whose next token is a response token. Several teachers
+    (RoutedTeacher) also read `route_ids` (B,), each row's teacher, where the micro-batch has it."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -161,3 +162,139 @@ class LocalTeacher:
         head = head_weight(self.model)
         with gathered(head), torch.autocast(device_type=states.device.type, enabled=False):
             return torch.nn.functional.linear(states.float(), head.float()).to(self.cache_device)
+
+
+# ----------------------------------------------------------------------------
+# several teachers, one per data source (teacher.routes)
+
+
+@dataclass
+class Rows:
+    """Some rows of a micro-batch, as a teacher scores them (the Scored protocol)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask: torch.Tensor  # (B', L-1) the rows' response positions
+
+    def positions(self) -> torch.Tensor:
+        return self.mask
+
+
+@dataclass
+class SidePart:
+    """The rows of a micro-batch one teacher scored: `index` (N_p,) their places among the micro-batch's N
+    response positions (None: all of them), `values` (N_p, d_T) that teacher's hidden states, `head` its LM head
+    (V, d_T) cut to the vocabulary every teacher shares."""
+
+    index: torch.Tensor | None
+    values: torch.Tensor
+    head: torch.Tensor
+
+
+@dataclass
+class RoutedSide:
+    """A micro-batch's teacher side when several teachers scored its rows (fused loss: hidden states)."""
+
+    kind: Reads
+    parts: list[SidePart]
+
+
+@dataclass
+class Plan:
+    """Where micro-batch j's rows went: per teacher scoring some of them, (teacher, index, place in the list that
+    teacher scored); `tokens` = N."""
+
+    parts: list[tuple[int, torch.Tensor | None, int]]
+    tokens: int
+
+
+class RoutedTeacher:
+    """The Teacher protocol over several teachers, each scoring the rollouts of its data sources (teacher.routes).
+
+    teachers  name -> Teacher (local or served; the same `reads`): `default` is the teacher: section's own, the
+              others are named by their data source
+    Micro-batches carry `route_ids` (B,), the index into `teachers` of each row's teacher (`route` gives it from
+    a data source). A micro-batch's rows are split by teacher; each teacher is sent all of a step's rows it scores
+    at once (a served one scores them while the student works); the sides come back in position order: float32
+    logits reassembled into one (N, V) tensor (reference loss), or a RoutedSide whose parts the fused kernel reads
+    with their own teacher's head. Every teacher's vocabulary is cut to the smallest one (V = min V_T; the
+    tokenizer they share has fewer tokens), so every row's statistics compare the same columns.
+    """
+
+    head = None  # each part of a side carries its own teacher's head
+
+    def __init__(self, teachers: dict[str, "Teacher"], default: str):
+        self.names, self.teachers = list(teachers), list(teachers.values())
+        reads = {t.reads for t in self.teachers}
+        if len(reads) != 1:
+            raise ValueError(f"the routed teachers return different sides ({', '.join(sorted(reads))})")
+        self.reads = reads.pop()
+        self.vocab = min(t.vocab for t in self.teachers)
+        self.heads = [None if t.head is None else t.head[:self.vocab] for t in self.teachers]
+        self.default = self.names.index(default) if default in self.names else None
+        self.model = self.teachers[self.default].model if self.default is not None else None
+
+    def route(self, data_source: str) -> int:
+        """The index of the teacher of a data source: its route's, else the default teacher's."""
+        if data_source in self.names:
+            return self.names.index(data_source)
+        if self.default is None:
+            raise KeyError(f"data source {data_source!r} has no route and no default teacher was loaded")
+        return self.default
+
+    def score(self, micro_batches: Sequence[Scored]) -> "RoutedSides":
+        plans, work = [], [[] for _ in self.teachers]
+        for mb in micro_batches:
+            pos = mb.positions()
+            ids = getattr(mb, "route_ids", None)
+            ids = ids.cpu() if ids is not None else torch.full(pos.shape[:1], self.default or 0)
+            token_route = ids.to(pos.device)[:, None].expand_as(pos)[pos]
+            parts = []
+            for r in sorted(set(ids.tolist())):
+                rows = (ids == r).to(pos.device)
+                whole = bool(rows.all())
+                sub = mb if whole else Rows(mb.input_ids[rows], mb.attention_mask[rows], pos[rows])
+                parts.append((r, None if whole else (token_route == r).nonzero().squeeze(1), len(work[r])))
+                work[r].append(sub)
+            plans.append(Plan(parts, int(pos.sum())))
+        sides = [t.score(w) if w else [] for t, w in zip(self.teachers, work)]
+        return RoutedSides(self, plans, sides)
+
+    def take_metrics(self) -> dict:
+        """The sums over the teachers (as one teacher's keys) and each teacher's own, teacher/<name>/..."""
+        out = {"timing/teacher_wait_s": 0.0, "teacher/payload_mb": 0.0}
+        for name, teacher in zip(self.names, self.teachers):
+            mine = teacher.take_metrics()
+            out["timing/teacher_wait_s"] += mine["timing/teacher_wait_s"]
+            out["teacher/payload_mb"] += mine["teacher/payload_mb"]
+            out[f"teacher/{name}/wait_s"] = mine["timing/teacher_wait_s"]
+            out[f"teacher/{name}/payload_mb"] = mine["teacher/payload_mb"]
+        return out
+
+    def close(self) -> None:
+        with contextlib.ExitStack() as stack:  # every teacher closed, whichever raises
+            for teacher in self.teachers:
+                stack.callback(teacher.close)
+
+
+class RoutedSides(Sequence):
+    """A step's routed sides: indexing j waits for the teachers of micro-batch j only."""
+
+    def __init__(self, routed: RoutedTeacher, plans: list[Plan], sides: list[Sequence[TeacherSide]]):
+        self.routed, self.plans, self.sides = routed, plans, sides
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __getitem__(self, j: int):
+        plan, routed = self.plans[j], self.routed
+        got = [(index, self.sides[r][k].values, r) for r, index, k in plan.parts]
+        if routed.reads == "hidden":
+            return RoutedSide("hidden", [SidePart(index, values, routed.heads[r]) for index, values, r in got])
+        if len(got) == 1 and got[0][0] is None:
+            return TeacherSide("logits", got[0][1][:, :routed.vocab])
+        first = got[0][1]
+        logits = torch.empty(plan.tokens, routed.vocab, dtype=first.dtype, device=first.device)
+        for index, values, _ in got:
+            logits[index.to(first.device) if index is not None else slice(None)] = values[:, :routed.vocab]
+        return TeacherSide("logits", logits)

@@ -10,7 +10,8 @@ memory or threads also has a "max" no real run reaches, named in its help text
 ("at most 1,048,576"), so a slip of the keyboard is refused at --check, not met as
 a MemoryError or an overflow once the run starts. `apply` fills one from a
 dict (YAML, command line) and reports every problem as one line that names the
-key and where its value came from. `opd.config` builds the run config with it;
+key and where its value came from; a `dict[str, Section]` field holds named
+sections of one kind, each filled from its own defaults. `opd.config` builds the run config with it;
 `demo.prepare` validates its own command line with it.
 """
 
@@ -65,6 +66,9 @@ def apply(obj: Any, data: dict, prefix: str, origin: dict[str, str], problems: l
             problems.append(f"{where(name, origin)}: unknown config key `{name}` (known here: {known})")
             continue
         hint = hints[key]
+        if _section_map(hint):
+            setattr(obj, key, apply_map(typing.get_args(hint)[1], value, name, origin, problems))
+            continue
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 problems.append(f"{where(name, origin)}: `{name}` must be a mapping of keys")
@@ -80,6 +84,30 @@ def apply(obj: Any, data: dict, prefix: str, origin: dict[str, str], problems: l
         current = getattr(obj, key)
         for problem in check_value(current, meta):
             problems.append(f"{where(name, origin)}: `{name}` = {current!r} {problem}")
+
+
+def _section_map(hint) -> bool:
+    """`dict[str, Section]`: named sections of one kind (teacher.routes)."""
+    args = typing.get_args(hint)
+    return typing.get_origin(hint) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1])
+
+
+def apply_map(section: type, data: Any, name: str, origin: dict[str, str], problems: list[str]) -> dict:
+    """A mapping of names to sections of type `section`, each built from its defaults and then `data[name]`."""
+    if not isinstance(data, dict):
+        problems.append(f"{where(name, origin)}: `{name}` must be a mapping of names to sections")
+        return {}
+    out = {}
+    for key, value in data.items():
+        inner = f"{name}.{key}"
+        if not isinstance(key, str) or not key:
+            problems.append(f"{where(name, origin)}: `{name}` names must be non-empty strings, got {key!r}")
+        elif not isinstance(value, dict):
+            problems.append(f"{where(inner, origin)}: `{inner}` must be a mapping of keys")
+        else:
+            out[key] = section()
+            apply(out[key], value, inner + ".", origin, problems)
+    return out
 
 
 def check_value(current: Any, meta) -> list[str]:

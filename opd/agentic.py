@@ -132,7 +132,7 @@ def agent_prompts(agent: Agent, cfg: Config, run_dir: Path, main: bool):
         if len(ids) > limit:
             long.append(task.id)
             continue
-        prompts.append(Prompt(ids=ids, answer="", source=task.id))
+        prompts.append(Prompt(ids=ids, answer="", source=task.id, data_source=cfg.agent.env))
     if long and cfg.data.long_prompts == "error":
         raise RunError(f"agent task {long[0]}: its opening prompt is over data.max_prompt_length={limit} tokens")
     if not prompts:

@@ -24,7 +24,7 @@ from demo.agent_config import AgentDemoConfig, check_agent_demo
 from demo.real_config import RealDemoConfig, check_real_demo
 from demo.config import DemoConfig, check_demo
 from eval.config import EvalConfig
-from lm.config import RANDOM_INIT_FIELDS, ModelConfig, RolloutConfig, TeacherConfig
+from lm.config import DEFAULT_TEACHER, RANDOM_INIT_FIELDS, ROUTES_MAX, ModelConfig, RolloutConfig, TeacherConfig
 from lm.typed import ConfigError, apply, parse_value, where
 from opd.losses import DIVERGENCES
 
@@ -50,6 +50,7 @@ class DataConfig:
     long_prompts: Literal["skip", "truncate_left", "error"] = field(default="skip", metadata={"help": "what to do with prompts over max_prompt_length"})
     bad_records: Literal["skip", "error"] = field(default="skip", metadata={"help": "malformed/empty records: skip with a count, or refuse naming file and line"})
     max_samples: int = field(default=0, metadata={"help": "use at most this many prompts; 0 = all", "min": 0})
+    source_key: str = field(default="data_source", metadata={"help": "field naming each record's data source (verl's parquet column by default): the key of teacher.routes that chooses its teacher; a record without it goes to the default teacher"})
     dedup: bool = field(default=False, metadata={"help": "drop repeated prompts (same prompt field, or same token ids once formatted) before the split; DAPO-Math-17k on the hub repeats each prompt ~100 times"})
 
 
@@ -329,8 +330,9 @@ def validate(cfg: Config) -> list[str]:
         )
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         problems.append(f"optim.betas = {cfg.optim.betas} must be two numbers in [0, 1)")
-    for side in ("model", "teacher"):
-        mc: ModelConfig = getattr(cfg, side)
+    sections = [("model", cfg.model), ("teacher", cfg.teacher)]
+    sections += [(f"teacher.routes.{name}", tc) for name, tc in cfg.teacher.routes.items()]
+    for side, mc in sections:
         if not mc.path and not mc.arch and not mc.gguf_file:
             problems.append(f"{side}.path is empty and {side}.arch is not set: name a checkpoint or an architecture to build")
         if mc.arch and mc.hidden_size % mc.num_heads:
@@ -342,9 +344,26 @@ def validate(cfg: Config) -> list[str]:
     if cfg.data.train_path and cfg.agent.env:
         problems.append(f"data.train_path = {cfg.data.train_path!r} and agent.env = {cfg.agent.env!r}: an agentic run "
                         "takes its tasks from the environment; leave data.train_path empty")
+    problems += check_routes(cfg)
     problems += check_demo(cfg.demo)
     problems += check_agent_demo(cfg.agent_demo, prefix="agent_demo.")
     problems += check_real_demo(cfg.real_demo)
+    return problems
+
+
+def check_routes(cfg: Config) -> list[str]:
+    """teacher.routes: a bounded number of names, none of them the default teacher's; a route is a teacher of its
+    own (no routes inside it)."""
+    routes = cfg.teacher.routes
+    problems = []
+    if len(routes) > ROUTES_MAX:
+        problems.append(f"teacher.routes: {len(routes)} routes; at most {ROUTES_MAX}")
+    if DEFAULT_TEACHER in routes:
+        problems.append(f"teacher.routes.{DEFAULT_TEACHER}: the name `{DEFAULT_TEACHER}` is the teacher of the "
+                        "teacher: section itself (the one for sources without a route); give the data source another name")
+    if routes and cfg.agent.env and set(routes) != {cfg.agent.env}:
+        problems.append(f"teacher.routes: an agentic run's rollouts all come from agent.env = {cfg.agent.env!r}, "
+                        f"the one name a route may have (got: {', '.join(sorted(routes))})")
     return problems
 
 
@@ -355,6 +374,10 @@ def drop_unused(config: dict) -> dict:
         section = out.get(side)
         if isinstance(section, dict) and (section.get("path") or section.get("gguf_file")):
             out[side] = {k: v for k, v in section.items() if k not in RANDOM_INIT_FIELDS}
+    teacher = out.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("routes"), dict):
+        routes = {name: drop_unused({"teacher": section})["teacher"] for name, section in teacher["routes"].items()}
+        out["teacher"] = {**teacher, "routes": routes}
     return out
 
 

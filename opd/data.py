@@ -25,6 +25,7 @@ class Prompt:
     ids: list[int]
     answer: str
     source: str  # "file:line" or "hub:id[index]", for messages
+    data_source: str = ""  # the record's data.source_key field (an agentic task: its environment): teacher.routes' key
 
 
 @dataclass
@@ -285,7 +286,9 @@ def _encode_all(path, split, dc: DataConfig, tokenizer, report, seed, need_answe
                 raise DataError(f"{source}: {problem}")
             report.skip(problem)
             continue
-        out.append(Prompt(ids=ids, answer="" if answer is None else str(answer), source=source))
+        label = field_value(rec, dc.source_key) if dc.source_key else None
+        out.append(Prompt(ids=ids, answer="" if answer is None else str(answer), source=source,
+                          data_source="" if label is None else str(label)))
         if dc.max_samples and len(out) >= dc.max_samples:
             break
     report.records += len(out)

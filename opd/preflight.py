@@ -167,16 +167,23 @@ def check_deep(cfg: Config, models_ok: bool = True) -> list[str]:
     except Exception as exc:  # any loader failure is reported as one line
         return [tokenizer_problem("model", cfg.model, "student", exc)]
     problems = []
-    try:
-        t_tok = load_tokenizer(cfg.teacher)
-    except Exception as exc:
-        problems.append(tokenizer_problem("teacher", cfg.teacher, "teacher", exc))
-    else:
+    for key, tc in teacher_sections(cfg):
         try:
-            check_tokenizers(s_tok, t_tok, vocab_rows(cfg.model, len(s_tok)), vocab_rows(cfg.teacher, len(t_tok)))
+            t_tok = load_tokenizer(tc)
+        except Exception as exc:
+            problems.append(tokenizer_problem(key, tc, "teacher", exc))
+            continue
+        try:
+            check_tokenizers(s_tok, t_tok, vocab_rows(cfg.model, len(s_tok)), vocab_rows(tc, len(t_tok)))
         except TokenizerMismatch as exc:
-            problems.append(f"{exc.key(cfg.model, cfg.teacher)}: {exc}")
+            at = exc.key(cfg.model, tc)
+            problems.append(f"{at if key == 'teacher' or at.startswith('model.') else key + at[7:]}: {exc}")
     return problems
+
+
+def teacher_sections(cfg: Config) -> list[tuple[str, ModelConfig]]:
+    """(config key, section) of the teacher and of every route's teacher (teacher.routes)."""
+    return [("teacher", cfg.teacher)] + [(f"teacher.routes.{name}", tc) for name, tc in cfg.teacher.routes.items()]
 
 
 def tokenizer_problem(section: str, mc: ModelConfig, who: str, exc: Exception) -> str:
@@ -190,13 +197,14 @@ def tokenizer_problem(section: str, mc: ModelConfig, who: str, exc: Exception) -
 
 def check_served(cfg: Config) -> list[str]:
     """A served teacher returns final hidden states to the fused kernel, and is not in this process."""
-    if cfg.teacher.placement != "ray":
+    served = [key for key, tc in teacher_sections(cfg) if tc.placement == "ray"]
+    if not served:
         return []
     problems = []
     if cfg.opd.loss_impl != "fused":
-        problems.append("opd.loss_impl: a served teacher (teacher.placement: ray) returns hidden states, which only "
-                        "the fused loss reads; set opd.loss_impl: fused (the reference path stays local-only)")
-    if cfg.eval.teacher:
+        problems.append(f"opd.loss_impl: a served teacher ({served[0]}.placement: ray) returns hidden states, which "
+                        "only the fused loss reads; set opd.loss_impl: fused (the reference path stays local-only)")
+    if cfg.eval.teacher and cfg.teacher.placement == "ray":
         problems.append("eval.teacher: evaluating the teacher needs it in this process; with teacher.placement: ray "
                         "set eval.teacher: false (or evaluate it with python -m eval)")
     return problems
@@ -214,12 +222,14 @@ def preflight(cfg: Config, paths=(), deep: bool = False, ignore=(), notes: list 
     deep: the rollout source also reads everything it will train on (train.py --check): the whole data set,
     or the environment's tasks (opd.sources.check_source); `notes` receives its summary line.
     """
-    model_problems = check_model("model", cfg.model) + check_model("teacher", cfg.teacher)
+    model_problems = check_model("model", cfg.model)
+    model_problems += [p for key, tc in teacher_sections(cfg) for p in check_model(key, tc)]
     source_problems = check_source(cfg, notes, deep)
     problems = model_problems + source_problems + check_output(cfg, paths) + check_run_dir(cfg, paths, ignore)
     # each subsystem's own check of its settings
     problems += check_selector(cfg.tip.selector) + check_reward(cfg.opd.reward) + check_engine(cfg.rollout.engine)
-    problems += check_placement(cfg.teacher.placement) + check_served(cfg)
+    problems += [p for key, tc in teacher_sections(cfg) for p in check_placement(tc.placement, key)]
+    problems += check_served(cfg)
     # every benchmark read now, as the evaluations will read it: not at the first evaluation, hours in
     problems += check_specs(cfg.eval.benchmarks, cfg.eval.max_problems, prompt_format(cfg.eval))
     problems += demo_pairs.check(cfg.data.train_path, {"model": cfg.model.path, "teacher": cfg.teacher.path})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -23,10 +24,11 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from lm.config import DEFAULT_TEACHER, OneTeacherConfig
 from lm.gguf import gguf_path
 from lm.models import head_weight, load_model, rows
 from lm.served import RayTeacher, TeacherUnavailable
-from lm.teacher import LocalTeacher, Teacher
+from lm.teacher import LocalTeacher, RoutedTeacher, Teacher
 from lm.tokenizers import check_tokenizers, load_tokenizer
 from opd.checkpoint import check_run_dir, check_same_data, holds_run, resume, run_directory
 from opd.config import Config, save_config, to_dict
@@ -36,7 +38,7 @@ from opd.engine import build_engine, rollout_sampling
 from opd.errors import RunError, loading
 from opd.lock import RunLock
 from opd.policy import PolicyModel
-from opd.sources import RolloutSource, build_source
+from opd.sources import RolloutSource, build_source, unrouted
 from opd.step import LOSS_IMPLS, SelectorState, StepSettings, new_selector_state
 from opd.tracking import MetricsLog, writing
 
@@ -104,8 +106,10 @@ def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, 
     if cfg.train.resume == "auto":  # refused before any model loads
         check_same_data(run_dir, data_hash, *(("agent.env", cfg.agent.env) if cfg.agent.env
                                               else ("data.train_path", cfg.data.train_path)))
-    acc.print(f"models: student {model_name(cfg.model)}, teacher {model_name(cfg.teacher)}")
-    student_lm, teacher = load_pair(cfg, tokenizer, teacher_tok, acc, zero3, run_dir)
+    routes = "".join(f"; teacher of {name!r}: {model_name(tc)}" for name, tc in cfg.teacher.routes.items())
+    acc.print(f"models: student {model_name(cfg.model)}, teacher {model_name(cfg.teacher)}{routes}")
+    student_lm, teacher = load_pair(cfg, tokenizer, teacher_tok, acc, zero3, run_dir,
+                                    frozenset(p.data_source for p in source.prompts))
 
     total_steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(source.prompts) / cfg.train.prompts_per_step)
     updates_per_step = cfg.train.prompts_per_step // (cfg.train.mini_batch_size or cfg.train.prompts_per_step)
@@ -142,9 +146,11 @@ def model_name(mc) -> str:
     return mc.path or mc.arch + " (random init)"
 
 
-def load_pair(cfg: Config, tokenizer, teacher_tok, acc: Accelerator, zero3: bool, run_dir: Path):
+def load_pair(cfg: Config, tokenizer, teacher_tok, acc: Accelerator, zero3: bool, run_dir: Path,
+              sources: frozenset = frozenset()):
     """(student, teacher): the student on the run's device, the teacher in this process or served
-    (teacher.placement); the pair's tokenizers checked against each other."""
+    (teacher.placement); with teacher.routes the teachers of the data sources in `sources` (those of the
+    training prompts) behind one RoutedTeacher. Every teacher's tokenizer is checked against the student's."""
     ds_plugin = acc.state.deepspeed_plugin
 
     def build(mc, tok, trainable: bool, sharded: bool):
@@ -159,18 +165,44 @@ def load_pair(cfg: Config, tokenizer, teacher_tok, acc: Accelerator, zero3: bool
     student_mc = cfg.model if cfg.model.dtype != "auto" else dataclasses.replace(cfg.model, dtype="float32")
     with loading("model.gguf_file" if cfg.model.gguf_file else "model.path", model_name(cfg.model)):
         student_lm = build(student_mc, tokenizer, trainable=True, sharded=True)
-    if cfg.teacher.placement == "ray":
-        teacher = served_teacher(cfg.teacher, acc, run_dir)
-    else:
-        with loading("teacher.gguf_file" if cfg.teacher.gguf_file else "teacher.path", model_name(cfg.teacher)):
-            teacher_lm = build(cfg.teacher, teacher_tok, trainable=False, sharded=cfg.opd.teacher_zero3)
-        teacher = local_teacher(teacher_lm, cfg.opd, acc.device, zero3_inference_engine(teacher_lm, acc)
-                                if zero3 and cfg.opd.teacher_zero3 else None)
-    try:
-        check_tokenizers(tokenizer, teacher_tok, rows(student_lm.get_output_embeddings().weight), teacher.vocab)
-    except ValueError as exc:
-        raise RunError(str(exc)) from None
+    teachers = {}
+    for name, key, tc in teacher_sections(cfg, sources, zero3):
+        tok = teacher_tok if name == DEFAULT_TEACHER else tokenizer_of(key, tc)
+        if tc.placement == "ray":
+            teachers[name] = served_teacher(tc, acc, run_dir, key)
+        else:
+            with loading(f"{key}.gguf_file" if tc.gguf_file else f"{key}.path", model_name(tc)):
+                teacher_lm = build(tc, tok, trainable=False, sharded=cfg.opd.teacher_zero3)
+            teachers[name] = local_teacher(teacher_lm, cfg.opd, acc.device, zero3_inference_engine(teacher_lm, acc)
+                                           if zero3 and cfg.opd.teacher_zero3 else None)
+        try:
+            check_tokenizers(tokenizer, tok, rows(student_lm.get_output_embeddings().weight), teachers[name].vocab)
+        except ValueError as exc:
+            raise RunError(f"{key}: {exc}" if name != DEFAULT_TEACHER else str(exc)) from None
+    teacher = RoutedTeacher(teachers, DEFAULT_TEACHER) if cfg.teacher.routes else teachers[DEFAULT_TEACHER]
     return student_lm, teacher
+
+
+def teacher_sections(cfg: Config, sources: frozenset, zero3: bool) -> list[tuple[str, str, OneTeacherConfig]]:
+    """(name, config key, section) of every teacher the run loads: each route whose data source the training
+    prompts have (a route naming none is refused), and the teacher: section's own when a prompt has no route
+    (or eval.teacher evaluates it)."""
+    routes = cfg.teacher.routes
+    for problem in unrouted(cfg, set(sources)):
+        raise RunError(problem)
+    if routes and zero3 and cfg.opd.teacher_zero3:
+        raise RunError("teacher.routes: several teachers cannot be ZeRO-3-sharded over the processes (a process "
+                       "whose micro-batches hold no rollout of a source would leave the others waiting in that "
+                       "teacher's forward); set opd.teacher_zero3: false or serve them (placement: ray)")
+    out = [(name, f"teacher.routes.{name}", tc) for name, tc in routes.items()]
+    if not routes or sources - set(routes) or cfg.eval.teacher:
+        out.insert(0, (DEFAULT_TEACHER, "teacher", cfg.teacher))
+    return out
+
+
+def tokenizer_of(key: str, tc: OneTeacherConfig):
+    with loading(f"{key}.tokenizer", tc.tokenizer or model_name(tc)):
+        return load_tokenizer(tc)
 
 
 def local_teacher(model, oc, device: torch.device, engine) -> LocalTeacher:
@@ -181,21 +213,25 @@ def local_teacher(model, oc, device: torch.device, engine) -> LocalTeacher:
                         offload=oc.offload_teacher, engine=engine)
 
 
-def served_teacher(tc, acc: Accelerator, run_dir: Path) -> RayTeacher:
-    """The teacher on a pool of Ray actors (teacher.ray). The run directory records the weights hash of the
-    teacher it started with (teacher.json); a rerun whose replicas hold another teacher is refused."""
-    record = run_dir / "teacher.json"
+def served_teacher(tc, acc: Accelerator, run_dir: Path, key: str = "teacher") -> RayTeacher:
+    """A teacher on a pool of Ray actors (`key`.ray). The run directory records the weights hash of the teacher it
+    started with (teacher.json; a route's: teacher-<source digest>.json); a rerun whose replicas hold another
+    teacher is refused."""
+    name = "teacher.json" if key == "teacher" else f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    record = run_dir / name
     recorded = json.loads(record.read_text())["fingerprint"] if record.is_file() and holds_run(run_dir) else None
     served_mc = dataclasses.replace(tc, gguf_cache_dir=str(Path(tc.gguf_cache_dir).resolve()))
     try:
         teacher = RayTeacher(served_mc, tc.ray, acc.device, process_index=acc.process_index,
-                             num_processes=acc.num_processes, share=shared(acc), recorded=recorded, log=acc.print)
+                             num_processes=acc.num_processes, share=shared(acc), recorded=recorded, log=acc.print,
+                             key=key)
     except TeacherUnavailable as exc:
         raise RunError(str(exc)) from None
     if acc.is_main_process and recorded is None:
         with writing(record):
             tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps({"fingerprint": teacher.fingerprint, "replicas": teacher.replicas}, indent=1))
+            tmp.write_text(json.dumps({"config_key": key, "fingerprint": teacher.fingerprint,
+                                       "replicas": teacher.replicas}, indent=1))
             os.replace(tmp, record)
     return teacher
 

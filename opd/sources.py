@@ -104,7 +104,7 @@ class PromptSource:
         unknown = unknown_characters(train + val, tokenizer)
         if notes is not None:
             notes.append(f"data: {report.summary()}: {len(train)} for training, {len(val)} held out")
-        return [unknown] if unknown else []
+        return ([unknown] if unknown else []) + unrouted(cfg, {p.data_source for p in train})
 
     def rollout(self, engine, prompts: list[Prompt], seeds: list[int],
                 sampling: Sampling) -> tuple[Rollouts, list[float] | None, dict]:
@@ -125,6 +125,17 @@ def heldout_benchmark(cfg: Config, prompts: list[Prompt], acc: Accelerator) -> B
     grade, extract = benchmark_grader(cfg.opd.reward)
     problems = tuple(Problem(id=p.source, prompt="", answer=p.answer, ids=tuple(p.ids)) for p in prompts)
     return Benchmark("heldout", problems, grade=grade, extract=extract)
+
+
+def unrouted(cfg: Config, sources: set[str]) -> list[str]:
+    """teacher.routes naming a data source no training prompt has (a misspelt source would otherwise quietly
+    leave its prompts to the default teacher): one line for the first."""
+    missing = sorted(set(cfg.teacher.routes) - sources)
+    if not missing:
+        return []
+    found = ", ".join(repr(s) for s in sorted(sources)[:8]) or "none"
+    return [f"teacher.routes.{missing[0]}: no training prompt has the data source {missing[0]!r} "
+            f"(data.source_key = {cfg.data.source_key!r}; sources found: {found})"]
 
 
 def source_kind(cfg: Config) -> type[RolloutSource]:

@@ -27,6 +27,8 @@ TokenStats in one place (stats_from_rows).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,7 +37,7 @@ import torch
 import tip
 import tip.plots
 from lm.models import gathered
-from lm.teacher import TeacherSide
+from lm.teacher import RoutedSide, SidePart, TeacherSide
 from opd.losses import StatRows, fused_head_divergence, shared_vocab, stats_pass, token_divergence
 from tip.stats import TokenStats
 
@@ -47,6 +49,7 @@ class MicroBatch:
     input_ids, attention_mask, response_mask  (B, L)
     sample_weight  (B,)  per-rollout weight (reward weighting; 1.0 otherwise)
     sequence_ids   (B,)  a step-unique id per rollout (tip scope="sequence")
+    route_ids      (B,)  each rollout's teacher, an index of lm.teacher.RoutedTeacher (None: one teacher)
     """
 
     input_ids: torch.Tensor
@@ -54,6 +57,7 @@ class MicroBatch:
     response_mask: torch.Tensor
     sample_weight: torch.Tensor
     sequence_ids: torch.Tensor
+    route_ids: torch.Tensor | None = None
 
     def positions(self) -> torch.Tensor:
         """(B, L-1) bool: logits at column j predict token j+1; keep those predicting response tokens."""
@@ -103,6 +107,13 @@ def placeholder_stats(sequence_ids: torch.Tensor, vocab: int) -> TokenStats:
     return stats_from_rows([StatRows(zeros, zeros, zeros, zeros, {})], sequence_ids, vocab, 0)
 
 
+def ordered_stats(rows: list[StatRows], order: torch.Tensor, seq_ids: torch.Tensor, vocab: int, topk: int) -> TokenStats:
+    """TokenStats in position order from StatRows of the rows `order` (N,) lists, in that order; one conversion."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return stats_from_rows(rows, seq_ids.to(order.device)[order], vocab, topk).subset(inverse)
+
+
 def merge_kept_stats(kept_rows: list[StatRows], mask, hidden, teacher_hidden, heads, seq_ids, st) -> TokenStats:
     """All tokens' statistics in position order: the kept rows' StatRows from the loss pass (in kept order),
     the others' from the stats pass here; one conversion."""
@@ -110,11 +121,7 @@ def merge_kept_stats(kept_rows: list[StatRows], mask, hidden, teacher_hidden, he
     rows = list(kept_rows)
     if drop.numel():
         rows += stats_pass(hidden[drop], teacher_hidden[drop], st.chunk_size, st.topk, heads)
-    order = torch.cat([kept, drop])
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    vocab = shared_vocab(hidden, teacher_hidden, heads)
-    return stats_from_rows(rows, seq_ids.to(hidden.device)[order], vocab, st.topk).subset(inverse)
+    return ordered_stats(rows, torch.cat([kept, drop]), seq_ids, shared_vocab(hidden, teacher_hidden, heads), st.topk)
 
 
 @dataclass
@@ -159,7 +166,7 @@ def student_microbatch(student, student_weight, teacher_weight, mb: MicroBatch, 
     # the backward (whose gradient is reduced to the shards as usual).
     with gathered(student_weight if impl.reads == "hidden" else None):
         stats, selection, loss_sum = impl.student_side(
-            student, student_weight, teacher_weight, mb, side.values, st, generator_for, state)
+            student, student_weight, teacher_weight, mb, side, st, generator_for, state)
         # Backward always runs, also for an empty or non-finite micro-batch: every process
         # must take part in the gradient reduction; a non-finite gradient norm then skips
         # the update on all processes at once. Autocast off: the caller's bf16 autocast is still
@@ -186,11 +193,11 @@ def _select(stats: TokenStats, st: StepSettings, generator_for, state) -> "tip.S
                       state=state, **st.select_options)
 
 
-def _reference_student(student, student_weight, teacher_weight, mb, cached, st, generator_for, state):
+def _reference_student(student, student_weight, teacher_weight, mb, side, st, generator_for, state):
     """Full student logits (N, V) at the response positions, stats, selection, divergence on kept rows."""
     pos, seq_ids, sample_w = _rows(mb)
     logits = student(mb.input_ids, mb.attention_mask, hidden=False)[:, :-1][pos]
-    teacher_logits = cached.to(logits.device)
+    teacher_logits = side.values.to(logits.device)
     stats = token_stats(logits.detach(), teacher_logits, seq_ids, st.chunk_size, st.topk)
     selection = _select(stats, st, generator_for, state)
     keep = selection.mask.nonzero().squeeze(1).to(logits.device)
@@ -198,30 +205,54 @@ def _reference_student(student, student_weight, teacher_weight, mb, cached, st, 
     return stats, selection, (selection.weights.to(d.device)[keep] * sample_w[keep] * d).sum()
 
 
-def _fused_student(student, student_weight, teacher_weight, mb, cached, st, generator_for, state):
-    """Final hidden states (N, d); stats through the LM heads chunk by chunk; LM head + divergence on kept rows."""
+def side_parts(side, teacher_weight: torch.Tensor, device) -> list[SidePart]:
+    """The teacher side of a micro-batch as parts on `device`, each rows of one teacher with that teacher's head:
+    one part covering every row (one teacher), or a RoutedSide's parts (several, lm.teacher.RoutedTeacher)."""
+    parts = side.parts if isinstance(side, RoutedSide) else [SidePart(None, side.values, teacher_weight)]
+    return [SidePart(None if p.index is None else p.index.to(device), p.values.to(device), p.head) for p in parts]
+
+
+def _fused_student(student, student_weight, teacher_weight, mb, side, st, generator_for, state):
+    """Final hidden states (N, d); stats through the LM heads chunk by chunk; LM head + divergence on kept rows.
+    With several teachers each part of the side (rows of one teacher) goes through its own teacher's head; the
+    statistics are put back in position order and the selection is made over the whole micro-batch."""
     pos, seq_ids, sample_w = _rows(mb)
     hidden = student(mb.input_ids, mb.attention_mask, hidden=True)[:, :-1][pos]
-    teacher_hidden = cached.to(hidden.device)
-    heads = (student_weight.detach(), teacher_weight)
+    parts = side_parts(side, teacher_weight, hidden.device)
+    w_s = student_weight.detach()
+    vocab = shared_vocab(hidden, parts[0].values, (w_s, parts[0].head))
     stats_first = tip.reads_stats(st.selector)
     if stats_first:
-        stats = token_stats(hidden.detach(), teacher_hidden, seq_ids, st.chunk_size, st.topk, heads)
+        stats = parts_stats(hidden.detach(), parts, w_s, seq_ids, vocab, st)
         selection = _select(stats, st, generator_for, state)
-        kernel_rows = None
     else:
         # The choice ignores the statistics: choose first, then take the kept tokens' statistics from the
         # loss kernel's own log-probabilities (the same per-chunk formula; no second LM-head pass for them).
-        selection = _select(placeholder_stats(seq_ids, shared_vocab(hidden, teacher_hidden, heads)), st,
-                            generator_for, state)
-        kernel_rows = []
-    keep = selection.mask.nonzero().squeeze(1).to(hidden.device)
-    weights = selection.weights.to(hidden.device)[keep] * sample_w[keep]
-    loss_sum = fused_head_divergence(hidden[keep], student_weight, teacher_hidden[keep], teacher_weight, weights,
-                                     st.loss_type, st.beta, st.chunk_size, stats_out=kernel_rows, topk=st.topk)
-    if not stats_first:
-        stats = merge_kept_stats(kernel_rows, selection.mask, hidden.detach(), teacher_hidden, heads, seq_ids, st)
-    return stats, selection, loss_sum
+        selection = _select(placeholder_stats(seq_ids, vocab), st, generator_for, state)
+    weights = selection.weights.to(hidden.device) * sample_w
+    losses, rows, order = [], [], []
+    for p in parts:
+        local = selection.mask.to(hidden.device) if p.index is None else selection.mask.to(hidden.device)[p.index]
+        kept = local.nonzero().squeeze(1)
+        where = kept if p.index is None else p.index[kept]
+        kernel_rows = None if stats_first else rows
+        losses.append(fused_head_divergence(hidden[where], student_weight, p.values[kept], p.head, weights[where],
+                                            st.loss_type, st.beta, st.chunk_size, stats_out=kernel_rows, topk=st.topk))
+        if not stats_first:  # the dropped rows' statistics, after the kept ones' from the kernel
+            drop = (~local).nonzero().squeeze(1)
+            order += [where, drop if p.index is None else p.index[drop]]
+            if drop.numel():
+                rows += stats_pass(hidden.detach()[order[-1]], p.values[drop], st.chunk_size, st.topk, (w_s, p.head))
+    stats = stats if stats_first else ordered_stats(rows, torch.cat(order), seq_ids, vocab, st.topk)
+    return stats, selection, functools.reduce(operator.add, losses)
+
+
+def parts_stats(hidden, parts: list[SidePart], w_s, seq_ids, vocab: int, st) -> TokenStats:
+    """Every row's statistics, each part through its own teacher's head, in position order."""
+    if len(parts) == 1 and parts[0].index is None:
+        return token_stats(hidden, parts[0].values, seq_ids, st.chunk_size, st.topk, (w_s, parts[0].head))
+    rows = [r for p in parts for r in stats_pass(hidden[p.index], p.values, st.chunk_size, st.topk, (w_s, p.head))]
+    return ordered_stats(rows, torch.cat([p.index for p in parts]), seq_ids, vocab, st.topk)
 
 
 @dataclass(frozen=True)
@@ -230,7 +261,7 @@ class LossImpl:
 
     reads: what the loss needs of the teacher (lm.teacher.TeacherSide kind): "hidden" states (N, d_T), whose
     LM head (V_T, d_T) the fused kernel applies itself, or float32 "logits" (N, V_T).
-    student_side(student, student_weight, teacher_weight, mb, teacher_values, st, generator_for, state)
+    student_side(student, student_weight, teacher_weight, mb, side, st, generator_for, state)
     -> (stats, selection, loss_sum).
     """
 

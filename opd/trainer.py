@@ -65,7 +65,7 @@ def run_steps(run: Run, stop: StopFlag) -> Path:
         reset_peak_memory(run.accelerator.device)
         # 1. rollout: this process's share of the step's prompts, sampled by the student from the run's
         # source (opd.sources: single-turn responses, or conversations with an environment's tools)
-        rollouts, row_ids, rewards, source_metrics = rollout(run, step)
+        rollouts, row_ids, route_ids, rewards, source_metrics = rollout(run, step)
         t_generate = time.perf_counter() - t_step
         # the engine's log-probs vs the student's, before any update
         gap = rollout_gap(run.student, run.student_head(), rollouts, tc.micro_batch_size, cfg.opd.chunk_size,
@@ -76,7 +76,7 @@ def run_steps(run: Run, stop: StopFlag) -> Path:
         # 3. teacher side of every micro-batch (phase 1), then the student's optimiser updates (phase 2)
         t0 = time.perf_counter()
         updates = split_updates(rollouts, torch.ones(len(rollouts)) if weights is None else weights, row_ids, tc,
-                                run.accelerator.device)
+                                run.accelerator.device, route_ids)
         per_update = teacher_then_updates(run, updates, step)
         sync_engine(run.engine, run.policy.lm)  # the next rollout (and any evaluation) samples from the updated student
         # 4. log, evaluate, checkpoint
@@ -163,10 +163,10 @@ def teacher_then_updates(run: Run, updates: list[list[MicroBatch]], step: int) -
         raise RunError(f"stopped: {exc} (last good checkpoint: {latest_checkpoint(run.run_dir) or 'none'})") from None
 
 
-def rollout(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, list[float] | None, dict]:
+def rollout(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, torch.Tensor | None, list[float] | None, dict]:
     """This process's rollouts of the step's prompts, each rollout's global place in the step (prompt place x
-    rollout.n + j: the same whatever the process count), their rewards (None: not graded) and the source's
-    metrics (agent/... for an agentic run)."""
+    rollout.n + j: the same whatever the process count), each rollout's teacher (an index of the routed teacher,
+    None with one teacher), their rewards (None: not graded) and the source's metrics (agent/... agentic)."""
     cfg, acc = run.cfg, run.accelerator
     batch = run.sampler.next_batch(cfg.train.prompts_per_step)
     places = shard_places(len(batch), cfg.train.mini_batch_size or len(batch), acc.process_index, acc.num_processes)
@@ -175,14 +175,18 @@ def rollout(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, list[float] | 
     # then the same whatever the number of processes (tests/distributed compare 1 and 2).
     seeds = [derive_seed(cfg.train.seed, "rollout", step, i) for i in places]
     row_ids = torch.tensor([place * cfg.rollout.n + j for place in places for j in range(cfg.rollout.n)])
+    route = getattr(run.teacher, "route", None)  # several teachers (teacher.routes): each prompt's source's
+    route_ids = None if route is None else torch.tensor([route(p.data_source) for p in prompts
+                                                         for _ in range(cfg.rollout.n)])
     rollouts, rewards, metrics = run.source.rollout(run.engine, prompts, seeds, run.sampling)
-    return rollouts, row_ids, rewards, metrics
+    return rollouts, row_ids, route_ids, rewards, metrics
 
 
 def split_updates(rollouts: Rollouts, weights: torch.Tensor, row_ids: torch.Tensor, tc,
-                  device) -> list[list[MicroBatch]]:
+                  device, route_ids: torch.Tensor | None = None) -> list[list[MicroBatch]]:
     """This process's rollouts -> optimiser updates -> micro-batches (padding trimmed per micro-batch) on
-    `device`; `tc` the train section (prompts per step, mini- and micro-batch sizes)."""
+    `device`; `tc` the train section (prompts per step, mini- and micro-batch sizes); `route_ids` each row's
+    teacher (several teachers), kept on the CPU."""
     n_rows = len(rollouts)
     n_updates = tc.prompts_per_step // (tc.mini_batch_size or tc.prompts_per_step)
     per_update = math.ceil(n_rows / n_updates)
@@ -201,6 +205,7 @@ def split_updates(rollouts: Rollouts, weights: torch.Tensor, row_ids: torch.Tens
                 response_mask=rollouts.response_mask[idx, lo:hi].to(device),
                 sample_weight=weights[idx].to(device),
                 sequence_ids=row_ids[idx].to(device),  # step-unique, the same whatever the process count
+                route_ids=None if route_ids is None else route_ids[idx],
             ))
         updates.append(micro)
     return updates
@@ -230,6 +235,7 @@ def update_metrics(run: Run, stats_list, selections, micro, loss_sum, z, grad_no
         "opd/empty_microbatches": global_sum(acc, float(sum(not bool(s.mask.any()) for s in selections))),
         **diagnostics(*gather_stats(stats, sel, gather_fn(acc)), cfg.tip),  # over all processes' tokens
     }
+    metrics.update(teacher_metrics(run, stats, sel, micro))
     if cfg.tip.dump_tokens and acc.is_main_process:
         token_ids = torch.cat([mb.input_ids[:, 1:][mb.positions()] for mb in micro]).cpu()
         gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "dump", step))
@@ -238,6 +244,23 @@ def update_metrics(run: Run, stats_list, selections, micro, loss_sum, z, grad_no
             dump_tokens(run.run_dir / "tokens.jsonl", stats, sel, token_ids, lambda i: run.tokenizer.decode([int(i)]),
                         cfg.tip, gen, step=step, response_positions=places)
     return metrics
+
+
+def teacher_metrics(run: Run, stats, sel, micro: list[MicroBatch]) -> dict:
+    """Several teachers (teacher.routes): each one's tokens, kept tokens and mean reverse KL(student || teacher)
+    per token over its tokens, over every process; {} with one teacher."""
+    names = getattr(run.teacher, "names", None)
+    if names is None:
+        return {}
+    acc, out = run.accelerator, {}
+    route = torch.cat([mb.route_ids[:, None].expand_as(mb.positions().cpu())[mb.positions().cpu()] for mb in micro])
+    for r, name in enumerate(names):
+        mine = route == r
+        n = global_sum(acc, float(mine.sum()))
+        out[f"teacher/{name}/num_tokens"] = n
+        out[f"teacher/{name}/num_kept"] = global_sum(acc, float(sel.mask[mine].sum()))
+        out[f"teacher/{name}/reverse_kl"] = global_sum(acc, float(stats.divergence[mine].sum())) / max(n, 1.0)
+    return out
 
 
 def step_metrics(run: Run, per_update: list[dict], rewards, rollouts: Rollouts, t_generate: float, t_train: float,
@@ -255,7 +278,8 @@ def step_metrics(run: Run, per_update: list[dict], rewards, rollouts: Rollouts, 
     })
     # the teacher's figures: the wait of this process, the sides every process received
     metrics.update(run.teacher.take_metrics())
-    metrics["teacher/payload_mb"] = global_sum(acc, metrics["teacher/payload_mb"])
+    for key in [k for k in metrics if k.endswith("payload_mb")]:
+        metrics[key] = global_sum(acc, metrics[key])
     return {k: v for k, v in metrics.items() if v is not None}
 
 
@@ -265,11 +289,14 @@ def merge_updates(per_update: list[dict]) -> dict:
         return dict(per_update[0])
     sums = ("opd/num_tokens", "opd/num_kept", "opd/skipped_updates", "opd/empty_updates", "opd/empty_microbatches",
             "tip/num_tokens", "tip/num_kept")
-    weights = [max(m.get("opd/num_tokens", 0.0), 1e-9) for m in per_update]
     out = {}
     for key in per_update[0]:
         values = [m[key] for m in per_update]
-        out[key] = sum(values) if key in sums else sum(w * v for w, v in zip(weights, values)) / sum(weights)
+        # a teacher's own figures (teacher.routes) weigh by that teacher's tokens
+        count = key.rsplit("/", 1)[0] + "/num_tokens" if key.startswith("teacher/") else "opd/num_tokens"
+        weights = [max(m.get(count, 0.0), 1e-9) for m in per_update]
+        summed = key in sums or key.endswith(("/num_tokens", "/num_kept"))
+        out[key] = sum(values) if summed else sum(w * v for w, v in zip(weights, values)) / sum(weights)
     return out
 
 
