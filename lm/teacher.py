@@ -60,6 +60,10 @@ class Teacher(Protocol):
     model   a local module the evaluation can sample from (the teacher's own score on the benchmarks), or
             None where the teacher is not in this process.
 
+    names   () for one teacher; several teachers (RoutedTeacher): each one's name, as its metrics are named.
+
+    `route(data_source)` is the index (into `names`) of the teacher that scores a rollout of that data source,
+    carried by the micro-batch as `route_ids` (always 0 for one teacher).
     `score` sends all of a step's micro-batches at once and may return a lazy sequence: indexing side j waits
     for j only (a served teacher, lm.served), so the student's work on j starts as soon as j arrives.
     `take_metrics` returns the teacher's figures since the last call (see `take_metrics` below); `close`
@@ -70,6 +74,9 @@ class Teacher(Protocol):
     head: torch.Tensor | None
     vocab: int
     model: torch.nn.Module | None
+    names: tuple[str, ...]
+
+    def route(self, data_source: str) -> int: ...
 
     def score(self, micro_batches: Sequence[Scored]) -> Sequence[TeacherSide]: ...
 
@@ -134,6 +141,11 @@ class LocalTeacher:
         self.waited += time.perf_counter() - start
         self.received += sum(side.values.nbytes for side in sides)
         return sides
+
+    names = ()  # one teacher
+
+    def route(self, data_source: str) -> int:
+        return 0
 
     def take_metrics(self) -> dict:
         return take_metrics(self)
@@ -224,7 +236,7 @@ class RoutedTeacher:
     head = None  # each part of a side carries its own teacher's head
 
     def __init__(self, teachers: dict[str, "Teacher"], default: str):
-        self.names, self.teachers = list(teachers), list(teachers.values())
+        self.names, self.teachers = tuple(teachers), list(teachers.values())
         reads = {t.reads for t in self.teachers}
         if len(reads) != 1:
             raise ValueError(f"the routed teachers return different sides ({', '.join(sorted(reads))})")
@@ -261,13 +273,14 @@ class RoutedTeacher:
         return RoutedSides(self, plans, sides)
 
     def take_metrics(self) -> dict:
-        """The sums over the teachers (as one teacher's keys) and each teacher's own, teacher/<name>/..."""
+        """The sums over the teachers (under one teacher's keys), each teacher's payload as teacher/<name>/payload_mb
+        and its wait as timing/teacher_wait_s/<name>."""
         out = {"timing/teacher_wait_s": 0.0, "teacher/payload_mb": 0.0}
         for name, teacher in zip(self.names, self.teachers):
             mine = teacher.take_metrics()
             out["timing/teacher_wait_s"] += mine["timing/teacher_wait_s"]
             out["teacher/payload_mb"] += mine["teacher/payload_mb"]
-            out[f"teacher/{name}/wait_s"] = mine["timing/teacher_wait_s"]
+            out[f"timing/teacher_wait_s/{name}"] = mine["timing/teacher_wait_s"]
             out[f"teacher/{name}/payload_mb"] = mine["teacher/payload_mb"]
         return out
 

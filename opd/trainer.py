@@ -163,10 +163,9 @@ def teacher_then_updates(run: Run, updates: list[list[MicroBatch]], step: int) -
         raise RunError(f"stopped: {exc} (last good checkpoint: {latest_checkpoint(run.run_dir) or 'none'})") from None
 
 
-def rollout(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, torch.Tensor | None, list[float] | None, dict]:
+def rollout(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, torch.Tensor, list[float] | None, dict]:
     """This process's rollouts of the step's prompts, each rollout's global place in the step (prompt place x
-    rollout.n + j: the same whatever the process count), each rollout's teacher (an index of the routed teacher,
-    None with one teacher), their rewards (None: not graded) and the source's metrics (agent/... agentic)."""
+    rollout.n + j: the same whatever the process count), each rollout's teacher (Teacher.route), their rewards (None: not graded) and the source's metrics (agent/... agentic)."""
     cfg, acc = run.cfg, run.accelerator
     batch = run.sampler.next_batch(cfg.train.prompts_per_step)
     places = shard_places(len(batch), cfg.train.mini_batch_size or len(batch), acc.process_index, acc.num_processes)
@@ -175,9 +174,9 @@ def rollout(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, torch.Tensor |
     # then the same whatever the number of processes (tests/distributed compare 1 and 2).
     seeds = [derive_seed(cfg.train.seed, "rollout", step, i) for i in places]
     row_ids = torch.tensor([place * cfg.rollout.n + j for place in places for j in range(cfg.rollout.n)])
-    route = getattr(run.teacher, "route", None)  # several teachers (teacher.routes): each prompt's source's
-    route_ids = None if route is None else torch.tensor([route(p.data_source) for p in prompts
-                                                         for _ in range(cfg.rollout.n)])
+    # each rollout's teacher: its prompt's data source's (teacher.routes), 0 with one teacher
+    route_ids = torch.tensor([run.teacher.route(p.data_source) for p in prompts for _ in range(cfg.rollout.n)],
+                             dtype=torch.long)
     rollouts, rewards, metrics = run.source.rollout(run.engine, prompts, seeds, run.sampling)
     return rollouts, row_ids, route_ids, rewards, metrics
 
@@ -249,8 +248,8 @@ def update_metrics(run: Run, stats_list, selections, micro, loss_sum, z, grad_no
 def teacher_metrics(run: Run, stats, sel, micro: list[MicroBatch]) -> dict:
     """Several teachers (teacher.routes): each one's tokens, kept tokens and mean reverse KL(student || teacher)
     per token over its tokens, over every process; {} with one teacher."""
-    names = getattr(run.teacher, "names", None)
-    if names is None:
+    names = run.teacher.names
+    if not names:
         return {}
     acc, out = run.accelerator, {}
     route = torch.cat([mb.route_ids[:, None].expand_as(mb.positions().cpu())[mb.positions().cpu()] for mb in micro])

@@ -128,7 +128,8 @@ def teacher_violations(files) -> list[str]:
                 if (of_run or bare) and node.attr not in members:
                     found.append(f"{path}:{node.lineno} uses teacher.{node.attr} (not in lm.teacher.Teacher)")
             elif isinstance(node, ast.ImportFrom) and node.module == "lm.teacher" and path.name not in TEACHER_BUILDERS:
-                concrete = [a.name for a in node.names if a.name not in ("Teacher", "TeacherSide")]
+                concrete = [a.name for a in node.names if a.name not in ("Teacher", "TeacherSide", "RoutedSide",
+                                                                         "SidePart")]
                 if concrete:
                     found.append(f"{path}:{node.lineno} imports {', '.join(concrete)} (only the set-up builds teachers)")
         for word in ("teacher_engine", "offload", "zero3", "teacher_head", "teacher_cache_device"):

@@ -266,3 +266,20 @@ def test_only_the_teachers_the_prompts_need_are_loaded_and_never_zero3_sharded(t
     assert [name for name, _, _ in teacher_sections(cfg, frozenset({"add", "sub", ""}), zero3=False)][0] == "default"
     with pytest.raises(RunError, match="opd.teacher_zero3: false"):
         teacher_sections(cfg, frozenset({"add", "sub"}), zero3=True)
+
+
+def test_an_agentic_route_distils_every_conversation_from_the_environments_teacher(tmp_path):
+    chat = {"arch": "llama", "tokenizer": "chat_chars", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+            "num_kv_heads": 1, "intermediate_size": 64}
+    d = tiny_config(tmp_path, model=chat, teacher={**chat, "init_seed": 1},
+                    agent={"env": "lookup", "env_args": {"num_tasks": 24}, "max_turns": 2, "max_response_tokens": 40,
+                           "max_tool_response_tokens": 8, "eval_tasks": 2},
+                    rollout={"max_new_tokens": 12, "n": 2}, train={"steps": 2, "prompts_per_step": 4})
+    d["data"] = {"max_prompt_length": 256}
+    plain = dict(d, teacher={**chat, "init_seed": 2}, train={**d["train"], "run_name": "plain"})
+    routed_run = dict(d, teacher={**d["teacher"], "routes": {"lookup": {**chat, "init_seed": 2}}},
+                      train={**d["train"], "run_name": "routed"})
+    a = train(load_config([str(write_config(tmp_path / "plain.yaml", plain))]))
+    b = train(load_config([str(write_config(tmp_path / "routed.yaml", routed_run))]))
+    assert stable(b) == stable(a)  # the default teacher (init_seed 1) scored nothing: it was not even loaded
+    assert all(m["teacher/lookup/num_tokens"] == m["opd/num_tokens"] for m in read_metrics(b))

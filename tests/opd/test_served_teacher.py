@@ -225,3 +225,17 @@ def test_an_agentic_run_with_a_served_teacher_trains_what_the_local_one_trains(t
     local = agentic("local", {})
     served = agentic("served", {"placement": "ray", "ray": {"num_replicas": 2}})
     assert_same_run(served, local)
+
+
+@pytest.mark.slow
+def test_a_served_route_trains_what_the_same_route_trains_locally(tmp_path):
+    """teacher.routes: one data source's teacher served by Ray, the other rollouts' teacher local."""
+    from test_routes import OTHER, routed_config
+
+    local = train(load_config([str(routed_config(tmp_path, "local", {"sub": OTHER}))]))
+    served = {"sub": {**OTHER, "placement": "ray", "ray": {"num_replicas": 2}}}
+    run_dir = train(load_config([str(routed_config(tmp_path, "served", served))]))
+    assert stable(run_dir) == stable(local)
+    record = [json.loads(p.read_text()) for p in run_dir.glob("teacher-*.json")]
+    assert len(record) == 1 and record[0]["config_key"] == "teacher.routes.sub" and len(record[0]["replicas"]) == 2
+    assert not (run_dir / "teacher.json").exists()  # the default teacher is local

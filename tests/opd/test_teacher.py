@@ -27,6 +27,7 @@ class ShippedTeacher:
     def __init__(self, inner: Teacher):
         self.inner = inner
         self.reads, self.head, self.vocab, self.model = inner.reads, inner.head, inner.vocab, inner.model
+        self.names, self.route = inner.names, inner.route
         self.calls, self.bytes = 0, 0
 
     def score(self, micro_batches):
