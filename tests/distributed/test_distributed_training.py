@@ -254,3 +254,26 @@ def test_agentic_two_processes_match_one(mode, agent_workspace, agent_reference)
     assert_metrics_close(read_metrics(run_dir), read_metrics(agent_reference))
     assert_weights_close(run_dir, agent_reference)
     assert (run_dir / "split.json").read_text() == (agent_reference / "split.json").read_text()
+
+
+@pytest.mark.slow
+def test_two_processes_with_a_teacher_per_data_source_match_one(tmp_path):
+    """teacher.routes on DDP: each process splits its own micro-batches' rows between the two teachers."""
+    import json
+
+    with open(tmp_path / "sourced.jsonl", "w") as fh:
+        for i in range(32):
+            fh.write(json.dumps({"prompt": f"{i}+{i % 7}=", "data_source": "odd" if i % 3 else "even"}) + "\n")
+    other = {"arch": "qwen3", "tokenizer": "chars", "hidden_size": 48, "num_layers": 1, "num_heads": 4,
+             "num_kv_heads": 2, "intermediate_size": 64, "init_seed": 5}
+    cfg = tiny_config(tmp_path, rollout={"max_new_tokens": 16}, train={"steps": STEPS, "save_every": 0},
+                      tip={"selector": "soft_or", "ratio": 0.5})
+    cfg["data"]["train_path"] = str(tmp_path / "sourced.jsonl")
+    cfg["teacher"]["routes"] = {"even": other}
+    config = write_config(tmp_path / "routed.yaml", cfg)
+    assert_ok(run_cli(["--config", str(config), "train.run_name=single"]))
+    assert_ok(launch("ddp", config, "ddp"))
+    single, ddp = tmp_path / "runs" / "single", tmp_path / "runs" / "ddp"
+    assert_metrics_close(read_metrics(ddp), read_metrics(single))
+    assert all(m["teacher/even/num_tokens"] > 0 for m in read_metrics(ddp))
+    assert_weights_close(ddp, single)
