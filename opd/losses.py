@@ -192,10 +192,10 @@ from memory and cost ~3x as much (2-core CPU, measured at 1, 2, 4, 16, 64 and 25
 
 
 def block_rows(chunk: int, vocab: int, device) -> int:
-    """Rows per block of chunk_stats: cache-sized on a CPU; a whole chunk elsewhere (an accelerator wants few,
-    large kernels, and a block ends in a host sync)."""
+    """Rows per block of chunk_stats: cache-sized on a CPU; a quarter of a chunk elsewhere (an accelerator wants
+    few, large kernels, and a block ends in a host sync; the scratch is then 1.25 (chunk, V) tensors)."""
     if torch.device(device).type != "cpu":
-        return max(1, chunk)
+        return max(1, -(-chunk // 4))
     return max(1, min(chunk, STAT_BLOCK_BYTES // (20 * max(vocab, 1))))
 
 
