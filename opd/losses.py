@@ -12,17 +12,20 @@ products and sums, and every KL is one sum of p-weighted per-token log-ratios
 (a - b, or log p - log q) plus a normaliser term, never a difference of two large sums.
 
 One chunk goes through one path: its float32 logits (`logit_chunks`, from logits
-or from final hidden states through the LM heads) are shifted by their row maxima
-and log-softmaxed in place (`log_probs_`, the one log-softmax; after the statistics
-`ShiftedChunk.log_probs`, the same numbers), then
-  - statistics: `chunk_stats` (entropies and both KLs in nats, `StatRows`),
-    the only formula for them (`stat_sums`: four p- and q-weighted sums over the
-    max-shifted logits, exp taken once per side; `row_stats`, the log-probability
-    form, for rows with -inf logits); `stats_pass` runs it over all rows under no_grad;
+or from final hidden states through the LM heads), then
+  - statistics: `chunk_stats` (entropies and both KLs in nats, `StatRows`), the only
+    formula for them: rows in cache-sized blocks (`block_sums`: four p- and q-weighted
+    sums over the max-shifted logits, exp taken once per side, no log-probabilities;
+    `stats_from_sums`; `row_stats`, the log-probability form, for rows with -inf
+    logits); `stats_pass` runs it over all rows under no_grad;
   - divergence: an entry of `DIVERGENCES` (opd.loss_type), registered with
     `@register_divergence("name")`, gives the per-token value and its gradient
     w.r.t. the student logits; `token_divergence` (from logits) and
     `fused_head_divergence` (LM heads inside) call the entry, never its name.
+    Reverse KL is itself a statistic: its value comes from `chunk_stats` and its
+    gradient from the same row blocks (`reverse_kl_grad_`); the other entries read
+    log-probabilities (`log_probs_`, the one log-softmax, or `shifted_log_probs`
+    with the statistics' normalisers: the same numbers).
 
 Divergences shipped (P_S = softmax(student), P_T = softmax(teacher), beta = opd.beta):
   reverse_kl       KL(P_S || P_T)
@@ -85,12 +88,13 @@ class LogProbs:
 
 
 class ChunkBuffers:
-    """(rows, V) float32 scratch tensors made once per pass and handed out by name to each of its chunks.
+    """Float32 scratch tensors made once per pass and handed out by name to each of its chunks.
 
-    buffers(name, c) is the first c rows of buffer `name` (contiguous), holding whatever the previous chunk
-    left there: a chunk's tensors from here live until the next chunk asks for the same name. Names used:
-    "s", "t" (a chunk's logits, logit_chunks), "p", "q" (exp / probabilities, log_probs_ and
-    ShiftedChunk.log_probs). Reusing them spares the allocator a fresh (chunk, V) tensor per chunk and name: on CPU
+    buffers(name, c) is the first c rows of a (rows, V) buffer `name` (contiguous), holding whatever the previous
+    chunk left there: a chunk's tensors from here live until the next chunk asks for the same name. Names used:
+    "s", "t" (a chunk's logits, logit_chunks), "p", "q" (probabilities, log_probs_ and shifted_log_probs).
+    buffers.scratch(name, *shape) is a contiguous tensor of any shape, for the statistics' row blocks ("x", "e",
+    "d", chunk_stats). Reusing them spares the allocator a fresh (chunk, V) tensor per chunk and name: on CPU
     that cost more than the arithmetic done in it (new pages, zeroed by the kernel at first touch).
     """
 
@@ -103,9 +107,15 @@ class ChunkBuffers:
         return cls(x.shape[0], x.shape[1], x.device)
 
     def __call__(self, name: str, c: int) -> torch.Tensor:
-        if name not in self._made:
-            self._made[name] = torch.empty(self.rows, self.vocab, dtype=torch.float32, device=self.device)
-        return self._made[name][:c]
+        return self.scratch(name, self.rows, self.vocab)[:c]
+
+    def scratch(self, name: str, *shape: int) -> torch.Tensor:
+        """A float32 tensor of `shape` in buffer `name`, made (or made larger) on first need."""
+        size = math.prod(shape)
+        made = self._made.get(name)
+        if made is None or made.numel() < size:
+            made = self._made[name] = torch.empty(size, dtype=torch.float32, device=self.device)
+        return made[:size].view(shape)
 
 
 def log_softmax_(x: torch.Tensor, with_probs: bool = False, out: torch.Tensor | None = None):
@@ -157,7 +167,7 @@ def row_stats(lp: LogProbs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     """(H(P_S), H(P_T), KL(P_S||P_T), KL(P_T||P_S)) per row (C,), nats, float32, from a chunk's LogProbs.
 
     The log-probability form of the statistics, 0 log 0 counted as 0: what chunk_stats falls back to for
-    rows with -inf logits (where stat_sums meets 0 * (-inf)). p = exp(log p) and q = exp(log q) are formed
+    rows with -inf logits (where block_sums meets 0 * (-inf)). p = exp(log p) and q = exp(log q) are formed
     where lp does not carry them. Nothing in lp is modified. Each statistic is one sum of p-weighted terms
     (KL as sum p (log p - log q), never a difference of two large sums).
     Temporaries: one (C, V) scratch, plus p and q when not given.
@@ -174,110 +184,147 @@ def row_stats(lp: LogProbs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
         return hs + lp.guard, ht + lp.guard, rev + lp.guard, fwd + lp.guard
 
 
-STAT_BLOCKS = 4  # column blocks of stat_sums: its two temporaries are (C, V/4) each, half a logit buffer in all.
-# Fewer, larger operations than cache-sized blocks: on a loaded 2-core CPU, 2,048-column blocks (~1,300 small
-# parallel operations a chunk) made the pass 8x slower with 2 threads; V/4 costs the same as unblocked.
+STAT_BLOCK_BYTES = 12 * 2**20
+"""Scratch of one row block of the statistics on a CPU: five float32 numbers per row and column (both sides'
+shifted logits and their exponentials, and the difference of the logits), ~3 MB a row at V = 152k, so 4 rows.
+A block's eight passes then run in the last-level cache; the same passes over whole (chunk, V) tensors ran
+from memory and cost ~3x as much (2-core CPU, measured at 1, 2, 4, 16, 64 and 256 rows a block)."""
 
 
-def stat_sums(a: torch.Tensor, b: torch.Tensor, exp_a: torch.Tensor | None = None):
-    """The four statistics of a chunk from its max-shifted logits, without forming log-probabilities.
+def block_rows(chunk: int, vocab: int, device) -> int:
+    """Rows per block of chunk_stats: cache-sized on a CPU; a quarter of a chunk elsewhere (an accelerator wants
+    few, large kernels, and a block ends in a host sync; the scratch is then 1.25 (chunk, V) tensors)."""
+    if torch.device(device).type != "cpu":
+        return max(1, -(-chunk // 4))
+    return max(1, min(chunk, STAT_BLOCK_BYTES // (20 * max(vocab, 1))))
 
-    a, b (C, V) float32: student and teacher logits minus their row maxima (read, not modified).
-    exp_a: a (C, V) float32 buffer to receive exp(a) (P_S before normalisation, for a loss kernel), or None.
-    Returns zs, zt (C, 1) = sum exp(a), sum exp(b), and (H(P_S), H(P_T), KL(P_S||P_T), KL(P_T||P_S)),
-    (C,) nats each. With log p = a - log zs, log q = b - log zt, c = log zs - log zt and d = a - b:
-        H(P_S) = log zs + sum e^a (-a) / zs       (two terms >= 0: nothing cancels)
-        KL(P_S||P_T) = sum e^a d / zs - c,   KL(P_T||P_S) = c - sum e^b d / zt
-    so each side's exp is taken once and the rest is products and sums, none of which needs a
-    normaliser first: one sweep over the vocabulary in STAT_BLOCKS column blocks, with two (C, V/blocks)
-    temporaries (no (C, V) one). d is formed per element (never the
-    difference of two large sums); for close distributions d and c are both small.
-    A product 0 * (-inf) (a -inf logit) makes its row NaN: chunk_stats redoes such rows with row_stats.
+
+def block_sums(x: torch.Tensor, e: torch.Tensor, d: torch.Tensor):
+    """The sums behind the statistics of r rows: x (r, 2, V) float32 both sides' logits [student, teacher],
+    CONSUMED; e (r, 2, V) and d (r, V) float32 scratch.
+
+    With a, b the student's and the teacher's logits minus their row maxima and d = a - b per column, returns
+    m (r, 2) the row maxima, z (r, 2) = [sum e^a, sum e^b], xe (r, 2) = [sum e^a a, sum e^b b] and
+    de (r, 2) = [sum e^a d, sum e^b d], and leaves e = [e^a, e^b] and d for a loss's gradient.
+    Each side's exp is taken once; everything else is a product and a sum (torch's pairwise sum, not a
+    matmul: a BLAS dot over V = 152k terms was 50x less accurate). Products 0 * (+-inf or NaN) in e * d (a
+    column one side rules out) count 0, as 0 log 0; in xe they stay NaN, which is how chunk_stats finds
+    the rows (with a -inf logit) it redoes in the log-probability form.
     """
-    rows, vocab = a.shape
-    width = max(1, -(-vocab // STAT_BLOCKS))
-    e_block = torch.empty(rows, width, dtype=torch.float32, device=a.device)
-    x_block = torch.empty_like(e_block)
-    zs, zt, pa, pd, qb, qd = torch.zeros(6, rows, dtype=torch.float32, device=a.device)
-    for j in range(0, vocab, width):
-        aj, bj = a[:, j:j + width], b[:, j:j + width]
-        e, x = e_block[:, :aj.shape[1]], x_block[:, :aj.shape[1]]
-        torch.exp(bj, out=e)
-        zt += e.sum(-1)
-        qb += torch.mul(e, bj, out=x).sum(-1)
-        d = torch.sub(aj, bj, out=x)
-        qd += e.mul_(d).sum(-1)
-        e = torch.exp(aj, out=e if exp_a is None else exp_a[:, j:j + width])
-        zs += e.sum(-1)
-        pd += d.mul_(e).sum(-1)
-        pa += torch.mul(e, aj, out=x).sum(-1)
-    lzs, lzt = zs.log(), zt.log()
-    c = lzs - lzt
-    return zs[:, None], zt[:, None], (lzs - pa / zs, lzt - qb / zt, pd / zs - c, c - qd / zt)
+    m = x.amax(-1, keepdim=True)
+    x.sub_(m)
+    torch.exp(x, out=e)
+    torch.sub(x[:, 0], x[:, 1], out=d)
+    z = e.sum(-1)
+    xe = x.mul_(e).sum(-1)
+    de = _zero_nan_(torch.mul(e, d[:, None], out=x)).sum(-1)
+    return m[..., 0], z, xe, de
 
 
-@dataclass
-class ShiftedChunk:
-    """A chunk as chunk_stats leaves it: a, b (C, V) its logits minus their row maxima (in the logits'
-    storage), zs, zt (C, 1) the sums of exp(a) and exp(b), guard (C,) as LogProbs', buffers the chunk's,
-    exp_kept: whether buffers "p" already holds exp(a)."""
+def stats_from_sums(z: torch.Tensor, xe: torch.Tensor, de: torch.Tensor):
+    """(H(P_S), H(P_T), KL(P_S||P_T), KL(P_T||P_S)) (r,) nats each, and the guard (r,), from block_sums' (r, 2) sums.
 
-    a: torch.Tensor
-    b: torch.Tensor
-    zs: torch.Tensor
-    zt: torch.Tensor
+    With zs, zt the sums of e^a, e^b and c = log zs - log zt (log P_S = a - log zs, log P_T = b - log zt):
+        H(P_S) = log zs - sum e^a a / zs       (two terms >= 0: nothing cancels)
+        KL(P_S||P_T) = sum e^a d / zs - c,   KL(P_T||P_S) = c - sum e^b d / zt
+    d is formed per column (never the difference of two large sums); for close distributions d and c are
+    both small. guard: 0, or NaN for a row with NaN, +inf or only -inf logits on a side (LogProbs.guard).
+    """
+    lz = z.log()
+    c = lz[:, 0] - lz[:, 1]
+    guard = z[:, 0] * 0.0 + z[:, 1] * 0.0
+    h = lz - xe / z
+    w = de / z
+    return [h[:, 0] + guard, h[:, 1] + guard, w[:, 0] - c + guard, c - w[:, 1] + guard], guard
+
+
+def reverse_kl_grad_(g: torch.Tensor, e: torch.Tensor, d: torch.Tensor, z: torch.Tensor, de: torch.Tensor):
+    """dKL(P_S||P_T)/ds = p (d - sum p d) into g (r, V), from block_sums' e^a = e (r, V) (made P_S here), d (r, V),
+    z and de (r,) of the student side.
+
+    log P_S - log P_T = d - c and KL = sum p d - c: the constant c cancels, so no logarithm enters. p d is
+    zeroed where it is 0 * (+-inf or NaN) (a token the student rules out); a broken row (z NaN) stays NaN.
+    """
+    p = e.div_(z[:, None])
+    _zero_nan_(torch.mul(p, d, out=g)).addcmul_(p, (de / z)[:, None], value=-1.0)
+
+
+class ChunkSums(NamedTuple):
+    """A chunk's row maxima m and exp-sums z, (C, 2) [student, teacher], and its guard (C,), as chunk_stats leaves
+    them for a loss kernel's log-probabilities (log p = s - m - log z)."""
+
+    m: torch.Tensor
+    z: torch.Tensor
     guard: torch.Tensor
-    buffers: ChunkBuffers
-    exp_kept: bool
 
-    def log_probs(self, need_p: bool, need_q: bool) -> LogProbs:
-        """The chunk's LogProbs, formed in place (consumes the chunk): log_probs_'s formula, with the
-        normalisers the statistics summed."""
-        c = self.a.shape[0]
-        p = None
-        if need_p:
-            p = self.buffers("p", c) if self.exp_kept else torch.exp(self.a, out=self.buffers("p", c))
-            p.div_(self.zs)
-        q = torch.exp(self.b, out=self.buffers("q", c)).div_(self.zt) if need_q else None
-        ls, lt = self.a.sub_(self.zs.log()), self.b.sub_(self.zt.log())
-        return LogProbs(ls, lt, p, q, self.guard)
+
+def _chunk_top(s: torch.Tensor, t: torch.Tensor, topk: int):
+    """Both sides' top-min(topk, V) logits and ids, (C, k) each, or None."""
+    if topk <= 0:
+        return None
+    k = min(topk, s.shape[1])
+    return s.topk(k, dim=-1), t.topk(k, dim=-1)
+
+
+def _top_probs(tops, sums: ChunkSums) -> dict:
+    """TokenStats' top-k fields from _chunk_top's logits: p = exp(logit - m - log z)."""
+    if tops is None:
+        return {}
+    (s_vals, s_ids), (t_vals, t_ids) = tops
+    lz = sums.z.log()
+    s_probs = (s_vals - sums.m[:, :1]).sub_(lz[:, :1]).exp_()
+    t_probs = (t_vals - sums.m[:, 1:]).sub_(lz[:, 1:]).exp_()
+    return dict(student_top_ids=s_ids, student_top_probs=s_probs, teacher_top_ids=t_ids, teacher_top_probs=t_probs)
 
 
 def chunk_stats(s: torch.Tensor, t: torch.Tensor, topk: int, buffers: ChunkBuffers | None = None,
-                keep_exp: bool = False) -> tuple[StatRows, ShiftedChunk]:
+                reverse_grad: bool = False) -> tuple[StatRows, ChunkSums]:
     """The statistics of one chunk: the one formula, for the stats pass and for the loss kernel alike.
 
-    s, t (C, V) float32 logits over the shared vocabulary, CONSUMED (shifted by their row maxima in place;
-    the returned ShiftedChunk goes on to the log-probabilities for a loss kernel). buffers: the chunk's
-    ChunkBuffers (new when None); keep_exp: leave exp(a) in buffers "p" for the kernel's P_S (otherwise
-    no (C, V) tensor besides s and t is used). topk > 0 adds both sides' top-min(topk, V) ids and probabilities.
-    stat_sums forms the values; rows where it meets 0 * (-inf) (a -inf logit) are redone with the
-    log-probability form (row_stats), so 0 log 0 counts as 0 as there.
+    s, t (C, V) float32 logits over the shared vocabulary, read and not modified, except that with
+    reverse_grad s receives dKL(P_S||P_T)/ds (the reverse KL's gradient, reverse_kl_grad_) in place.
+    Rows go in blocks (block_rows; buffers' scratch "x", "e", "d") through block_sums and stats_from_sums;
+    rows where those meet 0 * (-inf) (a -inf logit) get their values from the log-probability form
+    (row_stats), so 0 log 0 counts as 0 as there. topk > 0 adds both sides' top-min(topk, V) ids and
+    probabilities. Returns the StatRows and the chunk's ChunkSums.
     """
     buffers = buffers or ChunkBuffers.like(s)
+    rows, vocab = s.shape
+    r = block_rows(rows, vocab, s.device)
+    x, e, d = buffers.scratch("x", r, 2, vocab), buffers.scratch("e", r, 2, vocab), buffers.scratch("d", r, vocab)
+    values = torch.empty(4, rows, dtype=torch.float32, device=s.device)
+    m, z = (torch.empty(rows, 2, dtype=torch.float32, device=s.device) for _ in range(2))
+    guard = torch.empty(rows, dtype=torch.float32, device=s.device)
     with _no_autocast(s):
-        tops = []
-        if topk > 0:
-            k = min(topk, s.shape[1])
-            tops = [s.topk(k, dim=-1), t.topk(k, dim=-1)]
-        maxes = [s.amax(-1, keepdim=True), t.amax(-1, keepdim=True)]
-        a, b = s.sub_(maxes[0]), t.sub_(maxes[1])
-        zs, zt, sums = stat_sums(a, b, buffers("p", a.shape[0]) if keep_exp else None)
-        guard = zs.view(-1) * 0.0 + zt.view(-1) * 0.0
-        values = [v + guard for v in sums]
-        redo = torch.isnan(values[0] + values[1] + values[2] + values[3]) & ~torch.isnan(guard)
-        if bool(redo.any()):
-            rows = redo.nonzero().squeeze(1)
-            for mine, safe in zip(values, row_stats(log_probs_(a[rows], b[rows], False, False))):
-                mine[rows] = safe
-        top = {}
-        if tops:
-            (s_vals, s_ids), (t_vals, t_ids) = tops
-            s_probs = (s_vals - maxes[0]).sub_(zs.log()).exp_()
-            t_probs = (t_vals - maxes[1]).sub_(zt.log()).exp_()
-            top = dict(student_top_ids=s_ids, student_top_probs=s_probs, teacher_top_ids=t_ids,
-                       teacher_top_probs=t_probs)
-        return StatRows(*values, top), ShiftedChunk(a, b, zs, zt, guard, buffers, keep_exp)
+        tops = _chunk_top(s, t, topk)
+        for i in range(0, rows, r):
+            n = min(r, rows - i)
+            xb, eb, db = x[:n], e[:n], d[:n]
+            torch.stack((s[i:i + n], t[i:i + n]), 1, out=xb)
+            m[i:i + n], z[i:i + n], xe, de = block_sums(xb, eb, db)
+            block, guard[i:i + n] = stats_from_sums(z[i:i + n], xe, de)
+            values[:, i:i + n] = torch.stack(block)
+            redo = xe.isnan().any(-1) & ~guard[i:i + n].isnan()
+            if bool(redo.any()):
+                at = redo.nonzero().squeeze(1) + i
+                values[:, at] = torch.stack(row_stats(log_probs_(s[at], t[at], False, False)))
+            if reverse_grad:
+                reverse_kl_grad_(s[i:i + n], eb[:, 0], db, z[i:i + n, 0], de[:, 0])
+        sums = ChunkSums(m, z, guard)
+        return StatRows(*values, _top_probs(tops, sums)), sums
+
+
+def shifted_log_probs(s: torch.Tensor, t: torch.Tensor, sums: ChunkSums, need_p: bool, need_q: bool,
+                      buffers: ChunkBuffers) -> LogProbs:
+    """The chunk's LogProbs from its logits s, t (C, V) (CONSUMED: formed in place) and the normalisers the
+    statistics summed: log_probs_'s formula (the row max subtracted first, log z last), P_S and P_T (when
+    asked for) in buffers "p" and "q"."""
+    c = s.shape[0]
+    a, b = s.sub_(sums.m[:, :1]), t.sub_(sums.m[:, 1:])
+    p = torch.exp(a, out=buffers("p", c)).div_(sums.z[:, :1]) if need_p else None
+    q = torch.exp(b, out=buffers("q", c)).div_(sums.z[:, 1:]) if need_q else None
+    lz = sums.z.log()
+    return LogProbs(a.sub_(lz[:, :1]), b.sub_(lz[:, 1:]), p, q, sums.guard)
 
 
 # ----------------------------------------------------------------------------
@@ -385,25 +432,31 @@ class Divergence:
         The kernel clamps D at 0 (exact lower bound) afterwards.
     probs(beta) -> "p", "q", "pq" or "": the probabilities fn reads (besides the gradient's p), so the
         kernel forms no (C, V) tensor it does not need.
+    reverse_at(beta) -> True where D is KL(P_S || P_T) at this beta: the kernel then takes D from the
+        statistics' sums (chunk_stats) and its gradient from the same row blocks (reverse_kl_grad_), and
+        fn is not called: no log-probabilities, no (C, V) tensor besides the logits.
     """
 
     name: str
     fn: Callable
     probs: Callable[[float], str]
+    reverse_at: Callable[[float], bool] = lambda beta: False
 
 
 DIVERGENCES: dict[str, Divergence] = {}
 
 
-def register_divergence(name: str, probs: str | Callable[[float], str] = "pq"):
+def register_divergence(name: str, probs: str | Callable[[float], str] = "pq",
+                        reverse_at: Callable[[float], bool] = lambda beta: False):
     """Decorator adding fn(lp, beta, with_grad) -> (D, dD/ds) to DIVERGENCES as `name` (see Divergence).
 
-    probs: what fn reads of "p" (P_S) and "q" (P_T), or a function of beta giving it."""
+    probs: what fn reads of "p" (P_S) and "q" (P_T), or a function of beta giving it. reverse_at(beta): whether
+    the divergence is KL(P_S || P_T) at beta (see Divergence)."""
 
     def add(fn):
         if name in DIVERGENCES:
             raise ValueError(f"divergence '{name}' is already registered")
-        DIVERGENCES[name] = Divergence(name, fn, probs if callable(probs) else (lambda beta: probs))
+        DIVERGENCES[name] = Divergence(name, fn, probs if callable(probs) else (lambda beta: probs), reverse_at)
         return fn
 
     return add
@@ -420,7 +473,7 @@ def _softmax_grad_(pg: torch.Tensor, p: torch.Tensor, total: torch.Tensor) -> to
     return pg.addcmul_(p, total[:, None], value=-1.0)
 
 
-@register_divergence("reverse_kl", probs="p")
+@register_divergence("reverse_kl", probs="p", reverse_at=lambda beta: True)
 def reverse_kl(lp: LogProbs, beta: float, with_grad: bool):
     """KL(P_S || P_T) = sum p (log p - log q); gradient p * ((log p - log q) - KL)."""
     pd = _zero_nan_(torch.sub(lp.ls, lp.lt, out=lp.lt).mul_(lp.p))
@@ -435,7 +488,8 @@ def forward_kl(lp: LogProbs, beta: float, with_grad: bool):
     return d, (lp.p.sub_(lp.q) if with_grad else None)
 
 
-@register_divergence("jsd", probs=lambda beta: "q" if beta <= 0.0 else "p" if beta >= 1.0 else "pq")
+@register_divergence("jsd", probs=lambda beta: "q" if beta <= 0.0 else "p" if beta >= 1.0 else "pq",
+                     reverse_at=lambda beta: beta >= 1.0)
 def jsd(lp: LogProbs, beta: float, with_grad: bool):
     """Generalised JSD: beta*KL(P_T || M) + (1-beta)*KL(P_S || M), M = beta*P_T + (1-beta)*P_S, beta = opd.beta.
 
@@ -463,7 +517,7 @@ def jsd(lp: LogProbs, beta: float, with_grad: bool):
     return d, _softmax_grad_(ps, lp.p, ps_sum).mul_(1.0 - beta)
 
 
-@register_divergence("skew_reverse_kl", probs="p")
+@register_divergence("skew_reverse_kl", probs="p", reverse_at=lambda beta: beta >= 1.0)
 def skew_reverse_kl(lp: LogProbs, beta: float, with_grad: bool):
     """Skewed reverse KL: KL(P_S || M), M = alpha*P_T + (1-alpha)*P_S, alpha = opd.beta in [0, 1].
 
@@ -498,21 +552,26 @@ def divergence_kernel(s: torch.Tensor, t: torch.Tensor, div: Divergence, beta: f
 
     s, t: (C, V) float32 logits over the shared vocabulary. They are CONSUMED
     (overwritten in place, to keep the chunk's temporaries few): pass copies.
-    div: a DIVERGENCES entry. with_stats: also the chunk's StatRows (chunk_stats, top-k when topk > 0),
-    from the log-probabilities the divergence needs anyway.
+    div: a DIVERGENCES entry. with_stats: also the chunk's StatRows (chunk_stats, top-k when topk > 0).
     Returns (D (C,) nats, dD/ds (C, V) or None, StatRows or None), all float32 whatever the autocast
     state. A logit of -inf on both sides at the same id contributes exactly 0 (value and gradient).
-    buffers: the chunk's "p" and "q" scratch (ChunkBuffers; new when None). The gradient is returned in
-    the storage of s, t or a buffer: consume it before the next chunk.
-    Temporaries: buffers "p" and "q" (the probabilities the entry and the gradient need).
+    buffers: the chunk's scratch (ChunkBuffers; new when None). The gradient is returned in the storage
+    of s, t or a buffer: consume it before the next chunk.
+    Where div is reverse KL at beta (div.reverse_at), D is the statistics' KL(P_S||P_T) and its gradient
+    is formed in s by the same row blocks: one pass, no (C, V) temporary besides s and t. Otherwise the
+    statistics' normalisers give the log-probabilities (buffers "p" and "q") that div.fn reads.
     """
+    buffers = buffers or ChunkBuffers.like(s)
     with _no_autocast(s):
+        if div.reverse_at(beta):
+            rows, _ = chunk_stats(s, t, topk, buffers, reverse_grad=with_grad)
+            return rows.reverse_kl.clamp_min(0.0), (s if with_grad else None), (rows if with_stats else None)
         needs = div.probs(beta)
         need_p = with_grad or "p" in needs
         need_q = "q" in needs
         if with_stats:
-            rows, shifted = chunk_stats(s, t, topk, buffers, keep_exp=need_p)
-            lp = shifted.log_probs(need_p, need_q)
+            rows, sums = chunk_stats(s, t, topk, buffers)
+            lp = shifted_log_probs(s, t, sums, need_p, need_q, buffers)
         else:
             rows, lp = None, log_probs_(s, t, need_p, need_q, buffers)
         d, grad = div.fn(lp, beta, with_grad)
@@ -595,12 +654,11 @@ class _FusedHeadDivergence(torch.autograd.Function):
                     stats_out.append(rows)
                 tw = token_weights[i:i + chunk_size].float()
                 total += (tw * d).sum()
-                if g is not None:
-                    g = g.mul_(tw[:, None])
+                if g is not None:  # w_t scales (C, d) products, not the (C, V) gradient (one pass less)
                     if need_h:
-                        grad_h[i:i + chunk_size] = _head_grad_hidden(g, weight[:v], rows_s)
+                        grad_h[i:i + chunk_size] = _head_grad_hidden(g, weight[:v], rows_s).mul_(tw[:, None])
                     if need_w:
-                        grad_w[:v].addmm_(g.T, hidden[i:i + chunk_size].float())
+                        grad_w[:v].addmm_(g.T, hidden[i:i + chunk_size].float() * tw[:, None])
         ctx.save_for_backward(grad_h if need_h else torch.empty(0), grad_w if need_w else torch.empty(0))
         ctx.weight_dtype = weight.dtype
         return total

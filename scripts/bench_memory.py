@@ -127,8 +127,8 @@ def worker(args) -> dict:
             torch.cuda.synchronize()
 
     # statistics the fused loss kernel forms on the side (stats-free selectors) count as scoring too: the four
-    # sums, both exps included (an over-count: the loss needs exp(a) and the sum of exp(b) anyway)
-    losses.stat_sums = timed(losses.stat_sums)
+    # sums, both exps included (an over-count: for reverse KL these sums are the loss's own value)
+    losses.block_sums = timed(losses.block_sums)
     losses.row_stats = timed(losses.row_stats)
     step.token_stats = timed(step.token_stats)
     step.merge_kept_stats = timed(step.merge_kept_stats)
