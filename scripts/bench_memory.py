@@ -6,7 +6,7 @@
     python scripts/bench_memory.py --preset head2048 --batch 1 --seq 1024 --response 512 --variants fused:1.0,fused:0.5,fused:0.2
                                                    # a realistic LM head (d 2048, Qwen vocab) on CPU: 2 layers
 
-Each variant runs in a fresh process: one warm-up step (allocates the AdamW
+Each variant runs in a fresh process: one warm-up step (allocates the (fused) AdamW
 state), then one measured step. "extra memory" is the peak during the measured
 step above what the process held with both models loaded (so it includes the
 optimiser state): CPU peak RSS (VmHWM, reset through /proc/self/clear_refs),
@@ -74,7 +74,9 @@ def worker(args) -> dict:
     import opd.losses as losses
     import opd.step as step
     from lm.config import ModelConfig
+    from opd.config import OptimConfig
     from opd.policy import PolicyModel
+    from opd.setup import build_optimizer
     from lm.models import load_model
     from lm.models import head_weight
     from lm.teacher import LocalTeacher
@@ -94,7 +96,7 @@ def worker(args) -> dict:
 
     student = PolicyModel(load_model(mc, NoTok, device, trainable=True))
     teacher = load_model(ModelConfig(**{**mc.__dict__, "init_seed": 1}), NoTok, device, trainable=False)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
+    opt = build_optimizer(student, OptimConfig(lr=1e-6))  # the trainer's optimiser (fused AdamW)
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, vocab, (args.batch, args.seq), generator=g)

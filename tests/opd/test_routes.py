@@ -109,7 +109,9 @@ def naive(student, teachers: dict, mb: MicroBatch, st: StepSettings):
     return stats, sel, float(loss.detach()), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
 
 
-def assert_close_step(got, want, atol: float, rtol: float) -> None:
+def assert_close_step(got, want, atol: float, rtol: float, grad_share: float = 0.0) -> None:
+    """Statistics, selection and loss within atol/rtol; gradients too, or (grad_share > 0: a bf16 backbone's
+    backward, which rounds the same float32 gradients differently) within grad_share of each tensor's largest."""
     (s1, sel1, l1, g1), (s2, sel2, l2, g2) = got, want
     for field in ("entropy", "divergence", "forward_divergence", "teacher_entropy"):
         torch.testing.assert_close(getattr(s1, field), getattr(s2, field), atol=atol, rtol=rtol, msg=field)
@@ -117,7 +119,8 @@ def assert_close_step(got, want, atol: float, rtol: float) -> None:
     assert abs(l1 - l2) <= atol + rtol * abs(l2)
     assert g1.keys() == g2.keys() and g1
     for name in g1:
-        torch.testing.assert_close(g1[name], g2[name], atol=atol, rtol=rtol, msg=name)
+        scale = grad_share * float(g2[name].abs().max())
+        torch.testing.assert_close(g1[name], g2[name], atol=max(atol, scale), rtol=0.0 if scale else rtol, msg=name)
 
 
 @pytest.mark.parametrize("selector,ratio", [("soft_or", 0.5), ("random", 0.5), ("all", 1.0)])
@@ -146,7 +149,9 @@ def test_in_bf16_autocast_the_routed_fused_step_matches_the_routed_reference_ste
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = step(student, routed(teachers), mb, settings("soft_or", 0.5))
         reference = step(student, routed(teachers, reads="logits"), mb, settings("soft_or", 0.5, impl="reference"))
-    assert_close_step(fused, reference, atol=1e-5, rtol=1e-4)
+    assert_close_step(fused, reference, atol=1e-5, rtol=1e-4, grad_share=1e-2)
+    # the LM head's gradient is float32 on both paths: as close as in float32
+    torch.testing.assert_close(fused[3]["lm.lm_head.weight"], reference[3]["lm.lm_head.weight"], atol=1e-6, rtol=1e-4)
 
 
 def test_a_micro_batch_of_one_source_is_scored_whole_by_that_teacher(pair):
