@@ -60,6 +60,10 @@ class TeacherConfig(OneTeacherConfig):
 
     routes: dict[str, OneTeacherConfig] = field(default_factory=dict, metadata={"help": "several teachers: a data source (the value of each record's data.source_key field; for an agentic run, agent.env) -> a teacher section of its own (path, gguf_file, dtype, placement, ray, ...: every key of teacher: but routes, with the same defaults, nothing inherited); each rollout is distilled from its source's teacher, rollouts of a source without a route from this section's teacher; every teacher must share the student's tokenizer; at most 64 routes"})
 
+    def sections(self) -> list[tuple[str, OneTeacherConfig]]:
+        """(config key, section) of this teacher and of every route's: `teacher`, `teacher.routes.<source>`."""
+        return [("teacher", self)] + [(f"teacher.routes.{name}", tc) for name, tc in self.routes.items()]
+
 
 ROUTES_MAX = 64  # teachers per run besides the default one
 DEFAULT_TEACHER = "default"  # how metrics and messages name the teacher of the `teacher:` section itself

@@ -330,9 +330,7 @@ def validate(cfg: Config) -> list[str]:
         )
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         problems.append(f"optim.betas = {cfg.optim.betas} must be two numbers in [0, 1)")
-    sections = [("model", cfg.model), ("teacher", cfg.teacher)]
-    sections += [(f"teacher.routes.{name}", tc) for name, tc in cfg.teacher.routes.items()]
-    for side, mc in sections:
+    for side, mc in [("model", cfg.model), *cfg.teacher.sections()]:
         if not mc.path and not mc.arch and not mc.gguf_file:
             problems.append(f"{side}.path is empty and {side}.arch is not set: name a checkpoint or an architecture to build")
         if mc.arch and mc.hidden_size % mc.num_heads:

@@ -167,7 +167,7 @@ def check_deep(cfg: Config, models_ok: bool = True) -> list[str]:
     except Exception as exc:  # any loader failure is reported as one line
         return [tokenizer_problem("model", cfg.model, "student", exc)]
     problems = []
-    for key, tc in teacher_sections(cfg):
+    for key, tc in cfg.teacher.sections():
         try:
             t_tok = load_tokenizer(tc)
         except Exception as exc:
@@ -181,11 +181,6 @@ def check_deep(cfg: Config, models_ok: bool = True) -> list[str]:
     return problems
 
 
-def teacher_sections(cfg: Config) -> list[tuple[str, ModelConfig]]:
-    """(config key, section) of the teacher and of every route's teacher (teacher.routes)."""
-    return [("teacher", cfg.teacher)] + [(f"teacher.routes.{name}", tc) for name, tc in cfg.teacher.routes.items()]
-
-
 def tokenizer_problem(section: str, mc: ModelConfig, who: str, exc: Exception) -> str:
     name = mc.tokenizer or mc.path
     if mc.gguf_file and not mc.tokenizer:
@@ -197,7 +192,7 @@ def tokenizer_problem(section: str, mc: ModelConfig, who: str, exc: Exception) -
 
 def check_served(cfg: Config) -> list[str]:
     """A served teacher returns final hidden states to the fused kernel, and is not in this process."""
-    served = [key for key, tc in teacher_sections(cfg) if tc.placement == "ray"]
+    served = [key for key, tc in cfg.teacher.sections() if tc.placement == "ray"]
     if not served:
         return []
     problems = []
@@ -223,12 +218,12 @@ def preflight(cfg: Config, paths=(), deep: bool = False, ignore=(), notes: list 
     or the environment's tasks (opd.sources.check_source); `notes` receives its summary line.
     """
     model_problems = check_model("model", cfg.model)
-    model_problems += [p for key, tc in teacher_sections(cfg) for p in check_model(key, tc)]
+    model_problems += [p for key, tc in cfg.teacher.sections() for p in check_model(key, tc)]
     source_problems = check_source(cfg, notes, deep)
     problems = model_problems + source_problems + check_output(cfg, paths) + check_run_dir(cfg, paths, ignore)
     # each subsystem's own check of its settings
     problems += check_selector(cfg.tip.selector) + check_reward(cfg.opd.reward) + check_engine(cfg.rollout.engine)
-    problems += [p for key, tc in teacher_sections(cfg) for p in check_placement(tc.placement, key)]
+    problems += [p for key, tc in cfg.teacher.sections() for p in check_placement(tc.placement, key)]
     problems += check_served(cfg)
     # every benchmark read now, as the evaluations will read it: not at the first evaluation, hours in
     problems += check_specs(cfg.eval.benchmarks, cfg.eval.max_problems, prompt_format(cfg.eval))

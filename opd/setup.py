@@ -194,10 +194,9 @@ def teacher_sections(cfg: Config, sources: frozenset, zero3: bool) -> list[tuple
         raise RunError("teacher.routes: several teachers cannot be ZeRO-3-sharded over the processes (a process "
                        "whose micro-batches hold no rollout of a source would leave the others waiting in that "
                        "teacher's forward); set opd.teacher_zero3: false or serve them (placement: ray)")
-    out = [(name, f"teacher.routes.{name}", tc) for name, tc in routes.items()]
-    if not routes or sources - set(routes) or cfg.eval.teacher:
-        out.insert(0, (DEFAULT_TEACHER, "teacher", cfg.teacher))
-    return out
+    default = not routes or sources - set(routes) or cfg.eval.teacher
+    return [(key.removeprefix("teacher.routes.") if key != "teacher" else DEFAULT_TEACHER, key, tc)
+            for key, tc in cfg.teacher.sections() if key != "teacher" or default]
 
 
 def tokenizer_of(key: str, tc: OneTeacherConfig):

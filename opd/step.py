@@ -114,16 +114,6 @@ def ordered_stats(rows: list[StatRows], order: torch.Tensor, seq_ids: torch.Tens
     return stats_from_rows(rows, seq_ids.to(order.device)[order], vocab, topk).subset(inverse)
 
 
-def merge_kept_stats(kept_rows: list[StatRows], mask, hidden, teacher_hidden, heads, seq_ids, st) -> TokenStats:
-    """All tokens' statistics in position order: the kept rows' StatRows from the loss pass (in kept order),
-    the others' from the stats pass here; one conversion."""
-    kept, drop = mask.nonzero().squeeze(1).to(hidden.device), (~mask).nonzero().squeeze(1).to(hidden.device)
-    rows = list(kept_rows)
-    if drop.numel():
-        rows += stats_pass(hidden[drop], teacher_hidden[drop], st.chunk_size, st.topk, heads)
-    return ordered_stats(rows, torch.cat([kept, drop]), seq_ids, shared_vocab(hidden, teacher_hidden, heads), st.topk)
-
-
 @dataclass
 class StepSettings:
     loss_impl: str

@@ -133,7 +133,6 @@ def worker(args) -> dict:
     losses.block_sums = timed(losses.block_sums)
     losses.row_stats = timed(losses.row_stats)
     step.token_stats = timed(step.token_stats)
-    step.merge_kept_stats = timed(step.merge_kept_stats)
     tip.select = timed(tip.select)
 
     def one_step():
