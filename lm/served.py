@@ -72,7 +72,7 @@ def fingerprint(model: torch.nn.Module) -> str:
 class TeacherReplica:
     """The body of one replica actor: loads the teacher (on its GPU if Ray gave it one) and scores micro-batches."""
 
-    def __init__(self, mc: ModelConfig, threads: int):
+    def __init__(self, mc: ModelConfig, threads: int, group: bool = False):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -81,6 +81,7 @@ class TeacherReplica:
             self.device = self.model.get_input_embeddings().weight.device
         else:
             self.model = load_model(mc, load_tokenizer(mc), self.device, trainable=False)
+        self.group = group  # forwards in length groups (lm.length_groups)
 
     def describe(self) -> dict:
         head = head_weight(self.model)
@@ -96,7 +97,8 @@ class TeacherReplica:
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         on = self.device
-        return final_states(self.model, input_ids.to(on), attention_mask.to(on), positions.to(on)).to("cpu")
+        return final_states(self.model, input_ids.to(on), attention_mask.to(on), positions.to(on),
+                            self.group).to("cpu")
 
 
 def spread(mc: ModelConfig) -> torch.nn.Module:
@@ -140,6 +142,7 @@ class RayTeacher:
                 address and the pool's namespace are decided once, by process 0.
     recorded    the weights hash the run directory recorded at its first start (None: a new run)
     key         the config section of this teacher (`teacher`, or `teacher.routes.<source>`), for messages
+    group       replicas run forwards in length groups (lm.length_groups; opd.length_groups)
     """
 
     reads = "hidden"
@@ -147,8 +150,8 @@ class RayTeacher:
 
     def __init__(self, mc: ModelConfig, rc: RayTeacherConfig, device: torch.device, *, process_index: int = 0,
                  num_processes: int = 1, share: Callable = lambda obj: obj, recorded: str | None = None,
-                 log: Callable = print, key: str = "teacher"):
-        self.rc, self.device, self.log, self.key = rc, device, log, key
+                 log: Callable = print, key: str = "teacher", group: bool = False):
+        self.rc, self.device, self.log, self.key, self.group = rc, device, log, key, group
         self.label = "teacher" if key == "teacher" else f"teacher `{key.removeprefix('teacher.routes.')}`"
         self.waited, self.received = 0.0, 0
         self.failures = [0] * rc.num_replicas  # incidents per replica (death or time-out)
@@ -188,7 +191,7 @@ class RayTeacher:
         threads = max(1, round(rc.num_cpus)) if rc.num_gpus == 0 else 0
         self.owned = [replica.options(name=f"teacher-{i}", namespace=namespace, num_cpus=rc.num_cpus,
                                       num_gpus=rc.num_gpus, max_restarts=rc.max_restarts,
-                                      max_task_retries=0).remote(mc, threads)
+                                      max_task_retries=0).remote(mc, threads, self.group)
                       for i in range(rc.num_replicas)]
         auth = {k: v for k, v in os.environ.items() if k in AUTH_ENV}  # what Ray set up for its token auth
         return ray.get_runtime_context().gcs_address, namespace, auth

@@ -25,7 +25,8 @@ from typing import Literal, Protocol, Sequence
 
 import torch
 
-from lm.models import backbone, gathered, head_weight, rows
+from lm.models import gathered, head_weight, rows
+from lm.length_groups import states_at
 
 Reads = Literal["hidden", "logits"]
 
@@ -95,10 +96,11 @@ def take_metrics(teacher) -> dict:
     return metrics
 
 
-def final_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The teacher's final hidden states (after its last norm, in its dtype) at the response positions: (N, d_T)."""
-    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state[:, :-1][positions]
+def final_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                 group: bool = False) -> torch.Tensor:
+    """The teacher's final hidden states (after its last norm, in its dtype) at the response positions: (N, d_T);
+    from forwards in length groups when `group` (lm.length_groups)."""
+    return states_at(model, input_ids, attention_mask, positions, group)
 
 
 class LocalTeacher:
@@ -111,12 +113,13 @@ class LocalTeacher:
     cache_device  where the sides are kept until phase 2 reads them (the device, or the CPU to save memory)
     offload       park the backbone on the CPU outside `score` (a GPU whose memory the student needs);
                   the LM head stays on the device as its own copy
+    group         forwards in length groups (lm.length_groups; not for a ZeRO-3-sharded teacher)
     """
 
     def __init__(self, model, *, reads: Reads, device: torch.device, cache_device: torch.device,
-                 offload: bool = False, engine=None):
+                 offload: bool = False, engine=None, group: bool = False):
         self.model, self.reads, self.device, self.cache_device = model, reads, device, cache_device
-        self.engine = engine
+        self.engine, self.group = engine, group and engine is None
         self.waited, self.received = 0.0, 0  # since the last take_metrics: seconds in score, bytes of sides
         self.offload = offload and engine is None and device.type == "cuda"
         weight = head_weight(model)
@@ -166,7 +169,7 @@ class LocalTeacher:
             torch.cuda.empty_cache()
 
     def _side(self, mb: Scored) -> torch.Tensor:
-        states = final_states(self.model, mb.input_ids, mb.attention_mask, mb.positions())
+        states = final_states(self.model, mb.input_ids, mb.attention_mask, mb.positions(), self.group)
         if self.reads == "hidden":
             return states.to(self.cache_device)
         # Reference path: float32 products of the final hidden states and the head, autocast off, formed as

@@ -60,6 +60,7 @@ class OPDConfig:
     beta: float = field(default=0.5, metadata={"help": "the divergence's knob: jsd interpolation (0 = forward KL, 1 = reverse KL), skew_reverse_kl's teacher share alpha (1 = reverse KL)", "min": 0.0, "max": 1.0})
     chunk_size: int = field(default=256, metadata={"help": "tokens per chunk of the full-vocabulary computation (at most 1,048,576)", "min": 1, "max": 2**20})
     loss_impl: Literal["reference", "fused"] = field(default="fused", metadata={"help": "fused: LM head only on kept rows, recomputed in backward; reference: full logits"})
+    length_groups: bool = field(default=True, metadata={"help": "run the teacher's and the student's forwards on a micro-batch's rows in groups of similar length, each padded only to its longest row (lm.length_groups: less compute on padding; the same function, rounded differently); false: one padded forward; not under ZeRO-3 for the sharded model"})
     teacher_cache_device: Literal["auto", "cpu"] = field(default="auto", metadata={"help": "where phase 1 keeps the teacher side; cpu = offload"})
     offload_teacher: bool = field(default=False, metadata={"help": "move the teacher backbone to CPU between phases (GPU only; ignored for a ZeRO-3 sharded teacher)"})
     teacher_zero3: bool = field(default=True, metadata={"help": "under DeepSpeed ZeRO-3: shard the frozen teacher over the processes as a ZeRO-3 inference engine (true), or keep a full copy on every process (false: faster, needs the teacher to fit on one device); ignored without ZeRO-3"})

@@ -78,10 +78,10 @@ def rollout_gap(student, head: torch.Tensor, rollouts: Rollouts, micro_batch_siz
     total, count, biggest = 0.0, 0, 0.0
     for start in range(0, len(rollouts), micro_batch_size):
         part = rollouts.rows(list(range(start, min(len(rollouts), start + micro_batch_size)))).to(acc.device)
-        with acc.autocast():
-            hidden = student(part.input_ids, part.attention_mask, hidden=True)
         pos = part.response_mask[:, 1:].bool()
-        states, tokens = hidden[:, :-1][pos], part.input_ids[:, 1:][pos]
+        with acc.autocast():
+            states = student(part.input_ids, part.attention_mask, hidden=True, positions=pos)
+        tokens = part.input_ids[:, 1:][pos]
         diff = (sampled_logprobs(states, head, tokens, chunk_size) - part.logprobs[:, 1:][pos]).abs()
         total, count = total + float(diff.sum()), count + diff.numel()
         biggest = max(biggest, float(diff.max())) if diff.numel() else biggest

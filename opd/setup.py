@@ -113,7 +113,7 @@ def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, 
 
     total_steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(source.prompts) / cfg.train.prompts_per_step)
     updates_per_step = cfg.train.prompts_per_step // (cfg.train.mini_batch_size or cfg.train.prompts_per_step)
-    policy = PolicyModel(student_lm)
+    policy = PolicyModel(student_lm, group=cfg.opd.length_groups and not zero3)
     student, optimizer = acc.prepare(policy, build_optimizer(policy, cfg.optim))
     # Built on the prepared optimizer and not handed to accelerate: its scheduler wrapper would step
     # num_processes times per update, and DeepSpeed may replace the optimizer (offload: DeepSpeedCPUAdam).
@@ -169,7 +169,7 @@ def load_pair(cfg: Config, tokenizer, teacher_tok, acc: Accelerator, zero3: bool
     for name, key, tc in teacher_sections(cfg, sources, zero3):
         tok = teacher_tok if name == DEFAULT_TEACHER else tokenizer_of(key, tc)
         if tc.placement == "ray":
-            teachers[name] = served_teacher(tc, acc, run_dir, key)
+            teachers[name] = served_teacher(tc, acc, run_dir, key, group=cfg.opd.length_groups)
         else:
             with loading(f"{key}.gguf_file" if tc.gguf_file else f"{key}.path", model_name(tc)):
                 teacher_lm = build(tc, tok, trainable=False, sharded=cfg.opd.teacher_zero3)
@@ -209,10 +209,10 @@ def local_teacher(model, oc, device: torch.device, engine) -> LocalTeacher:
     ZeRO-3 inference engine when it is sharded over the processes."""
     cache_device = torch.device("cpu") if oc.teacher_cache_device == "cpu" else device
     return LocalTeacher(model, reads=LOSS_IMPLS[oc.loss_impl].reads, device=device, cache_device=cache_device,
-                        offload=oc.offload_teacher, engine=engine)
+                        offload=oc.offload_teacher, engine=engine, group=oc.length_groups)
 
 
-def served_teacher(tc, acc: Accelerator, run_dir: Path, key: str = "teacher") -> RayTeacher:
+def served_teacher(tc, acc: Accelerator, run_dir: Path, key: str = "teacher", group: bool = False) -> RayTeacher:
     """A teacher on a pool of Ray actors (`key`.ray). The run directory records the weights hash of the teacher it
     started with (teacher.json; a route's: teacher-<source digest>.json); a rerun whose replicas hold another
     teacher is refused."""
@@ -223,7 +223,7 @@ def served_teacher(tc, acc: Accelerator, run_dir: Path, key: str = "teacher") ->
     try:
         teacher = RayTeacher(served_mc, tc.ray, acc.device, process_index=acc.process_index,
                              num_processes=acc.num_processes, share=shared(acc), recorded=recorded, log=acc.print,
-                             key=key)
+                             key=key, group=group)
     except TeacherUnavailable as exc:
         raise RunError(str(exc)) from None
     if acc.is_main_process and recorded is None:

@@ -186,7 +186,7 @@ def _select(stats: TokenStats, st: StepSettings, generator_for, state) -> "tip.S
 def _reference_student(student, student_weight, teacher_weight, mb, side, st, generator_for, state):
     """Full student logits (N, V) at the response positions, stats, selection, divergence on kept rows."""
     pos, seq_ids, sample_w = _rows(mb)
-    logits = student(mb.input_ids, mb.attention_mask, hidden=False)[:, :-1][pos]
+    logits = student(mb.input_ids, mb.attention_mask, hidden=False, positions=pos)
     teacher_logits = side.values.to(logits.device)
     stats = token_stats(logits.detach(), teacher_logits, seq_ids, st.chunk_size, st.topk)
     selection = _select(stats, st, generator_for, state)
@@ -207,7 +207,7 @@ def _fused_student(student, student_weight, teacher_weight, mb, side, st, genera
     With several teachers each part of the side (rows of one teacher) goes through its own teacher's head; the
     statistics are put back in position order and the selection is made over the whole micro-batch."""
     pos, seq_ids, sample_w = _rows(mb)
-    hidden = student(mb.input_ids, mb.attention_mask, hidden=True)[:, :-1][pos]
+    hidden = student(mb.input_ids, mb.attention_mask, hidden=True, positions=pos)
     parts = side_parts(side, teacher_weight, hidden.device)
     w_s = student_weight.detach()
     vocab = shared_vocab(hidden, parts[0].values, (w_s, parts[0].head))

@@ -49,14 +49,18 @@ def parse_args(argv=None):
     p.add_argument("--pair", default="", help="directory with teacher/ and student/ checkpoints (default: the "
                                               "real pair with a --keep-layers student, prepared on first use)")
     p.add_argument("--keep-layers", default=KEEP_LAYERS, help="teacher layers the prepared student keeps")
-    p.add_argument("--variants", default=VARIANTS, help="comma list: SELECTOR:RATIO (ours) or trl")
+    p.add_argument("--variants", default=VARIANTS, help="comma list: SELECTOR:RATIO (ours; @KEY=VALUE after it "
+                                                        "adds a config override, e.g. all:1.0@opd.length_groups=false)"
+                                                        " or trl")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per variant, interleaved")
     p.add_argument("--steps", type=int, default=2, help="measured steps per run")
     p.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
     p.add_argument("--prompts", type=int, default=64, help="prompts of the real demo's held-out set")
     p.add_argument("--batch", type=int, default=8, help="prompts per step (one rollout each, one micro-batch)")
     p.add_argument("--new-tokens", type=int, default=64, help="response tokens at most")
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=5e-5, help="0: the weights never move, so every run samples the "
+                                                        "same rollouts step by step (an A/B of our variants on the "
+                                                        "same work; the update still runs whole)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     p.add_argument("--seed", type=int, default=0)
@@ -89,8 +93,8 @@ def check_args(args) -> list[str]:
                 if getattr(args, name) < low]
     if args.prompts < args.batch:
         problems.append(f"--prompts ({args.prompts}) must be at least --batch ({args.batch})")
-    if not 0 < args.lr < 1 or args.weight_decay < 0:
-        problems.append("--lr must be in (0, 1) and --weight-decay at least 0")
+    if not 0 <= args.lr < 1 or args.weight_decay < 0:
+        problems.append("--lr must be in [0, 1) and --weight-decay at least 0")
     try:
         parse_variants(args.variants)
     except ValueError as exc:
@@ -100,13 +104,17 @@ def check_args(args) -> list[str]:
     return problems
 
 
-def parse_variants(text: str) -> list[tuple[str, float]]:
-    """"all:1.0,soft_or:0.5,trl" -> [("all", 1.0), ("soft_or", 0.5), ("trl", 1.0)]; ValueError when malformed."""
+def parse_variants(text: str) -> list[tuple[str, float, tuple[str, ...]]]:
+    """"all:1.0,soft_or:0.5@opd.chunk_size=128,trl" -> [("all", 1.0, ()), ("soft_or", 0.5, ("opd.chunk_size=128",)),
+    ("trl", 1.0, ())]: selector, ratio and our config overrides; ValueError when malformed."""
     out = []
     for item in (v.strip() for v in text.split(",") if v.strip()):
         if item == "trl":
-            out.append(("trl", 1.0))
+            out.append(("trl", 1.0, ()))
             continue
+        item, *overrides = item.split("@")
+        if any("=" not in o or o.startswith("=") for o in overrides):
+            raise ValueError(f"{item!r}: an override after @ is KEY=VALUE")
         selector, _, ratio = item.partition(":")
         try:
             value = float(ratio)
@@ -114,17 +122,17 @@ def parse_variants(text: str) -> list[tuple[str, float]]:
             raise ValueError(f"{item!r} is not SELECTOR:RATIO or trl") from None
         if not selector or not 0 < value <= 1:
             raise ValueError(f"{item!r}: the ratio must be in (0, 1]")
-        out.append((selector, value))
+        out.append((selector, value, tuple(overrides)))
     if not out:
         raise ValueError("no variant given")
     return out
 
 
-def label(selector: str, ratio: float) -> str:
+def label(selector: str, ratio: float, overrides: tuple[str, ...] = ()) -> str:
     if selector == "trl":
         return "TRL DistillationTrainer"
     name = {"all": "OPD", "soft_or": "Soft-OR"}.get(selector, selector)
-    return f"ours {name} {ratio:.0%}"
+    return f"ours {name} {ratio:.0%}" + (f" ({', '.join(overrides)})" if overrides else "")
 
 
 # ----------------------------------------------------------------------------
@@ -180,7 +188,7 @@ def ours_overrides(args, selector: str, ratio: float) -> list[str]:
             f"tip.ratio={ratio}", "tip.dump_tokens=0", "tip.plots=false", "logging.progress_bar=false"]
 
 
-def ours_worker(args, selector: str, ratio: float) -> dict:
+def ours_worker(args, selector: str, ratio: float, overrides: tuple[str, ...] = ()) -> dict:
     """Our trainer, in this process: the run's metrics.jsonl gives the per-step times, tokens and loss."""
     import torch
 
@@ -188,7 +196,7 @@ def ours_worker(args, selector: str, ratio: float) -> dict:
     from opd.config import load_config
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(None, ours_overrides(args, selector, ratio))
+    cfg = load_config(None, ours_overrides(args, selector, ratio) + list(overrides))
     peak, prompt_tokens = Peak(args.warmup), []
     real_rollout, real_metrics = trainer.rollout, trainer.step_metrics
 
@@ -273,8 +281,8 @@ def trl_worker(args) -> dict:
 
 
 def worker(args) -> dict:
-    (selector, ratio), = parse_variants(args.worker)
-    out = trl_worker(args) if selector == "trl" else ours_worker(args, selector, ratio)
+    (selector, ratio, overrides), = parse_variants(args.worker)
+    out = trl_worker(args) if selector == "trl" else ours_worker(args, selector, ratio, overrides)
     return {"selector": selector, "ratio": ratio, **out}
 
 
@@ -300,8 +308,8 @@ def write_prompts(path: Path, n: int) -> Path:
     return path
 
 
-def worker_command(args, variant: tuple[str, float], python: str, common: list[str]) -> list[str]:
-    name = "trl" if variant[0] == "trl" else f"{variant[0]}:{variant[1]}"
+def worker_command(args, variant: tuple[str, float, tuple[str, ...]], python: str, common: list[str]) -> list[str]:
+    name = "trl" if variant[0] == "trl" else f"{variant[0]}:{variant[1]}" + "".join(f"@{o}" for o in variant[2])
     return [python, str(Path(__file__).resolve()), "--worker", name, *common]
 
 

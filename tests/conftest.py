@@ -122,9 +122,9 @@ def tip_denominator(name, sizes, ratio, **kwargs):
     return tip.denominator(name, sizes, ratio, **{**TIP_OPTIONS, **kwargs})
 
 
-def teacher_of(model, impl: str, device):
-    """The local teacher (lm.teacher) that returns what loss path `impl` reads."""
+def teacher_of(model, impl: str, device, group: bool = False):
+    """The local teacher (lm.teacher) that returns what loss path `impl` reads (length groups when `group`)."""
     from lm.teacher import LocalTeacher
     from opd.step import LOSS_IMPLS
 
-    return LocalTeacher(model, reads=LOSS_IMPLS[impl].reads, device=device, cache_device=device)
+    return LocalTeacher(model, reads=LOSS_IMPLS[impl].reads, device=device, cache_device=device, group=group)

@@ -53,16 +53,19 @@ def settings(impl, selector="all", ratio=1.0, loss_type="reverse_kl", beta=0.5, 
                         select_options={"normalize": "minmax", "momentum": 0.9, "importance_weighting": iw})
 
 
-def grads_and_loss(policy, teacher, micro, st, seed=0):
-    """Run one update's micro-batches; return (loss, {param: grad})."""
+def grads_and_loss(policy, teacher, micro, st, seed=0, autocast=False):
+    """Run one update's micro-batches; return (loss, {param: grad}). The teacher runs in length groups when the
+    student does (policy.group); autocast: the forwards under bf16 autocast, as the trainer runs them."""
     policy.zero_grad(set_to_none=True)
     z = denominator(micro, st)
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
     for mb in micro:
-        cached = teacher_of(teacher, st.loss_impl, CPU).score([mb])[0]
-        _, sel, value = student_microbatch(policy, head_weight(policy.lm), head_weight(teacher), mb, cached, st,
-                                           1.0 / z, lambda key: gen, tip.RunningMinMax(), lambda loss: loss.backward())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            cached = teacher_of(teacher, st.loss_impl, CPU, group=policy.group).score([mb])[0]
+            _, sel, value = student_microbatch(policy, head_weight(policy.lm), head_weight(teacher), mb, cached, st,
+                                               1.0 / z, lambda key: gen, tip.RunningMinMax(),
+                                               lambda loss: loss.backward())
         total += value
     return total / z, {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
 
@@ -103,18 +106,50 @@ def test_teacher_hidden_path_equals_teacher_logits():
     torch.testing.assert_close(hidden.values @ head_weight(teacher).T, logits.values, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("group", [False, True])
 @pytest.mark.parametrize("impl", ["reference", "fused"])
 @pytest.mark.parametrize("selector,ratio", [("all", 1.0), ("soft_or", 0.5)])
-def test_micro_batch_split_does_not_change_gradients(impl, selector, ratio):
+def test_micro_batch_split_does_not_change_gradients(impl, selector, ratio, group):
     """Loss normalised by the global token count: one micro-batch of 6 rows == 3 of 2 rows
-    (with sequence scope, so the kept set does not depend on the split)."""
+    (with sequence scope, so the kept set does not depend on the split); in length groups too (each split
+    groups its rows differently)."""
     policy, teacher = models()
+    policy = PolicyModel(policy.lm, group=group)
     whole = batch(rows=6, seed=7)
     parts = [MicroBatch(*(getattr(whole, f)[i:i + 2] for f in ("input_ids", "attention_mask", "response_mask",
                                                                 "sample_weight", "sequence_ids")))
              for i in range(0, 6, 2)]
     st = settings(impl, selector, ratio, scope="sequence")
     assert_same(grads_and_loss(policy, teacher, parts, st), grads_and_loss(policy, teacher, [whole], st))
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("selector,ratio", [("all", 1.0), ("soft_or", 0.5), ("entropy_sample", 0.2)])
+def test_length_groups_give_the_padded_step(impl, selector, ratio):
+    """Teacher and student in length groups (lm.length_groups) == both padded: the same statistics, selection, loss,
+    gradients."""
+    policy, teacher = models()
+    grouped = PolicyModel(policy.lm, group=True)
+    micro = [batch(seed=9, weights=torch.tensor([1.0, 0.5, 2.0, 1.0, 0.1, 1.4])), batch(rows=3, seed=10, offset=6)]
+    st = settings(impl, selector, ratio)
+    assert_same(grads_and_loss(grouped, teacher, micro, st), grads_and_loss(policy, teacher, micro, st))
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_length_groups_under_bf16_autocast_stay_as_close_to_float32_as_padded_forwards(impl):
+    """Under bf16 autocast the backbones round differently grouped and padded; each is as far from the float32
+    step as the other (the loss within 2x, every gradient within 2x of the padded one's error + 1e-6)."""
+    policy, teacher = models()
+    grouped = PolicyModel(policy.lm, group=True)
+    micro = [batch(seed=11)]
+    st = settings(impl, "soft_or", 0.5)
+    exact_loss, exact = grads_and_loss(policy, teacher, micro, st)
+    pad_loss, pad = grads_and_loss(policy, teacher, micro, st, autocast=True)
+    group_loss, group = grads_and_loss(grouped, teacher, micro, st, autocast=True)
+    assert abs(group_loss - exact_loss) <= 2 * abs(pad_loss - exact_loss) + 1e-6
+    for name in exact:
+        pad_err = (pad[name] - exact[name]).abs().max().item()
+        assert (group[name] - exact[name]).abs().max().item() <= 2 * pad_err + 1e-6, name
 
 
 def test_loss_is_mean_over_kept_tokens():

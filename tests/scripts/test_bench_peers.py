@@ -67,10 +67,22 @@ def test_our_side_one_step(pair, tmp_path):
     assert "load average (1 min)" in out.stdout and "step-1 loss" not in out.stdout  # no 100% run, no loss check
 
 
+def test_a_variant_carries_config_overrides_to_our_run(pair, tmp_path):
+    out_json = tmp_path / "bench.json"
+    variant = "all:1.0@rollout.max_new_tokens=2@opd.length_groups=false"
+    out = bench(["--pair", str(pair), "--variants", variant, "--json", str(out_json), *SMALL])
+    assert out.returncode == 0, out.stderr[-3000:]
+    [row] = json.loads(out_json.read_text())["rows"]
+    assert row["label"] == "ours OPD 100% (rollout.max_new_tokens=2, opd.length_groups=false)"
+    assert 0 < row["tokens"]["median"] <= 4 * 2  # the override reached the run: 2 new tokens, not --new-tokens 8
+    assert list(table_rows(out.stdout)) == [row["label"]]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps must be at least 1"),
     (["--variants", "soft_or:1.5"], "the ratio must be in (0, 1]"),
     (["--variants", "soft_or"], "is not SELECTOR:RATIO or trl"),
+    (["--variants", "all:1.0@opd.length_groups"], "an override after @ is KEY=VALUE"),
     (["--pair", "/nonexistent"], "does not hold teacher/config.json"),
     (["--prompts", "4", "--batch", "8"], "must be at least --batch"),
     (["--no-such-flag"], "unrecognized arguments"),
