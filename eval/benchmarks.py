@@ -32,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 
 from demo import task as demo_task
 from eval import grader
@@ -213,6 +212,8 @@ def _read_jsonl(path: Path, name: str) -> list[tuple[str, str, str]]:
 
 def _hub(name: str, hub_id: str, split: str):
     try:
+        import datasets  # here, not at the top: half a second of every start, for hub ids only
+
         return datasets.load_dataset(hub_id, split=split)
     except Exception as exc:  # offline, renamed, gated: the user needs the one-line reason
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -9,7 +9,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import pyarrow.parquet as pq
 
 import lm.chat
@@ -77,6 +76,8 @@ def read_records(path: str, split: str, bad_records: str, report: LoadReport, *,
     if path.endswith((".jsonl", ".json", ".parquet")) or path.startswith(("/", "./", "../")):
         raise DataError(f"data file not found: {path}")
     hub_id = path.removeprefix("hub:")
+    import datasets  # here, not at the top: half a second of every start, for hub ids only
+
     ds = datasets.load_dataset(hub_id, split=split)
     for i, rec in enumerate(ds):
         yield dict(rec), f"{hub_id}[{i}]"

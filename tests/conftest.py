@@ -68,8 +68,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+# The files whose tests take longest (minutes, measured: `pytest --durations`), run first: on two workers
+# (`pytest -n 2 --dist loadfile`, README) a long file taken last would leave the other worker idle at the end.
+LONG_FILES = ("tests/scripts/test_mini_tables.py", "tests/distributed/test_distributed_training.py",
+              "tests/demo/test_agent_demo.py", "tests/reliability/test_faults.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: skipped, with the reason, where there is none."""
+    """The longest files first (LONG_FILES; otherwise collection order); `gpu` tests need CUDA: skipped, with
+    the reason, where there is none."""
+    rank = {name: k for k, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).relative_to(REPO).as_posix(), len(rank)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none visible); run on a GPU machine: pytest -m gpu")

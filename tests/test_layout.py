@@ -32,7 +32,8 @@ ALLOWED = {
     "opd": {"opd", "tip", "eval", "demo", "agent", "lm"},
     "train.py": {"opd"},
 }
-LAZY_OK = {"deepspeed", "matplotlib", "wandb", "math_verify", "vllm", "torch.utils.tensorboard", "gguf", "ray"}
+LAZY_OK = {"deepspeed", "matplotlib", "wandb", "math_verify", "vllm", "torch.utils.tensorboard", "gguf", "ray",
+           "datasets"}
 MAX_FUNCTION_LINES = 60
 
 

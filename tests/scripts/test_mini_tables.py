@@ -31,6 +31,7 @@ def floats(cell: str) -> list[float]:
     return [float(part) for part in cell.replace("±", "/").split("/")]
 
 
+@pytest.mark.slow  # 3.5-4 min (a process per method); .ci/run runs it after the main suite
 def test_quick_run_produces_every_table_and_a_rerun_reuses_it(tmp_path):
     out = tmp_path / "mini"
     caches = (f"demo.cache_dir={tmp_path / 'cache'}", f"agent_demo.cache_dir={tmp_path / 'cache'}")
