@@ -25,7 +25,8 @@ from lm.served import TeacherUnavailable
 from lm.teacher import TeacherSide
 from opd.checkpoint import latest_checkpoint, run_directory, save
 from opd.config import Config
-from opd.distributed import backward_fn, clip_gradients, gather_fn, global_mean, global_sum, shard_places
+from opd.distributed import (backward_fn, clip_gradients, close_process_group, gather_fn, global_mean, global_sum,
+                             shard_places)
 from opd.engine import rollout_gap, sync_engine
 from opd.errors import RunError
 from opd.evaluation import finish, keeping_training, print_summary, read_summary, run_eval, run_initial_evals
@@ -42,10 +43,13 @@ def train(cfg: Config, config_paths: list[str] = (), prepared: dict[str, str] | 
     """Run OPD as configured; returns the run directory. `prepared` maps prepared model names (`demo:student`)
     to their checkpoints (opd.cli.prepare); `started` is when the job began (the summary's wall time)."""
     stop = install_stop_handler()  # first: a signal while loading or evaluating at step 0 stops cleanly too
-    with RunLock(run_directory(cfg, config_paths)) as lock:  # the directory is this run's until it ends (opd.lock)
-        run = setup(cfg, config_paths, prepared or {}, started, lock)
-        with contextlib.closing(run.teacher):  # a served teacher's replicas stop with the run, however it ends
-            return run_steps(run, stop)
+    try:
+        with RunLock(run_directory(cfg, config_paths)) as lock:  # the directory is this run's until it ends
+            run = setup(cfg, config_paths, prepared or {}, started, lock)
+            with contextlib.closing(run.teacher):  # a served teacher's replicas stop with the run, however it ends
+                return run_steps(run, stop)
+    finally:
+        close_process_group()  # several processes: before the interpreter's exit, not during it
 
 
 def run_steps(run: Run, stop: StopFlag) -> Path:
