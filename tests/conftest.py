@@ -53,6 +53,24 @@ def tiny_config(tmp_path: Path, arch: str = "qwen3", **sections) -> dict:
     return cfg
 
 
+def tiny_chat_pair(out: Path) -> Path:
+    """Two tiny random Llama checkpoints, out/teacher and out/student, sharing a character tokenizer with a chat
+    template (the scripts' --pair layout)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lm.models import save_pretrained
+    from lm.tokenizers import chat_char_tokenizer
+
+    tok = chat_char_tokenizer()
+    for name, seed in (("teacher", 1), ("student", 0)):
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, bos_token_id=None)
+        save_pretrained(LlamaForCausalLM(config), tok, out / name)
+    return out
+
+
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path

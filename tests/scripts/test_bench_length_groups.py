@@ -4,24 +4,13 @@ the script, not a timing)."""
 import subprocess
 import sys
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from conftest import REPO
-from lm.models import save_pretrained
-from lm.tokenizers import chat_char_tokenizer
+from conftest import REPO, tiny_chat_pair
 
 SCRIPT = REPO / "scripts" / "bench_length_groups.py"
 
 
 def test_the_script_times_both_layouts_on_a_pair(tmp_path):
-    tok = chat_char_tokenizer()
-    for name, seed in (("teacher", 1), ("student", 0)):
-        torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, bos_token_id=None)
-        save_pretrained(LlamaForCausalLM(config), tok, tmp_path / name)
+    tiny_chat_pair(tmp_path)
     out = subprocess.run([sys.executable, str(SCRIPT), "--pair", str(tmp_path), "--responses", "40,3,5,40,2,4",
                           "--repeats", "2"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]

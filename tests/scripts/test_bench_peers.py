@@ -8,12 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import REPO
-from lm.models import save_pretrained
-from lm.tokenizers import chat_char_tokenizer
+from conftest import REPO, tiny_chat_pair
 
 SCRIPT = REPO / "scripts" / "bench_peers.py"
 TRL_PYTHON = Path("/tmp/tip-trl-venv/bin/python")
@@ -24,15 +20,7 @@ SMALL = ["--repeats", "1", "--warmup", "0", "--steps", "1", "--prompts", "8", "-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> Path:
     """Two tiny random Llama checkpoints sharing a character tokenizer with a chat template."""
-    out = tmp_path_factory.mktemp("pair")
-    tok = chat_char_tokenizer()
-    for name, seed in (("teacher", 1), ("student", 0)):
-        torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, bos_token_id=None)
-        save_pretrained(LlamaForCausalLM(config), tok, out / name)
-    return out
+    return tiny_chat_pair(tmp_path_factory.mktemp("pair"))
 
 
 def bench(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
