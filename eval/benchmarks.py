@@ -32,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from demo import task as demo_task
 from eval import grader
 from eval.config import BOXED_INSTRUCTION

@@ -25,8 +25,8 @@ from typing import Literal, Protocol, Sequence
 
 import torch
 
-from lm.models import gathered, head_weight, rows
 from lm.length_groups import states_at
+from lm.models import gathered, head_weight, rows
 
 Reads = Literal["hidden", "logits"]
 

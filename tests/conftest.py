@@ -88,8 +88,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 # The files whose tests take longest (minutes, measured: `pytest --durations`), run first: on two workers
 # (`pytest -n 2 --dist loadfile`, README) a long file taken last would leave the other worker idle at the end.
-LONG_FILES = ("tests/scripts/test_mini_tables.py", "tests/distributed/test_distributed_training.py",
-              "tests/demo/test_agent_demo.py", "tests/reliability/test_faults.py")
+LONG_FILES = ("tests/distributed/test_distributed_training.py", "tests/reliability/test_faults.py",
+              "tests/demo/test_agent_demo.py", "tests/reliability/test_second_round.py")
 
 
 def pytest_collection_modifyitems(config, items):
