@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -113,7 +113,9 @@ def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, 
 
     total_steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(source.prompts) / cfg.train.prompts_per_step)
     updates_per_step = cfg.train.prompts_per_step // (cfg.train.mini_batch_size or cfg.train.prompts_per_step)
-    policy = PolicyModel(student_lm, group=cfg.opd.length_groups and not zero3)
+    # embedding_rows: one process without DeepSpeed (nothing else hooks the gradients; see PolicyModel)
+    policy = PolicyModel(student_lm, group=cfg.opd.length_groups and not zero3,
+                         embedding_rows=acc.distributed_type == DistributedType.NO)
     student, optimizer = acc.prepare(policy, build_optimizer(policy, cfg.optim))
     # Built on the prepared optimizer and not handed to accelerate: its scheduler wrapper would step
     # num_processes times per update, and DeepSpeed may replace the optimizer (offload: DeepSpeedCPUAdam).

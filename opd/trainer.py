@@ -133,6 +133,7 @@ def run_update(run: Run, micro: list[MicroBatch], sides: list[TeacherSide], step
         with sync, acc.autocast():
             stats, sel, value = student_microbatch(run.student, run.student_head(), run.teacher.head, mb, sides[j], st,
                                                    loss_scale, generator_for, run.selector_state, backward_fn(acc, last))
+        run.policy.add_embedding_grads()
         loss_sum += value
         stats_list.append(stats)
         selections.append(sel)
