@@ -24,7 +24,8 @@ from lm.rollout import Rollouts, sample
 
 @dataclass(frozen=True)
 class Sampling:
-    """How responses are drawn; `vocab_limit`: ids >= it are never sampled (None = no limit)."""
+    """How responses are drawn; `vocab_limit`: ids >= it are never sampled (None = no limit); `min_new_tokens`:
+    no EOS before that many response tokens (0 = off)."""
 
     temperature: float
     top_p: float
@@ -34,6 +35,7 @@ class Sampling:
     eos_ids: tuple[int, ...]
     pad_token_id: int
     vocab_limit: int | None = None
+    min_new_tokens: int = 0
 
 
 class Engine(Protocol):
@@ -62,6 +64,7 @@ class HFEngine:
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
             max_new_tokens=sampling.max_new_tokens, n=sampling.n, batch_size=self.batch_size,
             synced_gpus=self.synced_gpus, prompt_seeds=prompt_seeds, vocab_limit=sampling.vocab_limit,
+            min_new_tokens=sampling.min_new_tokens,
         )
 
     def sync(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:

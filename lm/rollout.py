@@ -153,6 +153,7 @@ def sample(
     synced_gpus: bool = False,
     prompt_seeds: list[int] | None = None,
     vocab_limit: int | None = None,
+    min_new_tokens: int = 0,
 ) -> Rollouts:
     """Sample `n` responses per prompt (prompts given as token id lists).
 
@@ -166,6 +167,8 @@ def sample(
     sharded layers need all processes in every forward).
     `vocab_limit`: ids >= it are never sampled (a student whose embedding has more
     rows than the teacher's must not sample ids the teacher cannot score).
+    `min_new_tokens`: no EOS id is sampled before that many response tokens (transformers' processor, which
+    generate runs before the custom ones: the RowwiseSampler draws from the distribution without EOS).
     """
     if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
         raise ValueError(f"prompt_seeds has {len(prompt_seeds)} seeds for {len(prompts)} prompts")
@@ -183,6 +186,7 @@ def sample(
         top_p=top_p if sampled else None,
         top_k=top_k if sampled else None,
         max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens or None,
         pad_token_id=pad_token_id,
         eos_token_id=eos or None,
         use_cache=True,

@@ -69,7 +69,7 @@ class VLLMEngine:
                 index.append(i)
                 params.append(SamplingParams(
                     n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                    max_tokens=sampling.max_new_tokens, seed=row_seed(seed, j), stop_token_ids=list(sampling.eos_ids),
+                    max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens, seed=row_seed(seed, j), stop_token_ids=list(sampling.eos_ids),
                     logprobs=0, detokenize=False, skip_special_tokens=False, allowed_token_ids=allowed,
                 ))
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)

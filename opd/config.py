@@ -343,6 +343,12 @@ def validate(cfg: Config) -> list[str]:
     if cfg.data.train_path and cfg.agent.env:
         problems.append(f"data.train_path = {cfg.data.train_path!r} and agent.env = {cfg.agent.env!r}: an agentic run "
                         "takes its tasks from the environment; leave data.train_path empty")
+    if cfg.rollout.min_new_tokens > cfg.rollout.max_new_tokens:
+        problems.append(f"rollout.min_new_tokens = {cfg.rollout.min_new_tokens} is more than rollout.max_new_tokens = "
+                        f"{cfg.rollout.max_new_tokens}")
+    if cfg.rollout.min_new_tokens and cfg.agent.env:
+        problems.append(f"rollout.min_new_tokens = {cfg.rollout.min_new_tokens}: an agentic run's turns end where the "
+                        "model ends them (a tool call, a final answer); leave it 0")
     problems += check_routes(cfg)
     problems += check_demo(cfg.demo)
     problems += check_agent_demo(cfg.agent_demo, prefix="agent_demo.")

@@ -43,7 +43,7 @@ def rollout_sampling(rc, eos_ids: list[int], pad_token_id: int, vocab_limit: int
     """The training rollouts' sampling (`rc` the rollout section); `vocab_limit`: ids the teacher can score."""
     return Sampling(
         temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k, max_new_tokens=rc.max_new_tokens, n=rc.n,
-        eos_ids=tuple(eos_ids), pad_token_id=pad_token_id, vocab_limit=vocab_limit,
+        eos_ids=tuple(eos_ids), pad_token_id=pad_token_id, vocab_limit=vocab_limit, min_new_tokens=rc.min_new_tokens,
     )
 
 

@@ -192,3 +192,16 @@ def test_wrong_type_in_a_pair_override_is_reported(tmp_path):
                      ["tip.ratio=1.5", "optim.lr=fast"])
     text = "\n".join(info.value.problems)
     assert "tip.ratio" in text and "optim.lr" in text
+
+
+def test_min_new_tokens_above_the_maximum_or_in_an_agentic_run_is_refused():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.train_path=x.jsonl", "model.arch=llama", "teacher.arch=llama",
+                           "rollout.max_new_tokens=8", "rollout.min_new_tokens=9"])
+    assert "rollout.min_new_tokens = 9 is more than rollout.max_new_tokens = 8" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["agent.env=deepplanning", "model.arch=llama", "teacher.arch=llama",
+                           "rollout.min_new_tokens=4"])
+    assert "rollout.min_new_tokens = 4: an agentic run's turns" in str(info.value)
+    assert load_config(None, ["data.train_path=x.jsonl", "model.arch=llama", "teacher.arch=llama",
+                              "rollout.max_new_tokens=8", "rollout.min_new_tokens=8"]).rollout.min_new_tokens == 8

@@ -107,6 +107,16 @@ def test_vocab_limit_is_never_sampled(engine):
     assert max(t for r in out.response_ids() for t in r) < limit
 
 
+def test_min_new_tokens_holds_eos_back(engine):
+    """Unheld, some rows end with EOS early; with min_new_tokens = max_new_tokens (vLLM's min_tokens) every row is
+    that long and holds no EOS."""
+    free = engine.generate(prompts(), [1, 2, 3, 4], sampling(max_new_tokens=200, n=4)).response_ids()
+    assert any(len(r) < 200 and r[-1] == TOK.eos_token_id for r in free)
+    held = engine.generate(prompts(), [1, 2, 3, 4], sampling(max_new_tokens=200, min_new_tokens=200, n=4))
+    assert [len(r) for r in held.response_ids()] == [200] * 16 and held.truncated.all()
+    assert not any(TOK.eos_token_id in r for r in held.response_ids())
+
+
 def test_after_an_update_the_sync_makes_the_engine_follow_the_student(student, engine):
     before = engine.generate(prompts(), [9, 10, 11, 12], sampling())
     assert gap(student, before) <= 1e-4
