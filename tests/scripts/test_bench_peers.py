@@ -41,7 +41,7 @@ def test_our_side_one_step(pair, tmp_path):
     data = json.loads(out_json.read_text())
     [row] = data["rows"]
     assert row["label"] == "ours Soft-OR 50%" and row["runs"] == 1
-    assert 0 < row["kept"]["median"] < row["tokens"]["median"] <= 4 * 8  # Soft-OR kept part of the tokens
+    assert 0 < row["kept"]["median"] < row["tokens"]["median"] == 4 * 8  # Soft-OR kept part; fixed lengths
     assert row["step_s"]["median"] >= row["generate_s"]["median"] > 0 and row["update_s"]["median"] > 0
     assert row["peak_rss_gib"]["median"] > row["extra_gib"]["median"] >= 0 and row["step1_loss"] > 0
     assert row["step_vs_trl"] is None  # no TRL row: no ratios
@@ -58,7 +58,7 @@ def test_our_side_one_step(pair, tmp_path):
 def test_a_variant_carries_config_overrides_to_our_run(pair, tmp_path):
     out_json = tmp_path / "bench.json"
     variant = "all:1.0@rollout.max_new_tokens=2@opd.length_groups=false"
-    out = bench(["--pair", str(pair), "--variants", variant, "--json", str(out_json), *SMALL])
+    out = bench(["--pair", str(pair), "--variants", variant, "--json", str(out_json), "--lengths", "natural", *SMALL])
     assert out.returncode == 0, out.stderr[-3000:]
     [row] = json.loads(out_json.read_text())["rows"]
     assert row["label"] == "ours OPD 100% (rollout.max_new_tokens=2, opd.length_groups=false)"
@@ -74,6 +74,7 @@ def test_a_variant_carries_config_overrides_to_our_run(pair, tmp_path):
     (["--pair", "/nonexistent"], "does not hold teacher/config.json"),
     (["--prompts", "4", "--batch", "8"], "must be at least --batch"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--lengths", "short"], "invalid choice: 'short'"),
 ])
 def test_bad_input_one_line_exit_2(args, message):
     out = bench(args, timeout=60)
@@ -92,7 +93,8 @@ def test_trl_side_one_step(pair, tmp_path):
     trl, ours = rows["TRL DistillationTrainer"], rows["ours OPD 100%"]
     assert trl["step_vs_trl"] == 1.0 and ours["step_vs_trl"] == pytest.approx(
         ours["step_s"]["median"] / trl["step_s"]["median"])
-    assert 0 < trl["tokens"]["median"] <= 4 * 8 and trl["step1_loss"] > 0
+    assert trl["tokens"]["median"] == ours["tokens"]["median"] == 4 * 8 and trl["step1_loss"] > 0  # fixed lengths
     assert ours["kept"]["median"] == ours["tokens"]["median"]  # 100%: every response token
+    assert "the same prompts step by step on both sides (prompt tokens per step equal in every run): yes" in out.stdout
     # the same weights at step 1: the two losses (reverse KL per token, different samples) are of the same order
     assert 0.2 < ours["step1_loss"] / trl["step1_loss"] < 5
