@@ -14,13 +14,16 @@ forward call must pay for its fixed cost: on this project's CPU benchmark pair a
 token's work; 64 leaves room for a GPU's kernel launches, unmeasured): a dynamic programme over the sorted
 lengths.
 
-Not for a model sharded by DeepSpeed ZeRO-3: its layers gather their weights in every forward call, so every
-process must make the same calls, and the number of groups depends on the rows (the caller passes group=False).
+Under DeepSpeed ZeRO-3 every forward call gathers each layer's weights from all processes (a collective), so every
+process must make the same calls, forward and backward, while the number of groups depends on its rows: the caller
+passes `same_calls` (this process's call count -> every process's: the maximum), and a process with fewer groups
+makes the missing calls on one token, joined to the graph with weight 0 so its backward makes them too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -92,18 +95,26 @@ def plan(attention_mask: torch.Tensor) -> list[Group] | None:
     return out
 
 
-def states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group: bool) -> tuple[torch.Tensor, torch.Tensor]:
+SameCalls = Callable[[int], int]
+
+
+def states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group: bool,
+           same_calls: SameCalls | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's final hidden states (M, d), a row per forward position, and `where` (B, L): the row of each
     position of the padded batch (padding: -1 when grouped, a row that holds padding when not).
 
     group: run in length groups where that saves slots (`plan`); else, and where plan() declines, the padded
-    forward of the whole (B, L) batch, as transformers runs it."""
+    forward of the whole (B, L) batch, as transformers runs it.
+    same_calls: the number of forward calls every process makes, from this process's (ZeRO-3; see the module)."""
     groups = plan(attention_mask) if group else None
     run = backbone(model)
+    made = len(groups) if groups else 1
+    # agreed before any forward: under ZeRO-3 a forward's weight gathers are collectives too, and must pair up
+    missing = same_calls(made) - made if same_calls is not None else 0
     if groups is None:
         out = run(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         where = torch.arange(out.shape[0] * out.shape[1], device=out.device).view(out.shape[:2])
-        return out.reshape(-1, out.shape[-1]), where
+        return _calls_made_up(run, input_ids, out.reshape(-1, out.shape[-1]), missing), where
     parts, where, offset = [], torch.full((input_ids.numel(),), -1, dtype=torch.long, device=input_ids.device), 0
     for g in groups:
         ids, mask = g.inputs(input_ids)
@@ -112,12 +123,25 @@ def states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group: 
         real = (g.source >= 0).reshape(-1)
         where[g.source.reshape(-1)[real]] = offset + real.nonzero().squeeze(1)
         offset += ids.numel()
-    return (parts[0] if len(parts) == 1 else torch.cat(parts)), where.view(input_ids.shape)
+    rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return _calls_made_up(run, input_ids, rows, missing), where.view(input_ids.shape)
+
+
+def _calls_made_up(run, input_ids: torch.Tensor, rows: torch.Tensor, missing: int):
+    """`rows`, after `missing` more forward calls (the ones other processes make beyond this one's): each on the
+    batch's first token alone, its output added to the graph with weight 0 (where there is a graph), so the
+    backward runs them too."""
+    one = input_ids.reshape(-1)[:1].view(1, 1)
+    for _ in range(missing):
+        out = run(input_ids=one, attention_mask=torch.ones_like(one), use_cache=False).last_hidden_state
+        if out.requires_grad:
+            rows = rows + 0.0 * out.sum()
+    return rows
 
 
 def states_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-              group: bool) -> torch.Tensor:
+              group: bool, same_calls: SameCalls | None = None) -> torch.Tensor:
     """The final hidden states (N, d) at `positions` ((B, L-1) bool; column j is the state that predicts token
     j+1), in row-major order of the positions."""
-    rows, where = states(model, input_ids, attention_mask, group)
+    rows, where = states(model, input_ids, attention_mask, group, same_calls)
     return rows[where[:, :-1][positions]]

@@ -97,10 +97,10 @@ def take_metrics(teacher) -> dict:
 
 
 def final_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-                 group: bool = False) -> torch.Tensor:
+                 group: bool = False, same_calls=None) -> torch.Tensor:
     """The teacher's final hidden states (after its last norm, in its dtype) at the response positions: (N, d_T);
-    from forwards in length groups when `group` (lm.length_groups)."""
-    return states_at(model, input_ids, attention_mask, positions, group)
+    from forwards in length groups when `group` (lm.length_groups; `same_calls` under ZeRO-3)."""
+    return states_at(model, input_ids, attention_mask, positions, group, same_calls)
 
 
 class LocalTeacher:
@@ -113,13 +113,15 @@ class LocalTeacher:
     cache_device  where the sides are kept until phase 2 reads them (the device, or the CPU to save memory)
     offload       park the backbone on the CPU outside `score` (a GPU whose memory the student needs);
                   the LM head stays on the device as its own copy
-    group         forwards in length groups (lm.length_groups; not for a ZeRO-3-sharded teacher)
+    group         forwards in length groups (lm.length_groups); for a ZeRO-3-sharded teacher only with
+    same_calls    every process's number of forward calls from this one's (lm.length_groups.states)
     """
 
     def __init__(self, model, *, reads: Reads, device: torch.device, cache_device: torch.device,
-                 offload: bool = False, engine=None, group: bool = False):
+                 offload: bool = False, engine=None, group: bool = False, same_calls=None):
         self.model, self.reads, self.device, self.cache_device = model, reads, device, cache_device
-        self.engine, self.group = engine, group and engine is None
+        self.engine, self.group = engine, group and (engine is None or same_calls is not None)
+        self.same_calls = same_calls if engine is not None else None
         self.waited, self.received = 0.0, 0  # since the last take_metrics: seconds in score, bytes of sides
         self.offload = offload and engine is None and device.type == "cuda"
         weight = head_weight(model)
@@ -169,7 +171,8 @@ class LocalTeacher:
             torch.cuda.empty_cache()
 
     def _side(self, mb: Scored) -> torch.Tensor:
-        states = final_states(self.model, mb.input_ids, mb.attention_mask, mb.positions(), self.group)
+        states = final_states(self.model, mb.input_ids, mb.attention_mask, mb.positions(), self.group,
+                              self.same_calls)
         if self.reads == "hidden":
             return states.to(self.cache_device)
         # Reference path: float32 products of the final hidden states and the head, autocast off, formed as

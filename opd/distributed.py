@@ -140,6 +140,15 @@ def shard_places(n: int, mini: int, rank: int, world: int) -> list[int]:
     return [u * mini + rank * share + i for u in range(n // mini) for i in range(share)]
 
 
+def global_max(acc, value: int) -> int:
+    """The largest of every process's `value` (an int)."""
+    if acc.num_processes == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.long, device=acc.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t)
+
+
 def global_sum(acc, value: float) -> float:
     if acc.num_processes == 1:
         return float(value)

@@ -19,7 +19,8 @@ class PolicyModel(torch.nn.Module):
     Going through this module (not the inner backbone) keeps gradient
     synchronisation and ZeRO parameter gathering working.
 
-    group: forwards in length groups (lm.length_groups) when rows are asked for (never under ZeRO-3).
+    group: forwards in length groups (lm.length_groups) when rows are asked for; same_calls: under ZeRO-3, every
+    process's number of forward calls from this one's (lm.length_groups.states).
 
     embedding_rows: the input embedding's gradient is added after each backward (add_embedding_grads), from
     the rows its lookups used, instead of by autograd, whose embedding backward builds a dense (V, d) gradient
@@ -28,10 +29,11 @@ class PolicyModel(torch.nn.Module):
     DDP would reduce the weight's gradient before the rows are in) and the embedding is a plain nn.Embedding.
     """
 
-    def __init__(self, lm, group: bool = False, embedding_rows: bool = False):
+    def __init__(self, lm, group: bool = False, embedding_rows: bool = False, same_calls=None):
         super().__init__()
         self.lm = lm
         self.group = group
+        self.same_calls = same_calls
         # accelerate sizes DeepSpeed's "auto" buckets from model.config.hidden_size
         self.config = lm.config
         self._lookups: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ids, output leaf) since the last backward
@@ -45,7 +47,7 @@ class PolicyModel(torch.nn.Module):
         if positions is None:
             out = backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return out.last_hidden_state if hidden else self._logits(out.last_hidden_state)
-        rows, where = states(self.lm, input_ids, attention_mask, self.group)
+        rows, where = states(self.lm, input_ids, attention_mask, self.group, self.same_calls)
         index = where[:, :-1][positions]
         # The reference path forms the logits of every forward position, then takes the response rows (as the
         # upstream implementation does); the fused path never forms logits here.

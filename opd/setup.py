@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ from lm.tokenizers import check_tokenizers, load_tokenizer
 from opd.checkpoint import check_run_dir, check_same_data, holds_run, resume, run_directory
 from opd.config import Config, save_config, to_dict
 from opd.data import PromptSampler, prompts_digest
-from opd.distributed import built_whole, global_sum, make_accelerator, zero3_inference_engine
+from opd.distributed import built_whole, global_max, global_sum, make_accelerator, zero3_inference_engine
 from opd.engine import build_engine, rollout_sampling
 from opd.errors import RunError, loading
 from opd.lock import RunLock
@@ -114,8 +115,8 @@ def setup(cfg: Config, config_paths=(), prepared: dict[str, str] | None = None, 
     total_steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(source.prompts) / cfg.train.prompts_per_step)
     updates_per_step = cfg.train.prompts_per_step // (cfg.train.mini_batch_size or cfg.train.prompts_per_step)
     # embedding_rows: one process without DeepSpeed (nothing else hooks the gradients; see PolicyModel)
-    policy = PolicyModel(student_lm, group=cfg.opd.length_groups and not zero3,
-                         embedding_rows=acc.distributed_type == DistributedType.NO)
+    policy = PolicyModel(student_lm, group=cfg.opd.length_groups, embedding_rows=acc.distributed_type == DistributedType.NO,
+                         same_calls=same_calls(acc, zero3))
     student, optimizer = acc.prepare(policy, build_optimizer(policy, cfg.optim))
     # Built on the prepared optimizer and not handed to accelerate: its scheduler wrapper would step
     # num_processes times per update, and DeepSpeed may replace the optimizer (offload: DeepSpeedCPUAdam).
@@ -175,8 +176,10 @@ def load_pair(cfg: Config, tokenizer, teacher_tok, acc: Accelerator, zero3: bool
         else:
             with loading(f"{key}.gguf_file" if tc.gguf_file else f"{key}.path", model_name(tc)):
                 teacher_lm = build(tc, tok, trainable=False, sharded=cfg.opd.teacher_zero3)
-            teachers[name] = local_teacher(teacher_lm, cfg.opd, acc.device, zero3_inference_engine(teacher_lm, acc)
-                                           if zero3 and cfg.opd.teacher_zero3 else None)
+            sharded = zero3 and cfg.opd.teacher_zero3
+            teachers[name] = local_teacher(teacher_lm, cfg.opd, acc.device,
+                                           zero3_inference_engine(teacher_lm, acc) if sharded else None,
+                                           same_calls(acc, sharded))
         try:
             check_tokenizers(tokenizer, tok, rows(student_lm.get_output_embeddings().weight), teachers[name].vocab)
         except ValueError as exc:
@@ -206,12 +209,18 @@ def tokenizer_of(key: str, tc: OneTeacherConfig):
         return load_tokenizer(tc)
 
 
-def local_teacher(model, oc, device: torch.device, engine) -> LocalTeacher:
+def local_teacher(model, oc, device: torch.device, engine, same_calls=None) -> LocalTeacher:
     """The teacher in this process, returning what `opd.loss_impl` reads (oc: the opd section); `engine` is its
-    ZeRO-3 inference engine when it is sharded over the processes."""
+    ZeRO-3 inference engine when it is sharded over the processes (`same_calls` then agrees the forward calls)."""
     cache_device = torch.device("cpu") if oc.teacher_cache_device == "cpu" else device
     return LocalTeacher(model, reads=LOSS_IMPLS[oc.loss_impl].reads, device=device, cache_device=cache_device,
-                        offload=oc.offload_teacher, engine=engine, group=oc.length_groups)
+                        offload=oc.offload_teacher, engine=engine, group=oc.length_groups, same_calls=same_calls)
+
+
+def same_calls(acc: Accelerator, sharded: bool):
+    """For a ZeRO-3-sharded model in length groups: every process's number of forward calls from this one's (the
+    maximum; lm.length_groups); None otherwise."""
+    return functools.partial(global_max, acc) if sharded else None
 
 
 def served_teacher(tc, acc: Accelerator, run_dir: Path, key: str = "teacher", group: bool = False) -> RayTeacher:

@@ -129,3 +129,37 @@ def test_grouped_forwards_give_the_padded_gradients(arch):
     assert want.keys() == got.keys() and want
     for name in want:  # float32 rounding of sums over ~100 rows: within 1e-6 of the gradient's largest entry
         assert (got[name] - want[name]).abs().max() <= 1e-6 * want[name].abs().max(), name
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_calls_made_up_to_every_processes_count_run_forward_and_backward_and_change_nothing(group):
+    """ZeRO-3 (every process must make the same forward and backward calls): same_calls says every process makes 2
+    calls more than this one; they run, on one token, in the forward and in the backward, and the states and
+    gradients are this process's own."""
+    m = model(trainable=True)
+    ids, att, pos = rollouts(seed=6)
+    target = torch.randn(int(pos.sum()), 32, generator=torch.Generator().manual_seed(1))
+    calls, backward_calls, asked = [], [], []
+    layer = m.model.layers[0]
+    layer.register_forward_hook(lambda mod, a, out: calls.append(a[0].shape[:2]))
+    layer.register_full_backward_hook(lambda mod, gi, go: backward_calls.append(go[0].shape[:2]))
+
+    def run(same_calls):
+        calls.clear(), backward_calls.clear()
+        m.zero_grad(set_to_none=True)
+        out = states_at(m, ids, att, pos, group, same_calls)
+        (out * target).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    own_out, own_grads = run(None)
+    own_calls = len(calls)
+    assert own_calls == (len(plan(att)) if group else 1) and (own_calls > 1) == group
+    out, grads = run(lambda n: asked.append((n, len(calls))) or n + 2)
+    # asked before any forward (under ZeRO-3 a forward's gathers are collectives the agreement must not cross)
+    assert asked == [(own_calls, 0)] and len(calls) == own_calls + 2 and calls[-2:] == [torch.Size([1, 1])] * 2
+    assert len(backward_calls) == own_calls + 2  # the made-up calls are in the graph: the backward runs them too
+    assert torch.equal(out, own_out)
+    for name in own_grads:
+        torch.testing.assert_close(grads[name], own_grads[name], atol=0, rtol=0, msg=name)
+    with torch.no_grad():  # no graph (the teacher): the calls run, nothing joins
+        states_at(m, ids, att, pos, group, lambda n: n + 1)
