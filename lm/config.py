@@ -91,7 +91,7 @@ class RolloutConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling", "min": 0.0, "max": 1.0})
     top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off", "min": 0})
     max_new_tokens: int = field(default=8192, metadata={"help": "response tokens at most (at most 1,048,576, the longest context of any model)", "min": 1, "max": 2**20})
-    min_new_tokens: int = field(default=0, metadata={"help": "response tokens at least: no EOS is sampled before (0 = off); = max_new_tokens makes every response that long (timing at fixed lengths); single-turn rollouts only", "min": 0, "max": 2**20})
+    min_new_tokens: int = field(default=0, metadata={"help": "response tokens at least: no EOS is sampled before (0 = off); = max_new_tokens makes every response that long (timing at fixed lengths); single-turn rollouts only; at most 1,048,576", "min": 0, "max": 2**20})
     n: int = field(default=1, metadata={"help": "rollouts per prompt (at most 4,096)", "min": 1, "max": 4096})
     batch_size: int = field(default=0, metadata={"help": "hf: prompts per generate call; 0 = all prompts of the step at once (vllm schedules its own batches); at most 1,048,576", "min": 0, "max": 2**20})
     vllm: VLLMConfig = field(default_factory=VLLMConfig)

@@ -454,7 +454,8 @@ def same_work(runs: list[dict]) -> list[str]:
                          f"response tokens/step {statistics.mean(s['tokens'] for s in steps):.1f}"
                          + (f"; step-1 loss of the 100% runs {losses} nats/token" if losses else ""))
     per_step = {tuple(s["prompt_tokens"] for s in r["steps"]) for r in runs}
-    lines.append("the same prompts step by step on both sides (prompt tokens per step equal in every run): "
+    where = "on both sides" if len({r["selector"] == "trl" for r in runs}) == 2 else "in every run"
+    lines.append(f"the same prompts step by step {where} (prompt tokens per step equal in every run): "
                  + ("yes" if len(per_step) == 1 else f"NO: {sorted(per_step)}"))
     full = [r["steps"][0]["loss"] for r in runs if r["ratio"] == 1.0]
     if full and max(full) > 2 * min(full):
